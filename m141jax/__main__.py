@@ -1,0 +1,5 @@
+import sys
+
+from m141jax.cli import main
+
+sys.exit(main())

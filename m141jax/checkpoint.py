@@ -1,0 +1,110 @@
+"""Orbax checkpoints of one component (parameters + the config that built them), written atomically.
+
+Layout of a checkpoint directory:
+    m141jax.json   {"format": 1, "component": "dit", "config": {...}}
+    params/        an Orbax (OCDBT) pytree checkpoint, restorable onto any device mesh
+
+`save` writes into a hidden sibling directory and renames it into place, so the destination is
+complete or absent. `load` restores onto given shardings (default: the first device) in a given dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT = 1
+META = "m141jax.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, of the wrong component, or unreadable."""
+
+
+def partial_dir(dst: Path) -> Path:
+    """A fresh hidden sibling of dst to write into before the atomic rename."""
+    return dst.parent / f".{dst.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_dir(dst: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run write(tmp) on a fresh sibling directory, then rename it to dst: dst is complete or absent."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_dir(dst)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if dst.exists():
+            old = partial_dir(dst)
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def save(dst: str | Path, component: str, config: dict[str, Any], params, overwrite: bool = False) -> Path:
+    """Write params (a pytree of numpy or jax arrays) and config to dst atomically.
+
+    numpy leaves are moved to the host CPU device first: Orbax saves jax arrays without another
+    full copy, which keeps the converter's peak memory near the checkpoint size.
+    """
+    cpu = jax.devices("cpu")[0]
+    params = jax.tree_util.tree_map(lambda a: jax.device_put(a, cpu) if isinstance(a, np.ndarray) else a, params)
+
+    def write(tmp: Path):
+        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        ckptr.save(tmp / "params", args=ocp.args.StandardSave(params))
+        (tmp / META).write_text(json.dumps({"format": FORMAT, "component": component, "config": config}, indent=1))
+
+    return atomic_dir(dst, write, overwrite)
+
+
+def read_meta(path: str | Path, component: str | None = None) -> dict[str, Any]:
+    """The metadata of a checkpoint, checked to be of `component` when given."""
+    path = Path(path)
+    if not (path / META).is_file():
+        raise CheckpointError(f"{path} is not an m141jax checkpoint (no {META}); "
+                              f"make one with tools/convert_torch_weights.py")
+    meta = json.loads((path / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not supported (expected {FORMAT})")
+    if component is not None and meta["component"] != component:
+        raise CheckpointError(f"{path} holds a {meta['component']!r} checkpoint, not {component!r}")
+    return meta
+
+
+def abstract_tree(path: str | Path):
+    """The stored parameter tree as jax.ShapeDtypeStruct leaves (no data read)."""
+    meta = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(Path(path).absolute() / "params")
+    tree = meta.item_metadata.tree
+    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
+                                  is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+
+def load_params(path: str | Path, dtype=None, shardings=None):
+    """Restore the parameters, cast to `dtype` if given, placed by `shardings` (a matching pytree of
+    jax.sharding.Sharding, or None for the first device)."""
+    path = Path(path).absolute()
+    target = abstract_tree(path)
+    if shardings is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: dev, target)
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), target, shardings)
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    return ckptr.restore(path / "params", args=ocp.args.StandardRestore(target))

@@ -1,0 +1,24 @@
+"""The `m141jax` command: `m141jax <command> ...` (also `python -m m141jax`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from m141jax import parity
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="m141jax", description="Magic 1-For-1 in JAX: generation, parity checks, training.")
+    sub = p.add_subparsers(dest="command", required=True)
+    parity.add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

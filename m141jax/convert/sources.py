@@ -1,0 +1,202 @@
+"""Lazy, streaming readers of PyTorch-side weights: one tensor in memory at a time.
+
+`open_source(path)` accepts a .safetensors file, a .pt/.pth/.bin/.ckpt pickle, or a directory holding
+sharded safetensors, sharded .bin files, a DeepSpeed `mp_rank_00_model_states.pt`, or a diffusers /
+Hugging Face model folder. Wrappers ('state_dict', 'module') and prefixes that every key shares
+('model.', 'module.', ...) are removed. Shapes are known without reading data, so keys and shapes
+can be checked before anything is converted.
+
+Pickles are loaded only with `torch.load(weights_only=True)`; one that would run code is refused.
+safetensors files are read with plain file reads (no mmap), and pages of memory-mapped pickles are
+released after each tensor, so the reader's footprint stays at about one tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import ml_dtypes
+import numpy as np
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+WRAPPERS = ("state_dict", "module", "model", "ema")
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+class SourceError(ValueError):
+    """A source that cannot be read, or that is refused (for example a pickle that would run code)."""
+
+
+class _SafetensorsFile:
+    """Header-only open of one .safetensors file; tensors read on demand with pread."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries = header
+
+    def shape(self, key):
+        return tuple(self.entries[key]["shape"])
+
+    def get(self, key) -> np.ndarray:
+        e = self.entries[key]
+        dtype = np.dtype(_ST_DTYPES[e["dtype"]])
+        start, end = e["data_offsets"]
+        buf = np.empty((end - start) // dtype.itemsize, dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.base + start)
+            view = memoryview(buf.view(np.uint8))
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise SourceError(f"{self.path}: truncated data for {key!r}")
+                got += n
+        return buf.reshape(e["shape"])
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+_MADV_DONTNEED = 4
+
+
+def _drop_pages(tensor) -> None:
+    """Release the resident pages of an mmap-backed tensor (they are re-read from disk if touched)."""
+    if _libc is None:
+        return
+    storage = tensor.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = start // page * page, -(-(start + size) // page) * page
+    _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.contiguous().numpy().copy()
+
+
+def _load_pickle(path: Path):
+    try:
+        import torch
+    except ImportError:
+        raise SourceError(f"{path}: reading PyTorch pickles needs torch; install the 'convert' extra "
+                          f"(pip install 'm141jax[convert]')") from None
+    import zipfile
+
+    mmap = zipfile.is_zipfile(path)  # mmap needs the zip format (torch >= 1.6 default)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises UnpicklingError (or RuntimeError wrapping it) for unsafe pickles
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "UnpicklingError" in type(e).__name__:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SourceError(f"refusing to load {path}: it is not a weights-only pickle (it would run code or "
+                              f"build objects other than tensors): {first}") from None
+        raise SourceError(f"cannot read {path}: {e}") from None
+
+
+def _flatten_state(obj, path: Path) -> dict:
+    """Unwrap {'state_dict': ...} / {'module': ...} layers and return the flat name -> tensor dict."""
+    import torch
+
+    while isinstance(obj, dict):  # a real state dict never holds a dict, so a dict under a wrapper name is one
+        inner = [k for k in WRAPPERS if isinstance(obj.get(k), dict)]
+        if not inner:
+            break
+        obj = obj[inner[0]]
+    if not isinstance(obj, dict):
+        raise SourceError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise SourceError(f"{path}: no tensors found; top-level keys are {sorted(map(str, obj))[:10]}")
+    return tensors
+
+
+class TensorSource:
+    """name -> tensor mapping over one or more files; `get` returns a fresh numpy array."""
+
+    def __init__(self, files: Iterable[Path], strip: Iterable[str] = ("model.", "module.")):
+        self._where: dict[str, tuple[object, str]] = {}
+        self.files = [Path(f) for f in files]
+        for f in self.files:
+            if f.suffix == ".safetensors":
+                st = _SafetensorsFile(f)
+                items = {k: (st, k) for k in st.entries}
+            else:
+                items = {k: (t, k) for k, t in _flatten_state(_load_pickle(f), f).items()}
+            dup = set(items) & set(self._where)
+            if dup:
+                raise SourceError(f"{f}: keys also found in another shard: {sorted(dup)[:5]}")
+            self._where.update(items)
+        if not self._where:
+            raise SourceError(f"no tensors found in {', '.join(map(str, self.files))}")
+        self.prefix = ""
+        for p in strip:  # strip a prefix only when every key has it
+            while all(k.startswith(self.prefix + p) for k in self._where):
+                self.prefix += p
+        if self.prefix:
+            self._where = {k[len(self.prefix):]: v for k, v in self._where.items()}
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        obj, k = self._where[key]
+        return obj.shape(k) if isinstance(obj, _SafetensorsFile) else tuple(obj.shape)
+
+    def get(self, key: str) -> np.ndarray:
+        obj, k = self._where[key]
+        if isinstance(obj, _SafetensorsFile):
+            return obj.get(k)
+        arr = _torch_to_numpy(obj)
+        _drop_pages(obj)
+        return arr
+
+
+def _shards(directory: Path, suffix: str) -> list[Path]:
+    """Shard files of one kind in a directory, using a *.index.json weight map when present."""
+    index = sorted(directory.glob(f"*{suffix}.index.json"))
+    if index:
+        names = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    return sorted(directory.glob(f"*{suffix}"))
+
+
+def find_files(src: str | Path) -> tuple[list[Path], Path | None]:
+    """(weight files, config.json or None) for a file or a model directory."""
+    src = Path(src)
+    if not src.exists():
+        raise SourceError(f"{src} does not exist")
+    if src.is_file():
+        if src.suffix != ".safetensors" and src.suffix not in PICKLE_SUFFIXES:
+            raise SourceError(f"{src}: unsupported file type; accepted: .safetensors, {', '.join(PICKLE_SUFFIXES)}")
+        return [src], None
+    config = src / "config.json" if (src / "config.json").is_file() else None
+    if (src / "mp_rank_00_model_states.pt").is_file():
+        return [src / "mp_rank_00_model_states.pt"], config
+    for suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        files = _shards(src, suffix)
+        if files:
+            return files, config
+    raise SourceError(f"{src}: no weights found (looked for *.safetensors, *.bin, *.pt, *.pth, "
+                      f"mp_rank_00_model_states.pt)")
+
+
+def open_source(src: str | Path, strip: Iterable[str] = ("model.", "module.")) -> tuple[TensorSource, dict | None]:
+    """(TensorSource, the folder's config.json as a dict or None)."""
+    files, config = find_files(src)
+    return TensorSource(files, strip), (json.loads(config.read_text()) if config else None)

@@ -1,0 +1,203 @@
+"""One attention entry point with interchangeable backends.
+
+Inputs are [B, L, H, D]. Masking follows the release (spec B.6): `valid_len[b]` tokens form a prefix
+segment (image tokens + valid text tokens) and the remaining padding tokens form a second segment; a
+token attends only within its own segment. A dense boolean `mask` [B, 1|H, Lq, Lk] is accepted too
+(the token refiner's rule, B.4), on the XLA backend.
+
+Backends:
+- ``xla``: materialises the L×L scores; exact segment semantics. Fast for short sequences.
+- ``blockwise``: online softmax over key/value blocks inside query blocks, with a recomputing backward
+  pass (custom VJP), so memory is O(L·block) in both directions; exact segment semantics. This is what
+  makes the 43k-token 544×960×81 case fit, and it is the fastest CPU path at moderate lengths.
+- ``cudnn``: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs with a key-padding
+  mask. Valid tokens get exactly the release's result; padding rows attend to the valid tokens instead
+  of to each other, which the release's outputs never see.
+- ``auto``: cudnn on a GPU with half-precision inputs, else blockwise for long sequences, else xla.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "xla", "blockwise", "cudnn")
+_NEG = -1e30  # finite "minus infinity" so fully masked rows stay NaN-free
+
+
+def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: int = 512):
+    """Softmax attention with scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
+    if impl not in BACKENDS:
+        raise ValueError(f"unknown attention backend {impl!r}; accepted: {BACKENDS}")
+    if mask is not None:
+        if impl not in ("auto", "xla"):
+            raise ValueError(f"a dense attention mask needs the 'xla' backend, not {impl!r}")
+        return _xla(q, k, v, _segments(q, k, None), mask)
+    if impl == "auto":
+        impl = _auto(q, k)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=valid_len, implementation="cudnn")
+    seg_q, seg_k = _segments(q, k, valid_len)
+    if impl == "xla":
+        return _xla(q, k, v, (seg_q, seg_k), None)
+    return blockwise_attention(q, k, v, seg_q, seg_k, block)
+
+
+def _auto(q, k) -> str:
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    # the score tensor of one batch item and head beyond ~1M entries: go blockwise
+    return "blockwise" if q.shape[1] * k.shape[1] > 1 << 20 else "xla"
+
+
+def _segments(q, k, valid_len):
+    """Segment ids [B, L]: 0 for the valid prefix, 1 for padding (all 0 without valid_len)."""
+    b = q.shape[0]
+    if valid_len is None:
+        return jnp.zeros((b, q.shape[1]), jnp.int32), jnp.zeros((b, k.shape[1]), jnp.int32)
+    valid_len = jnp.asarray(valid_len, jnp.int32)[:, None]
+    return ((jnp.arange(q.shape[1])[None] >= valid_len).astype(jnp.int32),
+            (jnp.arange(k.shape[1])[None] >= valid_len).astype(jnp.int32))
+
+
+def _xla(q, k, v, segments, mask):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    seg_q, seg_k = segments
+    allowed = seg_q[:, None, :, None] == seg_k[:, None, None, :]
+    if mask is not None:
+        allowed = allowed & mask
+    s = jnp.where(allowed, s, _NEG)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- blockwise backend
+
+def _split(n: int, block: int) -> tuple[int, int]:
+    """(number of blocks, block size): as few blocks as `block` allows, sizes rounded up to 8."""
+    nb = max(1, -(-n // block))
+    size = -(-n // nb)
+    return nb, -(-size // 8) * 8
+
+
+def _blocks(x, nb, size, fill):
+    """[B, L, ...] -> [nb, B, size, ...], padding the sequence with `fill`."""
+    pad = nb * size - x.shape[1]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(x.shape[0], nb, size, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x, n):
+    """[nb, B, size, ...] -> [B, n, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :n]
+
+
+def blockwise_attention(q, k, v, seg_q, seg_k, block: int = 512):
+    """Memory-bounded exact attention with segment masking; differentiable with O(L·block) memory."""
+    return _flash(q, k, v, seg_q, seg_k, block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, seg_q, seg_k, block):
+    return _flash_fwd(q, k, v, seg_q, seg_k, block)[0]
+
+
+def _layout(q, k, v, seg_q, seg_k, block):
+    nq, bq = _split(q.shape[1], block)
+    nk, bk = _split(k.shape[1], block)
+    return (_blocks(q, nq, bq, 0), _blocks(k, nk, bk, 0), _blocks(v, nk, bk, 0),
+            _blocks(seg_q, nq, bq, -2), _blocks(seg_k, nk, bk, -1))
+
+
+def _scores(qb, kb, sq, sk, scale):
+    """Masked scores [B, H, bq, bk] in fp32 of one query block against one key block."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32) * scale
+    return jnp.where(sq[:, None, :, None] == sk[:, None, None, :], s, _NEG)
+
+
+def _flash_fwd(q, k, v, seg_q, seg_k, block):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qs, ks, vs, sqs, sks = _layout(q, k, v, seg_q, seg_k, block)
+
+    def q_block(args):
+        qb, sq = args
+        b, bq, h, d = qb.shape
+
+        def kv_step(carry, kv):
+            m, l, acc = carry
+            kb, vb, sk = kv
+            s = _scores(qb, kb, sq, sk, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(-1)
+            pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            return (m_new, l, acc * corr[..., None] + pv), None
+
+        init = (jnp.full((b, h, bq), _NEG, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
+                jnp.zeros((b, h, bq, d), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(kv_step, init, (ks, vs, sks))
+        l = jnp.where(l == 0, 1.0, l)
+        return jnp.swapaxes(acc / l[..., None], 1, 2), m + jnp.log(l)  # out [B,bq,H,D], lse [B,H,bq]
+
+    out, lse = jax.lax.map(q_block, (qs, sqs))
+    out = _unblocks(out, q.shape[1]).astype(q.dtype)
+    return out, (q, k, v, seg_q, seg_k, out, lse)
+
+
+def _flash_bwd(block, res, dout):
+    q, k, v, seg_q, seg_k, out, lse = res
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qs, ks, vs, sqs, sks = _layout(q, k, v, seg_q, seg_k, block)
+    nq, bq = _split(q.shape[1], block)
+    dos = _blocks(dout, nq, bq, 0)
+    # D_i = rowsum(dO ∘ O), per query, [nq, B, H, bq]
+    delta = _blocks(jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
+                    .transpose(0, 2, 1), nq, bq, 0).transpose(0, 1, 3, 2)
+
+    def probs(qb, kb, sq, sk, lse_b):
+        return jnp.exp(_scores(qb, kb, sq, sk, scale) - lse_b[..., None])
+
+    def dq_block(args):  # one query block against every key block
+        qb, sq, dob, lse_b, dl = args
+
+        def step(dq, kv):
+            kb, vb, sk = kv
+            p = probs(qb, kb, sq, sk, lse_b)
+            dp = jnp.einsum("bqhd,bkhd->bhqk", dob, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - dl[..., None])
+            return dq + jnp.einsum("bhqk,bkhd->bqhd", ds, kb.astype(jnp.float32)) * scale, None
+
+        dq, _ = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (ks, vs, sks))
+        return dq
+
+    def dkv_block(args):  # one key block against every query block
+        kb, vb, sk = args
+
+        def step(carry, qa):
+            dk, dv = carry
+            qb, sq, dob, lse_b, dl = qa
+            p = probs(qb, kb, sq, sk, lse_b)
+            dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p, dob.astype(jnp.float32))
+            dp = jnp.einsum("bqhd,bkhd->bhqk", dob, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - dl[..., None])
+            dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds, qb.astype(jnp.float32)) * scale
+            return (dk, dv), None
+
+        zeros = jnp.zeros(kb.shape, jnp.float32)
+        (dk, dv), _ = jax.lax.scan(step, (zeros, zeros), (qs, sqs, dos, lse, delta))
+        return dk, dv
+
+    dq = _unblocks(jax.lax.map(dq_block, (qs, sqs, dos, lse, delta)), q.shape[1]).astype(q.dtype)
+    dk, dv = jax.lax.map(dkv_block, (ks, vs, sks))
+    dk = _unblocks(dk, k.shape[1]).astype(k.dtype)
+    dv = _unblocks(dv, v.shape[1]).astype(v.dtype)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
