@@ -72,9 +72,11 @@ def uses_cfg(guidance_scale: float) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _denoise(params, cfg: DiTConfig, noise, sigmas, ref_latents, text: Text, neg_text: Text | None,
+def denoise(params, cfg: DiTConfig, noise, sigmas, ref_latents, text: Text, neg_text: Text | None,
              guidance_scale, embedded_guidance):
-    """The jit-compiled loop: noise [B, F, H, W, C] at σ'_0 -> latents at σ'_N, all steps inside."""
+    """The jit-compiled loop on prepared float32 arrays (`sample` checks and prepares them; this is the
+    entry for AOT lowering): noise [B, F, H, W, C] at σ'_0 -> latents at σ'_N, all steps inside.
+    guidance_scale: a scalar used when neg_text is given; embedded_guidance: [B] (scale × 1000) or None."""
     b = noise.shape[0]
     cfg_on = neg_text is not None
     if cfg_on:  # one forward of batch 2B: rows [0, B) unconditional, [B, 2B) conditional (release order)
@@ -132,5 +134,5 @@ def sample(params, cfg: DiTConfig, noise, text, *, sigmas, ref_latents=None, neg
                          f"this DiT has no guidance embedding: embedded_guidance {embedded_guidance} cannot apply")
     g = None if embedded_guidance is None else jnp.full((b,), embedded_guidance * 1000.0, jnp.float32)
     ref = None if ref_latents is None else jnp.asarray(ref_latents, jnp.float32)
-    return _denoise(params, cfg, jnp.asarray(noise, jnp.float32), jnp.asarray(sigmas, jnp.float32), ref, text,
+    return denoise(params, cfg, jnp.asarray(noise, jnp.float32), jnp.asarray(sigmas, jnp.float32), ref, text,
                     neg_text, jnp.float32(guidance_scale), g)

@@ -187,3 +187,19 @@ def test_parity_sample_cli(i2v, tmp_path):
     save_npz(tmp_path / "in2.npz", {"noise": cf(z["noise"]), "ref_latents": cf(z["ref"]), **dict(zip(names, z["text"]))})
     assert main(["parity", "sample", "--checkpoint", str(ckpt), "--inputs", str(tmp_path / "in2.npz"),
                  "--output", str(tmp_path / "out2.npz"), "--guidance", "2.5"]) == 2
+
+
+@pytest.mark.parametrize("cfg_on", [False, True])
+def test_13b_sampler_lowers_at_544x960x81(cfg_on):
+    """The released 13B I2V DiT's 4-step loop at 544×960×81 (21×68×120 latents, 402 text tokens) lowers."""
+    from m141jax.models.dit import abstract_params
+
+    cfg = preset("magic141-i2v-13b")
+    s = jax.ShapeDtypeStruct
+    text = sampling.Text(s((1, 402, 4096), np.float32), s((1, 402), np.int32), s((1, 768), np.float32))
+    lowered = sampling.denoise.lower(abstract_params(cfg), cfg, s((1, 21, 68, 120, 16), np.float32),
+                                     s((5,), np.float32), s((1, 1, 68, 120, 16), np.float32), text,
+                                     text if cfg_on else None, s((), np.float32), None)
+    assert lowered.out_info.shape == (1, 21, 68, 120, 16)
+    # CFG is one forward of batch 2: the DiT sees both branches' latents in one array
+    assert ("tensor<2x21x68x120x16xf32>" in lowered.as_text()) == cfg_on
