@@ -8,8 +8,9 @@ import pytest
 from m141jax import checkpoint, sampling
 from m141jax.cli import main
 from m141jax.config import preset, to_json_dict
-from m141jax.io import load_npz, save_npz
+from m141jax.io import save_npz
 from m141jax.models.dit import dit_forward, init_params
+from util import rel_err
 
 SPEC_SIGMAS = {4: [1.0, 0.9375, 0.83333, 0.625, 0.0],
                8: [1.0, 0.97222, 0.9375, 0.89286, 0.83333, 0.75, 0.625, 0.41667, 0.0]}
@@ -101,7 +102,7 @@ def test_sample_matches_release_loop(i2v, guidance):
                                      ref_latents=z["ref"], neg_text=z["neg"], guidance_scale=guidance))
     ref = release_loop(_velocity_per_row(params, cfg, z["ref"]), z["noise"], 4, 5.0, guidance, z["text"], z["neg"])
     assert out.dtype == np.float32 and out.shape == z["noise"].shape
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert rel_err(out, ref) < 1e-5
     if guidance > 1:  # the unconditional branch really changed the result
         plain = release_loop(_velocity_per_row(params, cfg, z["ref"]), z["noise"], 4, 5.0, 1.0, z["text"])
         assert np.abs(plain - ref).max() > 1e-3 * np.abs(ref).max()
@@ -115,7 +116,7 @@ def test_embedded_guidance_one_frame():
     out = np.asarray(sampling.sample(params, cfg, z["noise"], z["text"], sigmas=sampling.schedule(8, 3.0),
                                      embedded_guidance=6.0))
     ref = release_loop(_velocity_per_row(params, cfg, guidance=6.0), z["noise"], 8, 3.0, 1.0, z["text"])
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert rel_err(out, ref) < 1e-5
     other = np.asarray(sampling.sample(params, cfg, z["noise"], z["text"], sigmas=sampling.schedule(8, 3.0),
                                        embedded_guidance=1.0))
     assert np.abs(other - out).max() > 1e-3 * np.abs(out).max()
@@ -167,39 +168,21 @@ def test_sample_errors(i2v):
         sampling.sample(params, cfg, z["noise"][:1], z["text"], sigmas=sampling.schedule(4), ref_latents=z["ref"])
 
 
-def test_parity_sample_cli(i2v, tmp_path):
+def test_parity_sample_cli(i2v, tmp_path, run_parity):
     """`python -m m141jax parity sample` in PyTorch layout, CFG on, against the release loop."""
     cfg, params = i2v
     z = _inputs(cfg, seed=4)
     ckpt = checkpoint.save(tmp_path / "dit", "dit", to_json_dict(cfg), params)
     cf = lambda a: np.moveaxis(a, -1, 1)
     names = ("text_states", "text_mask", "text_states_2")
-    save_npz(tmp_path / "in.npz", {"noise": cf(z["noise"]), "ref_latents": cf(z["ref"]), **dict(zip(names, z["text"])),
-                                   **{f"neg_{k}": v for k, v in zip(names, z["neg"])}})
-    assert main(["parity", "sample", "--checkpoint", str(ckpt), "--inputs", str(tmp_path / "in.npz"),
-                 "--output", str(tmp_path / "out.npz"), "--steps", "8", "--guidance", "2.5"]) == 0
-    out = load_npz(tmp_path / "out.npz", ("latents", "timesteps", "sigmas"))
+    inputs = {"noise": cf(z["noise"]), "ref_latents": cf(z["ref"]), **dict(zip(names, z["text"]))}
+    out = run_parity("sample", ckpt, {**inputs, **{f"neg_{k}": v for k, v in zip(names, z["neg"])}},
+                     "--steps", "8", "--guidance", "2.5")
     ref = release_loop(_velocity_per_row(params, cfg, z["ref"]), z["noise"], 8, 5.0, 2.5, z["text"], z["neg"])
-    np.testing.assert_allclose(out["latents"], cf(ref), rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert rel_err(out["latents"], cf(ref)) < 1e-5
     np.testing.assert_allclose(out["sigmas"], release_sigmas(8), atol=1e-6)
     np.testing.assert_allclose(out["timesteps"], 1000 * release_sigmas(8)[:-1], rtol=1e-6)
-    # without the neg_* arrays, CFG is refused with the missing names listed
-    save_npz(tmp_path / "in2.npz", {"noise": cf(z["noise"]), "ref_latents": cf(z["ref"]), **dict(zip(names, z["text"]))})
+    # without the neg_* arrays, CFG is refused (exit status 2, the missing arrays named)
+    save_npz(tmp_path / "in2.npz", inputs)
     assert main(["parity", "sample", "--checkpoint", str(ckpt), "--inputs", str(tmp_path / "in2.npz"),
                  "--output", str(tmp_path / "out2.npz"), "--guidance", "2.5"]) == 2
-
-
-@pytest.mark.parametrize("cfg_on", [False, True])
-def test_13b_sampler_lowers_at_544x960x81(cfg_on):
-    """The released 13B I2V DiT's 4-step loop at 544×960×81 (21×68×120 latents, 402 text tokens) lowers."""
-    from m141jax.models.dit import abstract_params
-
-    cfg = preset("magic141-i2v-13b")
-    s = jax.ShapeDtypeStruct
-    text = sampling.Text(s((1, 402, 4096), np.float32), s((1, 402), np.int32), s((1, 768), np.float32))
-    lowered = sampling.denoise.lower(abstract_params(cfg), cfg, s((1, 21, 68, 120, 16), np.float32),
-                                     s((5,), np.float32), s((1, 1, 68, 120, 16), np.float32), text,
-                                     text if cfg_on else None, s((), np.float32), None)
-    assert lowered.out_info.shape == (1, 21, 68, 120, 16)
-    # CFG is one forward of batch 2: the DiT sees both branches' latents in one array
-    assert ("tensor<2x21x68x120x16xf32>" in lowered.as_text()) == cfg_on
