@@ -10,9 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from m141jax import media, pipeline
+from m141jax import components, media, pipeline
 
 
 def read_prompts(args) -> list[str]:
@@ -56,8 +54,8 @@ def main(args) -> int:
     if args.image is not None:
         original = media.open_image(args.image)
         first = media.fit_image(original, settings.size)
-        images, vlm_images = [first] * len(prompts), [np.asarray(original)] * len(prompts)
-    models = pipeline.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype)
+        images, vlm_images = [first] * len(prompts), [original] * len(prompts)
+    models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype)
     timings = pipeline.Timings()
     clips = len(settings.clips())
     print(f"{len(prompts)} prompt(s), {settings.frames} frames in {clips} clip(s) of {settings.clip_frames}, "

@@ -26,37 +26,18 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from m141jax import media, sampling
+from m141jax.components import Component, Models
 
-# the release's fixed negative prompt for the unconditional CFG branch (spec A.3 step 5)
-NEGATIVE_PROMPT = ("Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, "
-                   "bad teeth, bad eyes, bad limbs, distortion")
 # random streams folded into each prompt's key: which draw a key is for
 _NOISE, _POSTERIOR, _T2I = 0, 1, 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Component:
-    """One loaded component: its config dataclass and its parameter pytree."""
-
-    cfg: Any
-    params: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-    """What generation needs: the I2V DiT, the VAE, the encoder bundle, and the T2I DiT (when no image)."""
-
-    dit: Component
-    vae: Component
-    encoders: Any
-    t2i: Component | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +99,11 @@ class Timings:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.bar = None  # a tqdm bar whose postfix shows the running stage
 
     def run(self, stage: str, fn: Callable, *args, **kwargs):
+        if self.bar is not None:
+            self.bar.set_postfix_str(stage)
         start = time.perf_counter()
         out = jax.block_until_ready(fn(*args, **kwargs))
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
@@ -149,88 +133,18 @@ def noise(keys, stream: int, clip: int, shape: tuple[int, ...]):
     return jax.vmap(lambda k: jax.random.normal(_key(k, stream, clip), shape, jnp.float32))(keys)
 
 
-# ------------------------------------------------------------------------------------------- loading
-
-# the checkpoint folder: one Orbax checkpoint per component (tools/convert_torch_weights.py)
-LAYOUT = {
-    "dit": ("dit", "the image-to-video DiT (magic141-i2v-13b architecture)"),
-    "t2i": ("dit", "the text-to-image DiT (hunyuan-t2v-13b architecture), used when no image is given"),
-    "vae": ("vae", "the causal 3D VAE"),
-}
-
-
-def _config_class(component: str):
-    from m141jax.config import DiTConfig, VAEConfig
-
-    return {"dit": DiTConfig, "vae": VAEConfig}[component]
-
-
-def _abstract_params(component: str, cfg):
-    from m141jax.models import dit, vae
-
-    return {"dit": dit.abstract_params, "vae": vae.abstract_params}[component](cfg)
-
-
-def locate(root: str | Path, name: str) -> tuple[Path, dict]:
-    """(folder, metadata) of the component `name` of LAYOUT under root; a one-line error naming the folder
-    and the component when it is missing or holds another component."""
-    from m141jax import checkpoint
-
-    component, what = LAYOUT[name]
-    path = Path(root) / name
-    if not path.is_dir():
-        raise checkpoint.CheckpointError(f"{path} is missing: {what}; make it with tools/convert_torch_weights.py "
-                                         f"{component} --src SRC --dst {path}")
-    return path, checkpoint.read_meta(path, component)
-
-
-def load_component(root: str | Path, name: str, dtype: str = "bf16") -> Component:
-    """The component `name` of LAYOUT from root/name in `dtype`, its stored parameter shapes checked
-    against its config (the error names the folder, the component and the first bad entry)."""
-    from m141jax import checkpoint
-    from m141jax.config import dtype_of, from_json_dict
-    from m141jax.parity import runtime_dtypes
-
-    path, meta = locate(root, name)
-    component, what = LAYOUT[name]
-    cfg = runtime_dtypes(from_json_dict(_config_class(component), meta["config"]), dtype)
-    shapes = lambda t: {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(t)}
-    want, have = shapes(_abstract_params(component, cfg)), shapes(checkpoint.abstract_tree(path))
-    if want != have:
-        bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-        raise checkpoint.CheckpointError(f"{path} ({what}): parameters do not match its config at {len(bad)} "
-                                         f"entries, e.g. {bad[0]}: stored {have.get(bad[0])}, config {want.get(bad[0])}")
-    return Component(cfg, checkpoint.load_params(path, dtype=dtype_of(dtype)))
-
-
-def check_models(models: Models) -> None:
-    """Errors for components that cannot work together (I2V input layout, T2I form, latent channels)."""
-    from m141jax.checkpoint import CheckpointError
-
-    dit, vae = models.dit.cfg, models.vae.cfg
-    if not dit.image_conditioned:
-        raise CheckpointError(f"dit/ must be {LAYOUT['dit'][1]}: in_channels {2 * dit.out_channels + 1} "
-                              f"(noise, reference, mask), got {dit.in_channels}")
-    if vae.latent_channels != dit.out_channels:
-        raise CheckpointError(f"vae/ has {vae.latent_channels} latent channels, dit/ needs {dit.out_channels}")
-    if models.t2i is not None:
-        t2i = models.t2i.cfg
-        if t2i.image_conditioned or not t2i.guidance_embed or t2i.out_channels != dit.out_channels:
-            raise CheckpointError(f"t2i/ must be {LAYOUT['t2i'][1]}: in_channels {dit.out_channels} with a guidance "
-                                  f"embedding, got in_channels {t2i.in_channels}, guidance_embed {t2i.guidance_embed}")
-
-
 # ------------------------------------------------------------------------------------------- stages
 
-def condition(models: Models, prompts: list[str], images, guidance: float):
-    """(text, neg_text) DiT text inputs; neg_text (the negative prompt with the same image tokens) only
-    when guidance > 1. images: the first frames for the VLM (uint8 [H, W, 3] each), or None (T2I)."""
+def condition(models: Models, prompts: list[str], images: list[Image.Image], guidance: float):
+    """(text, neg_text) DiT text inputs of the prompts and first frames (VLM image tokens ‖ prompt tokens);
+    neg_text, the negative prompt with the same image tokens, only when guidance > 1 (CFG)."""
     from m141jax import encoders
 
-    text = encoders.encode(models.encoders, prompts, images)
-    neg = encoders.encode(models.encoders, [NEGATIVE_PROMPT] * len(prompts), images) if sampling.uses_cfg(guidance) else None
-    as_text = lambda c: None if c is None else sampling.Text(c.text_states, c.text_mask, c.text_states_2)
-    return as_text(text), as_text(neg)
+    as_text = lambda c: sampling.Text(c.text_states, c.text_mask, c.text_states_2)
+    if sampling.uses_cfg(guidance):
+        cond, uncond = encoders.encode_with_negative(models.encoders, prompts, images)
+        return as_text(cond), as_text(uncond)
+    return as_text(encoders.encode(models.encoders, prompts, images)), None
 
 
 def decode_frames(vae: Component, latents) -> jax.Array:
@@ -243,11 +157,14 @@ def decode_frames(vae: Component, latents) -> jax.Array:
 
 def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], keys, settings: Settings,
                   timings: Timings) -> np.ndarray:
-    """First frames uint8 [B, H, W, 3] from the prompts: the T2V DiT at one latent frame."""
+    """First frames uint8 [B, H, W, 3] from the prompts: the T2V DiT at one latent frame, conditioned on
+    the prompt tokens and CLIP vector alone (no image tokens)."""
+    from m141jax import encoders
+
     if models.t2i is None:
         raise ValueError("no image given and no text-to-image DiT loaded: pass --image or provide a t2i/ checkpoint")
     t2i = models.t2i
-    text, _ = timings.run("encoders", condition, models, prompts, None, 1.0)
+    text = sampling.Text(*timings.run("encoders", encoders.text_conditioning, models.encoders, prompts))
     shape = (1, size[0] // 8, size[1] // 8, t2i.cfg.out_channels)
     z = timings.run("t2i", lambda: sampling.sample(
         t2i.params, t2i.cfg, noise(keys, _T2I, 0, shape), text,
@@ -267,10 +184,10 @@ def reference_latents(vae: Component, frames, keys, clip: int, use_mean: bool) -
     return mean * vae.cfg.scaling_factor
 
 
-def image_to_video(models: Models, prompts: list[str], frames: np.ndarray, vlm_images: list[np.ndarray], n_frames: int,
+def image_to_video(models: Models, prompts: list[str], frames: np.ndarray, vlm_images: list[Image.Image], n_frames: int,
                    keys, clip: int, settings: Settings, timings: Timings) -> np.ndarray:
     """One clip: uint8 video [B, n_frames, H, W, 3] whose first frames are `frames` uint8 [B, H, W, 3]
-    (vlm_images: what the VLM sees of them, the unfitted image file for a user's image)."""
+    (vlm_images: what the VLM sees of them: the unfitted image for a user's image, as in the release)."""
     text, neg = timings.run("encoders", condition, models, prompts, vlm_images, settings.guidance)
     ref = timings.run("vae-encode", reference_latents, models.vae, frames, keys, clip, settings.reference_mean)
     dit = models.dit
@@ -288,7 +205,7 @@ class ClipError(RuntimeError):
 
 
 def generate(models: Models, prompts: list[str], outputs: list[str | Path], images: list[np.ndarray] | None = None,
-             vlm_images: list[np.ndarray] | None = None, settings: Settings = Settings(),
+             vlm_images: list[Image.Image] | None = None, settings: Settings = Settings(),
              timings: Timings | None = None, progress: bool = True) -> list[Path]:
     """Write one MP4 per prompt (`outputs`), `settings.frames` frames each, by clips of `settings.clip_frames`.
 
@@ -304,46 +221,32 @@ def generate(models: Models, prompts: list[str], outputs: list[str | Path], imag
         raise ValueError(f"{len(prompts)} prompts need as many images, got {len(images)}")
     timings = timings if timings is not None else Timings()
     keys = prompt_keys(settings.seed, len(prompts))
-    if images is None:
-        refs = text_to_image(models, prompts, settings.size or media.DEFAULT_SIZE, keys, settings, timings)
-    else:
-        refs = np.stack(images)
-        if len({im.shape for im in images}) != 1:
-            raise ValueError(f"the first frames of a batch must share one size, got {sorted({im.shape for im in images})}")
-        media.check_size(refs.shape[1:3])
-    vlm = list(refs) if vlm_images is None else vlm_images
     plan = settings.clips()
-    writers = [media.VideoWriter(p, settings.fps) for p in outputs]
-    done = 0
     with contextlib.ExitStack() as stack:
-        for w in writers:
-            stack.enter_context(w)
-        bar = tqdm(plan, desc="clips", unit="clip", disable=not progress)
-        for k, (n, first, end) in enumerate(bar):
+        bar = stack.enter_context(tqdm(total=len(plan) + (images is None), desc="video", unit="stage", disable=not progress))
+        timings.bar = bar
+        stack.callback(setattr, timings, "bar", None)
+        if images is None:
+            refs = text_to_image(models, prompts, settings.size or media.DEFAULT_SIZE, keys, settings, timings)
+            bar.update()
+        else:
+            if len({im.shape for im in images}) != 1:
+                raise ValueError(f"the first frames of a batch must share one size, got {sorted({im.shape for im in images})}")
+            refs = np.stack(images)
+            media.check_size(refs.shape[1:3])
+        vlm = [Image.fromarray(f) for f in refs] if vlm_images is None else vlm_images
+        writers = [stack.enter_context(media.VideoWriter(p, settings.fps)) for p in outputs]
+        for k, (n, first, end) in enumerate(plan):
+            bar.set_description(f"clip {k + 1}/{len(plan)}")
             try:
                 video = image_to_video(models, prompts, refs, vlm, n, keys, k, settings, timings)
                 timings.run("write", lambda: [w.append(v[first:end]) for w, v in zip(writers, video)])
             except Exception as e:
-                held = (f"{', '.join(str(w.path) for w in writers)} hold clips 1-{done} ({writers[0].frames} frames, "
-                        f"playable)" if done else "no video was written")
+                held = (f"{', '.join(str(w.path) for w in writers)} hold clips 1-{k} ({writers[0].frames} frames each, "
+                        f"playable)" if k else "no video was written")
                 raise ClipError(f"clip {k + 1} of {len(plan)} failed ({type(e).__name__}: {e}); {held}") from e
-            refs, done = video[:, -1], done + 1
-            vlm = list(refs)
+            refs = video[:, -1]
+            vlm = [Image.fromarray(f) for f in refs]
             del video
+            bar.update()
     return [w.path for w in writers]
-
-
-def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16") -> Models:
-    """Every component generation needs from the checkpoint folder `root` (see LAYOUT and the encoders'
-    own folders), checked to be present before anything large is read, then checked to fit together."""
-    names = ["dit", "vae"] + (["t2i"] if with_t2i else [])
-    for name in names:
-        locate(root, name)
-    from m141jax import encoders
-
-    encoders.check_bundle(root)
-    loaded = {name: load_component(root, name, dtype) for name in names}
-    models = Models(dit=loaded["dit"], vae=loaded["vae"], encoders=encoders.load_bundle(root, dtype),
-                    t2i=loaded.get("t2i"))
-    check_models(models)
-    return models
