@@ -67,16 +67,24 @@ def _model_module(component: str):
     return {"dit": dit, "vae": vae}[component]
 
 
+def read_config(root: str | Path, name: str, dtype: str = "bf16"):
+    """The config stored in root/name (checked to hold its component), with runtime dtypes `dtype`."""
+    from m141jax import checkpoint, config
+    from m141jax.parity import runtime_dtypes
+
+    classes = {"dit": config.DiTConfig, "vae": config.VAEConfig, "vlm": config.LlavaConfig,
+               "clip": config.CLIPTextConfig}
+    cfg = config.from_json_dict(classes[LAYOUT[name][0]], checkpoint.read_meta(locate(root, name))["config"])
+    return runtime_dtypes(cfg, dtype) if name in ("dit", "t2i", "vae") else cfg
+
+
 def load_component(root: str | Path, name: str, dtype: str = "bf16") -> Component:
     """The DiT or VAE in root/name, in `dtype`, its stored parameter shapes checked against its config."""
     from m141jax import checkpoint
-    from m141jax.config import DiTConfig, VAEConfig, dtype_of, from_json_dict
-    from m141jax.parity import runtime_dtypes
+    from m141jax.config import dtype_of
 
     component, what = LAYOUT[name]
-    path = locate(root, name)
-    cls = {"dit": DiTConfig, "vae": VAEConfig}[component]
-    cfg = runtime_dtypes(from_json_dict(cls, checkpoint.read_meta(path)["config"]), dtype)
+    cfg, path = read_config(root, name, dtype), Path(root) / name
     shapes = lambda t: {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(t)}
     want, have = shapes(_model_module(component).abstract_params(cfg)), shapes(checkpoint.abstract_tree(path))
     if want != have:
@@ -86,38 +94,33 @@ def load_component(root: str | Path, name: str, dtype: str = "bf16") -> Componen
     return Component(cfg, checkpoint.load_params(path, dtype=dtype_of(dtype)))
 
 
-def check_models(models: Models) -> None:
-    """One-line errors for components that cannot work together."""
-    dit, vae, enc = models.dit.cfg, models.vae.cfg, models.encoders
+def check_configs(dit, vae, vlm, clip, t2i=None) -> None:
+    """One-line errors for components that cannot work together (configs of dit/, vae/, vlm/, clip/, t2i/)."""
     if not dit.image_conditioned:
         raise CheckpointError(f"dit/ must be {LAYOUT['dit'][1]}: in_channels {2 * dit.out_channels + 1} "
                               f"(noise, reference, mask), got {dit.in_channels}")
     if vae.latent_channels != dit.out_channels:
         raise CheckpointError(f"vae/ has {vae.latent_channels} latent channels, dit/ needs {dit.out_channels}")
-    if enc.vlm is None:
-        raise CheckpointError("vlm/ holds a language model without vision: the image-to-video DiT needs image tokens")
-    dits = [("dit", dit)] + ([("t2i", models.t2i.cfg)] if models.t2i is not None else [])
-    for name, cfg in dits:
-        if (cfg.text_dim, cfg.pooled_dim) != (enc.llm.hidden_size, enc.clip.hidden_size):
+    for name, cfg in [("dit", dit)] + ([("t2i", t2i)] if t2i is not None else []):
+        if (cfg.text_dim, cfg.pooled_dim) != (vlm.text.hidden_size, clip.hidden_size):
             raise CheckpointError(f"{name}/ takes text states of {cfg.text_dim} and pooled states of {cfg.pooled_dim}, "
-                                  f"the encoders give {enc.llm.hidden_size} (vlm/) and {enc.clip.hidden_size} (clip/)")
-    if models.t2i is not None:
-        t2i = models.t2i.cfg
-        if t2i.image_conditioned or not t2i.guidance_embed or t2i.out_channels != dit.out_channels:
-            raise CheckpointError(f"t2i/ must be {LAYOUT['t2i'][1]}: in_channels {dit.out_channels} with a guidance "
-                                  f"embedding, got in_channels {t2i.in_channels}, guidance_embed {t2i.guidance_embed}")
+                                  f"the encoders give {vlm.text.hidden_size} (vlm/) and {clip.hidden_size} (clip/)")
+    if t2i is not None and (t2i.image_conditioned or not t2i.guidance_embed or t2i.out_channels != dit.out_channels):
+        raise CheckpointError(f"t2i/ must be {LAYOUT['t2i'][1]}: in_channels {dit.out_channels} with a guidance "
+                              f"embedding, got in_channels {t2i.in_channels}, guidance_embed {t2i.guidance_embed}")
 
 
 def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16") -> Models:
-    """Everything in the checkpoint folder `root` that generation needs (t2i/ only `with_t2i`)."""
+    """Everything in the checkpoint folder `root` that generation needs (t2i/ only `with_t2i`): every
+    folder and config is checked before any weights are read."""
     names = [n for n in LAYOUT if n != "t2i" or with_t2i]
-    for name in names:  # all present before anything large is read
+    for name in names:
         locate(root, name)
+    check_configs(*(read_config(root, n) for n in ("dit", "vae", "vlm", "clip")),
+                  t2i=read_config(root, "t2i") if with_t2i else None)
     from m141jax.encoders import Encoders
 
     root = Path(root)
     encoders = Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", dtype)
-    models = Models(dit=load_component(root, "dit", dtype), vae=load_component(root, "vae", dtype), encoders=encoders,
-                    t2i=load_component(root, "t2i", dtype) if with_t2i else None)
-    check_models(models)
-    return models
+    return Models(dit=load_component(root, "dit", dtype), vae=load_component(root, "vae", dtype), encoders=encoders,
+                  t2i=load_component(root, "t2i", dtype) if with_t2i else None)
