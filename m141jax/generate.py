@@ -6,7 +6,6 @@ checkpoint folder's components) is checked before any weights are read.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

@@ -200,6 +200,11 @@ def image_to_video(models: Models, prompts: list[str], frames: np.ndarray, vlm_i
 
 # ------------------------------------------------------------------------------------------- driver
 
+def _append(writers: list[media.VideoWriter], videos: np.ndarray) -> None:
+    for writer, frames in zip(writers, videos):
+        writer.append(frames)
+
+
 class ClipError(RuntimeError):
     """A clip failed; the message says which and what the output files hold."""
 
@@ -240,7 +245,7 @@ def generate(models: Models, prompts: list[str], outputs: list[str | Path], imag
             bar.set_description(f"clip {k + 1}/{len(plan)}")
             try:
                 video = image_to_video(models, prompts, refs, vlm, n, keys, k, settings, timings)
-                timings.run("write", lambda: [w.append(v[first:end]) for w, v in zip(writers, video)])
+                timings.run("write", _append, writers, video[:, first:end])
             except Exception as e:
                 held = (f"{', '.join(str(w.path) for w in writers)} hold clips 1-{k} ({writers[0].frames} frames each, "
                         f"playable)" if k else "no video was written")

@@ -1,12 +1,9 @@
 """`m141jax generate` end to end on tiny random models: the checkpoint folder, MP4 output, the
 text-to-image stage, the sliding window, batches, and the errors for broken checkpoint folders."""
 
-import dataclasses
-import json
 import re
 
 import imageio.v2 as imageio
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,17 +13,15 @@ pytest.importorskip("m141jax.models.vae", reason="needs the VAE (branch vae) mer
 
 from m141jax import checkpoint, components, media, pipeline  # noqa: E402
 from m141jax.cli import main
-from m141jax.config import CLIP_TEXT_PRESETS, LLAVA_PRESETS, VAE_PRESETS, preset, to_json_dict
-from m141jax.models import clip, dit, llava, vae
+from m141jax.config import preset
+from m141jax.models import dit, vae
 
-from conftest import clip_tokenizer, llama3_tokenizer
+from tiny_checkpoints import save_random, write_tiny_checkpoints
 
 # reading MP4s back starts ffmpeg by fork + exec, which JAX warns about needlessly
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork")
 
 SIZE = (64, 64)
-CORPUS = ["Describe the video by detailing the following aspects. A cat walks on the grass, a red car drives "
-          "through a rainy city at night. Aerial view, overexposed, low quality, deformation."] * 20
 
 
 def read_video(path):
@@ -34,49 +29,9 @@ def read_video(path):
         return np.stack([f for f in r.iter_data()]), r.get_meta_data()["fps"]
 
 
-def random_params(module, cfg, seed):
-    """Random parameters of the right shapes without compiling an init: kernels ~ N(0, 1/fan-in),
-    vectors (biases, norm scales) ~ 1 + N(0, 0.1²) for scales and N(0, 0.1²) otherwise."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, a):
-        if len(a.shape) >= 2:
-            return (rng.standard_normal(a.shape) / np.sqrt(np.prod(a.shape[:-1]))).astype(np.float32)
-        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
-        return (base + 0.1 * rng.standard_normal(a.shape)).astype(np.float32)
-    return jax.tree_util.tree_map_with_path(draw, module.abstract_params(cfg))
-
-
-def _save(root, name, component, module, cfg, seed):
-    checkpoint.save(root / name, component, to_json_dict(cfg), random_params(module, cfg, seed))
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A complete checkpoint folder (LAYOUT) of tiny random fp32 models."""
-    from m141jax.prompts import NEGATIVE_PROMPT, PROMPT_TEMPLATE_VIDEO, VLM_TEMPLATE
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    corpus = [PROMPT_TEMPLATE_VIDEO, VLM_TEMPLATE, NEGATIVE_PROMPT, "\n\n" * 20] + CORPUS
-    tok = llama3_tokenizer(root / "tokenizer", corpus)
-    (tok / "preprocessor_config.json").write_text(json.dumps(
-        {"crop_size": 336, "size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-         "resample": 3}))
-    clip_tokenizer(root / "clip_tokenizer", corpus)
-    from transformers import AutoTokenizer
-
-    image_id = AutoTokenizer.from_pretrained(str(tok)).convert_tokens_to_ids("<image>")
-    f32 = dict(param_dtype="fp32", dtype="fp32")
-    vlm_cfg = dataclasses.replace(LLAVA_PRESETS["tiny-llava"], image_token_id=image_id)
-    clip_cfg = CLIP_TEXT_PRESETS["tiny-clip"]
-    dims = dict(text_dim=vlm_cfg.text.hidden_size, pooled_dim=clip_cfg.hidden_size, **f32)
-    _save(root, "vlm", "vlm", llava, vlm_cfg, 0)
-    _save(root, "clip", "clip", clip, clip_cfg, 1)
-    _save(root, "dit", "dit", dit, preset("tiny-i2v", **dims), 2)
-    _save(root, "t2i", "dit", dit, preset("tiny-t2v", **dims), 3)
-    _save(root, "vae", "vae", vae, dataclasses.replace(VAE_PRESETS["tiny-vae"], **f32), 4)
-    return root
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +192,7 @@ def test_parameters_that_do_not_fit_the_config(ckpt, tmp_path, capsys):
 
 def test_dit_that_does_not_fit_the_encoders(ckpt, tmp_path, capsys):
     cfg = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")  # text dims 32 / 16, the encoders give 64 / 32
-    _save(tmp_path, "small_dit", "dit", dit, cfg, 5)
+    save_random(tmp_path / "small_dit", "dit", dit, cfg, 5)
     root = _broken(ckpt, tmp_path, dit=tmp_path / "small_dit")
     assert main(["generate", "--prompt", "a cat", "--checkpoints", str(root)]) == 2
     assert "dit/ takes text states of 32 and pooled states of 16, the encoders give 64 (vlm/) and 32 (clip/)" in \
