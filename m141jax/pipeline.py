@@ -247,8 +247,8 @@ def generate(models: Models, prompts: list[str], outputs: list[str | Path], imag
                 video = image_to_video(models, prompts, refs, vlm, n, keys, k, settings, timings)
                 timings.run("write", _append, writers, video[:, first:end])
             except Exception as e:
-                held = (f"{', '.join(str(w.path) for w in writers)} hold clips 1-{k} ({writers[0].frames} frames each, "
-                        f"playable)" if k else "no video was written")
+                held = (f"{', '.join(str(w.path) for w in writers)} {'holds' if len(writers) == 1 else 'hold'} "
+                        f"clips 1-{k} ({writers[0].frames} frames each, playable)" if k else "no video was written")
                 raise ClipError(f"clip {k + 1} of {len(plan)} failed ({type(e).__name__}: {e}); {held}") from e
             refs = video[:, -1]
             vlm = [Image.fromarray(f) for f in refs]

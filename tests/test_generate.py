@@ -135,7 +135,7 @@ def test_failure_keeps_finished_clips(ckpt, image, tmp_path, monkeypatch, capsys
     assert _generate(ckpt, tmp_path, "--prompt", "a cat", "--image", str(image), "--frames", "25", "--clip-frames", "9",
                      "--out", str(out)) == 1
     err = capsys.readouterr().err
-    assert f"clip 3 of 3 failed (RuntimeError: out of memory); {out} hold clips 1-2 (17 frames each, playable)" in err
+    assert f"clip 3 of 3 failed (RuntimeError: out of memory); {out} holds clips 1-2 (17 frames each, playable)" in err
     video, _ = read_video(out)
     assert video.shape == (17, 64, 64, 3)
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".mp4"] == ["partial.mp4"]
