@@ -108,8 +108,9 @@ def test_sample_matches_release_loop(i2v, guidance):
         assert np.abs(plain - ref).max() > 1e-3 * np.abs(ref).max()
 
 
-def test_embedded_guidance_one_frame():
-    """The text-to-image form: the T2V DiT at one latent frame, guidance scale × 1000 as an input."""
+def test_embedded_guidance_one_frame(tmp_path, run_parity):
+    """The text-to-image form: the T2V DiT at one latent frame, guidance scale × 1000 as an input; the
+    parity runner takes --guidance as that scale for such a DiT (no neg_* arrays)."""
     cfg = preset("tiny-t2v", param_dtype="fp32", dtype="fp32")
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(2))
     z = _inputs(cfg, f=1)
@@ -120,6 +121,11 @@ def test_embedded_guidance_one_frame():
     other = np.asarray(sampling.sample(params, cfg, z["noise"], z["text"], sigmas=sampling.schedule(8, 3.0),
                                        embedded_guidance=1.0))
     assert np.abs(other - out).max() > 1e-3 * np.abs(out).max()
+    ckpt = checkpoint.save(tmp_path / "t2i", "dit", to_json_dict(cfg), params)
+    names = ("text_states", "text_mask", "text_states_2")
+    got = run_parity("sample", ckpt, {"noise": np.moveaxis(z["noise"], -1, 1), **dict(zip(names, z["text"]))},
+                     "--steps", "8", "--shift", "3.0", "--guidance", "6.0")
+    assert rel_err(got["latents"], np.moveaxis(ref, -1, 1)) < 1e-5
 
 
 class _Compiles:
