@@ -23,6 +23,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m141jax.config import VAEConfig, dtype_of
 from m141jax.models import vae_tiling
@@ -45,6 +46,16 @@ def _conv_init(names):
             nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]))
 
 
+def replicate_pad(x, front: int, side: int):
+    """x [B, F, H, W, C] padded by `front` frames in front and `side` pixels on each side of H and W,
+    repeating the edge values. Written as reads at clamped indices, which XLA fuses into one pass
+    with the producer (a pad built from per-axis concatenations materialises up to three copies of
+    the largest activation, ~4.5 GB more in a 256×256×65-frame decode tile)."""
+    _, f, h, w, _ = x.shape
+    clamp = lambda n, lo, hi: np.clip(np.arange(-lo, n + hi), 0, n - 1)  # noqa: E731
+    return x[:, clamp(f, front, 0)][:, :, clamp(h, side, side)][:, :, :, clamp(w, side, side)]
+
+
 class CausalConv3d(nn.Module):
     """Replicate-pad W and H by k//2 each side and T by k-1 in front only, then a valid conv (spec D.2)."""
 
@@ -57,7 +68,7 @@ class CausalConv3d(nn.Module):
     def __call__(self, x):
         k = self.kernel
         if k > 1:
-            x = jnp.pad(x, [(0, 0), (k - 1, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)], mode="edge")
+            x = replicate_pad(x, k - 1, k // 2)
         kernel_init, bias_init = _conv_init((None, None, None, "conv_in", "conv_out"))
         return nn.Conv(self.features, (k, k, k), strides=self.stride, padding="VALID", kernel_init=kernel_init,
                        bias_init=bias_init, name="conv", **_kw(self.cfg))(x)

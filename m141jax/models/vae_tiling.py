@@ -19,6 +19,7 @@ so every tile of one shape reuses one compilation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -75,6 +76,7 @@ def starts(size: int, stride: int) -> list[int]:
     return list(range(0, size, stride))
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def blend(a, b, axis: int, extent: int):
     """b with its first e slices along `axis` linearly blended from the last e slices of a."""
     e = min(a.shape[axis], b.shape[axis], extent)
