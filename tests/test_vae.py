@@ -130,6 +130,18 @@ def test_bf16_runtime_stays_close_to_fp32(models):
     assert got.dtype == jnp.float32 and 1e-3 < rel_err(got, want) < 0.15
 
 
+def test_frame_by_frame_attention_equals_dense():
+    """Full-size tiles use the frame-by-frame online softmax; it must equal the masked dense form."""
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 3 * 6, 8)) for i in range(3))
+    dense = vae.frame_causal_attention(q, k, v, frames=3)
+    looped = vae.frame_causal_attention(q, k, v, frames=3, max_dense=0)
+    np.testing.assert_allclose(looped, dense, rtol=1e-5, atol=1e-6)
+    # frame 0 sees only itself: its output does not move when later frames change
+    moved = vae.frame_causal_attention(q, k.at[:, 6:].mul(-2.0), v.at[:, 6:].add(1.0), frames=3, max_dense=0)
+    np.testing.assert_allclose(moved[:, :6], dense[:, :6], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(moved[:, 6:], dense[:, 6:])
+
+
 # ------------------------------------------------------------------------------ release tiling parity
 
 def test_tiled_encode_image_matches_release_rules(models):

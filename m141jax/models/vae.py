@@ -49,8 +49,8 @@ def _conv_init(names):
 def replicate_pad(x, front: int, side: int):
     """x [B, F, H, W, C] padded by `front` frames in front and `side` pixels on each side of H and W,
     repeating the edge values. Written as reads at clamped indices, which XLA fuses into one pass
-    with the producer (a pad built from per-axis concatenations materialises up to three copies of
-    the largest activation, ~4.5 GB more in a 256×256×65-frame decode tile)."""
+    with the producer; `jnp.pad(mode="edge")` builds per-axis concatenations that XLA materialises
+    one by one (XLA's estimate for the bf16 544×960 decode tile drops from 12.2 to 11.1 GB)."""
     _, f, h, w, _ = x.shape
     clamp = lambda n, lo, hi: np.clip(np.arange(-lo, n + hi), 0, n - 1)  # noqa: E731
     return x[:, clamp(f, front, 0)][:, :, clamp(h, side, side)][:, :, :, clamp(w, side, side)]
