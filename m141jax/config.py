@@ -190,3 +190,98 @@ def from_json_dict(cls, d: dict[str, Any]):
         raise ValueError(f"unknown {cls.__name__} fields {unknown}")
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     return cls(**kw)
+
+
+# ------------------------------------------------------------------ the causal 3D VAE (spec D)
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The causal 3D VAE "884-16c-hy" (spec D.1). Defaults are the released HunyuanVideo VAE.
+
+    `sample_size` / `sample_tsize` are the release's tile sizes in pixels / frames (spec D.5b); the
+    overlap factor 0.25 is fixed by the release.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2  # encoder resnets per block; the decoder has one more
+    norm_num_groups: int = 32
+    spatial_compression_ratio: int = 8
+    time_compression_ratio: int = 4
+    mid_block_add_attention: bool = True
+    scaling_factor: float = 0.476986
+    sample_size: int = 256
+    sample_tsize: int = 64
+    # runtime choices (not architecture)
+    param_dtype: str = "bf16"
+    dtype: str = "bf16"  # activation / conv dtype; GroupNorm and softmax always run in fp32
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"block_out_channels {self.block_out_channels}: {bad} not divisible by "
+                             f"norm_num_groups {self.norm_num_groups}")
+        if self.time_compression_ratio != 4:
+            raise ValueError(f"time_compression_ratio {self.time_compression_ratio} is not supported; accepted: 4")
+        if n < 3 or 2 ** (n - 1) != self.spatial_compression_ratio:
+            raise ValueError(f"spatial_compression_ratio {self.spatial_compression_ratio} must be 2**(blocks-1) "
+                             f"with at least 3 blocks (the release derives the latent tile size from the block "
+                             f"count); got {n} blocks")
+        stride, tstride = int(self.sample_size * 0.75), int(self.sample_tsize * 0.75)
+        if stride % self.spatial_compression_ratio or self.sample_size % self.spatial_compression_ratio:
+            raise ValueError(f"sample_size {self.sample_size} and its tile stride {stride} must be multiples of "
+                             f"{self.spatial_compression_ratio} (e.g. a multiple of 32)")
+        if tstride % self.time_compression_ratio or self.sample_tsize % self.time_compression_ratio:
+            raise ValueError(f"sample_tsize {self.sample_tsize} and its tile stride {tstride} must be multiples of "
+                             f"{self.time_compression_ratio} (e.g. a multiple of 16)")
+        dtype_of(self.param_dtype), dtype_of(self.dtype)
+
+    def architecture(self) -> dict[str, Any]:
+        """Architecture fields only (what a checkpoint must match)."""
+        skip = {"param_dtype", "dtype", "sample_size", "sample_tsize", "scaling_factor"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    "hunyuan-vae": VAEConfig(),
+    "small-vae": VAEConfig(block_out_channels=(32, 64, 128, 128), norm_num_groups=8),
+    "tiny-vae": VAEConfig(block_out_channels=(8, 16, 16, 16), norm_num_groups=4),
+}
+
+# accepted config fields that must hold the value the model implements (release and diffusers)
+_VAE_FIXED = {"act_fn": "silu", "in_channels": 3, "out_channels": 3}
+_VAE_BLOCKS = {"down_block_types": ("DownEncoderBlockCausal3D", "HunyuanVideoDownBlock3D"),
+               "up_block_types": ("UpDecoderBlockCausal3D", "HunyuanVideoUpBlock3D")}
+# release AutoencoderKLCausal3D / diffusers AutoencoderKLHunyuanVideo argument -> VAEConfig field
+_VAE_FIELDS = {"latent_channels": "latent_channels", "block_out_channels": "block_out_channels",
+               "layers_per_block": "layers_per_block", "norm_num_groups": "norm_num_groups",
+               "spatial_compression_ratio": "spatial_compression_ratio",
+               "time_compression_ratio": "time_compression_ratio", "temporal_compression_ratio": "time_compression_ratio",
+               "mid_block_add_attention": "mid_block_add_attention", "scaling_factor": "scaling_factor",
+               "sample_size": "sample_size", "sample_tsize": "sample_tsize"}
+
+
+def vae_config_from_dict(d: dict[str, Any], base: VAEConfig | None = None) -> VAEConfig:
+    """A VAEConfig from the release's config.json (AutoencoderKLCausal3D) or diffusers'
+    (AutoencoderKLHunyuanVideo). diffusers has no tile sizes: the release's 256 px / 64 frames stay."""
+    base = base or VAEConfig()
+    for k, want in _VAE_FIXED.items():
+        if k in d and d[k] != want:
+            raise ValueError(f"VAE {k}={d[k]!r} is not supported; accepted: {want!r}")
+    n = len(d.get("block_out_channels", base.block_out_channels))
+    for k, accepted in _VAE_BLOCKS.items():
+        if k in d and (len(d[k]) != n or any(t not in accepted for t in d[k])):
+            raise ValueError(f"VAE {k}={d[k]!r} is not supported; accepted: {n} × one of {accepted}")
+    unknown = sorted(k for k in d if k not in _VAE_FIELDS and k not in _VAE_FIXED and k not in _VAE_BLOCKS
+                     and k not in ("force_upcast",) and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"unknown VAE config fields {unknown}")
+    kw = {_VAE_FIELDS[k]: v for k, v in d.items() if k in _VAE_FIELDS}
+    if "block_out_channels" in kw:
+        kw["block_out_channels"] = tuple(int(c) for c in kw["block_out_channels"])
+    if isinstance(kw.get("sample_size"), (list, tuple)):  # the release reads the first entry
+        kw["sample_size"] = int(kw["sample_size"][0])
+    return dataclasses.replace(base, **kw)

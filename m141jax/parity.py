@@ -88,6 +88,33 @@ def run_sample(args) -> dict[str, np.ndarray]:
     return {"latents": to_channels_first(latents), "timesteps": sampling.timesteps(sigmas), "sigmas": sigmas}
 
 
+def _load_vae(args):
+    from m141jax.config import VAEConfig, dtype_of, from_json_dict
+
+    meta = checkpoint.read_meta(args.checkpoint, "vae")
+    cfg = runtime_dtypes(from_json_dict(VAEConfig, meta["config"]), args.dtype)
+    return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
+
+
+@runner("vae-encode")
+def run_vae_encode(args) -> dict[str, np.ndarray]:
+    from m141jax.models.vae import encode
+
+    cfg, params = _load_vae(args)
+    video = load_npz(args.inputs, ("video",))["video"]
+    mean, logvar = encode(params, cfg, to_channels_last(video), tiling=args.tiling == "on")
+    return {"latent_mean": to_channels_first(mean), "latent_logvar": to_channels_first(logvar)}
+
+
+@runner("vae-decode")
+def run_vae_decode(args) -> dict[str, np.ndarray]:
+    from m141jax.models.vae import decode
+
+    cfg, params = _load_vae(args)
+    latents = load_npz(args.inputs, ("latents",))["latents"]
+    return {"video": to_channels_first(decode(params, cfg, to_channels_last(latents), tiling=args.tiling == "on"))}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("parity", help="run one component on .npz inputs in PyTorch layout (parity checks)")
     p.add_argument("component", choices=sorted(RUNNERS))
@@ -100,6 +127,8 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=1.0,
                    help="sample: CFG scale (> 1 runs the neg_* branch), or the embedded guidance scale of a DiT "
                         "with a guidance embedding")
+    p.add_argument("--tiling", choices=("on", "off"), default="on",
+                   help="vae-encode / vae-decode: the release's spatial and temporal tiling (default on, as released)")
     p.set_defaults(func=main)
 
 

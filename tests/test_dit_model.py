@@ -70,6 +70,9 @@ def test_program_size_does_not_grow_with_depth():
     assert _jaxpr_size(deep) == _jaxpr_size(small)
 
 
+forward = jax.jit(dit.dit_forward, static_argnums=1)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")
@@ -89,19 +92,19 @@ def test_padding_text_tokens_have_no_effect(tiny):
     """Item 0 with 3 valid of 5 tokens equals the same item given only its 3 valid tokens."""
     cfg, params = tiny
     x = _inputs()
-    full = dit.dit_forward(params, cfg, **x)
+    full = forward(params, cfg, **x)
     trimmed = dict(x, text_states=x["text_states"][:1, :3], text_mask=x["text_mask"][:1, :3],
                    **{k: x[k][:1] for k in ("latents", "ref_latents", "timestep", "text_states_2")})
-    np.testing.assert_allclose(np.asarray(full[:1]), np.asarray(dit.dit_forward(params, cfg, **trimmed)),
+    np.testing.assert_allclose(np.asarray(full[:1]), np.asarray(forward(params, cfg, **trimmed)),
                                rtol=1e-5, atol=1e-5)
     changed = dict(x, text_states=x["text_states"].at[0, 3:].set(100.0))
-    np.testing.assert_allclose(np.asarray(dit.dit_forward(params, cfg, **changed)), np.asarray(full), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(forward(params, cfg, **changed)), np.asarray(full), atol=1e-6)
 
 
 def test_attention_backends_give_the_same_velocity(tiny):
     cfg, params = tiny
     x = _inputs()
-    outs = [dit.dit_forward(params, dataclasses.replace(cfg, attention=a, attention_block=16), **x)
+    outs = [forward(params, dataclasses.replace(cfg, attention=a, attention_block=16), **x)
             for a in ("xla", "blockwise")]
     np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=1e-5, atol=1e-5)
 
@@ -120,11 +123,11 @@ def test_input_errors(tiny):
     cfg, params = tiny
     x = _inputs()
     with pytest.raises(ValueError, match="must be multiples of the patch size"):
-        dit.dit_forward(params, cfg, **dict(x, latents=x["latents"][:, :, :3], ref_latents=x["ref_latents"][:, :, :3]))
+        forward(params, cfg, **dict(x, latents=x["latents"][:, :, :3], ref_latents=x["ref_latents"][:, :, :3]))
     with pytest.raises(ValueError, match="needs reference latents"):
-        dit.dit_forward(params, cfg, **dict(x, ref_latents=None))
+        forward(params, cfg, **dict(x, ref_latents=None))
     with pytest.raises(ValueError, match=r"latents must be \[B, F, H, W, 16\]"):
-        dit.dit_forward(params, cfg, **dict(x, latents=x["latents"][..., :4]))
+        forward(params, cfg, **dict(x, latents=x["latents"][..., :4]))
     t2v = preset("tiny-t2v", param_dtype="fp32", dtype="fp32")
     with pytest.raises(ValueError, match="guidance embedding"):
-        dit.dit_forward(dit.init_params(t2v, jax.random.PRNGKey(1)), t2v, **dict(x, ref_latents=None))
+        forward(dit.init_params(t2v, jax.random.PRNGKey(1)), t2v, **dict(x, ref_latents=None))

@@ -18,6 +18,7 @@ import numpy as np
 # component name -> module holding its `convert`
 COMPONENTS = {
     "dit": "m141jax.convert.dit",
+    "vae": "m141jax.convert.vae",
 }
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 

@@ -18,14 +18,15 @@ Dtype = jnp.dtype
 
 
 def dense(features, names: Sequence[str | None], *, axis=-1, use_bias: bool = True, dtype=jnp.float32,
-          param_dtype=jnp.float32, name: str | None = None) -> nn.DenseGeneral:
+          param_dtype=jnp.float32, precision=None, name: str | None = None) -> nn.DenseGeneral:
     """A DenseGeneral whose kernel carries the logical axis names `names` (input axes, then output axes).
 
-    The bias takes the names of the output axes.
+    The bias takes the names of the output axes. `precision` is the matmul precision (None: default).
     """
     n_out = 1 if isinstance(features, int) else len(features)
     return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
+        name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), tuple(names)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names[-n_out:])))
 
