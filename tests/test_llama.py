@@ -1,0 +1,53 @@
+"""Llama parity against transformers' LlamaModel (fp32, random weights, our converter)."""
+
+import numpy as np
+import pytest
+import torch
+
+from m141jax.cli import main as cli_main
+from m141jax.config import LLAMA_PRESETS
+from m141jax.models import llama
+
+from conftest import convert, rel_err
+
+
+@pytest.fixture(scope="module")
+def llm_ckpt(tiny_llama_hf, tmp_path_factory):
+    return convert("llm", tiny_llama_hf[1], tmp_path_factory.mktemp("llm") / "ckpt")
+
+
+def test_hidden_states_match_transformers(tiny_llama_hf, llm_ckpt, tmp_path):
+    """Every layer the parity command can select, under right padding, equals transformers' hidden_states."""
+    model, _ = tiny_llama_hf
+    ids = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    np.savez(tmp_path / "in.npz", input_ids=ids.numpy(), attention_mask=mask.numpy())
+    for skip in (0, 2):
+        out = tmp_path / f"out{skip}.npz"
+        assert cli_main(["parity", "llm", "--checkpoint", str(llm_ckpt), "--inputs", str(tmp_path / "in.npz"),
+                         "--output", str(out), "--skip-layer", str(skip)]) == 0
+        got = np.load(out)["hidden_states"]
+        assert got.shape == (2, 19, 64)
+        assert rel_err(got, ref[-(skip + 1)].numpy()) <= 1e-5, skip
+
+
+def test_skip_layer_out_of_range_is_refused():
+    cfg = LLAMA_PRESETS["tiny-llama"]
+    with pytest.raises(ValueError, match="skip_layer 3 is out of range"):
+        llama.hidden_states(None, cfg, np.zeros((1, 2), np.int32), np.ones((1, 2), np.int32), skip_layer=3)
+
+
+def test_llama3_8b_preset_shapes_and_axes():
+    """The real preset is constructible without allocation: 7.50B parameters (vocab 128320, no LM head)."""
+    cfg = LLAMA_PRESETS["llama-3-8b"]
+    shapes = llama.abstract_params(cfg)
+    n = sum(int(np.prod(x.shape)) for x in __import__("jax").tree_util.tree_leaves(shapes))
+    per_layer = 4096 * (4096 * 2 + 1024 * 2) + 3 * 4096 * 14336 + 2 * 4096
+    assert n == 128320 * 4096 + 32 * per_layer + 4096
+    assert shapes["layers"]["k_proj"]["kernel"].shape == (32, 4096, 8, 128)
+    axes = llama.param_logical_axes(cfg)
+    assert tuple(axes["layers"]["q_proj"]["kernel"]) == ("layers", "embed", "heads", "kv")
+    assert tuple(axes["embed_tokens"]["embedding"]) == ("vocab", "embed")
