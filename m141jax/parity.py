@@ -62,20 +62,9 @@ def run_dit(args) -> dict[str, np.ndarray]:
 
 
 def _encoder_checkpoint(args, components: tuple[str, ...]):
-    """(component, config, params in the runtime dtype) of an encoder checkpoint."""
-    from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig, dtype_of, from_json_dict
+    from m141jax.encoders import load_checkpoint
 
-    meta = checkpoint.read_meta(args.checkpoint)
-    if meta["component"] not in components:
-        raise ValueError(f"{args.checkpoint} holds a {meta['component']!r} checkpoint; accepted: {components}")
-    cls = {"llm": LlamaConfig, "clip": CLIPTextConfig, "vlm": LlavaConfig}[meta["component"]]
-    cfg = from_json_dict(cls, meta["config"])
-    if isinstance(cfg, LlavaConfig):
-        cfg = dataclasses.replace(cfg, text=runtime_dtypes(cfg.text, args.dtype),
-                                  vision=runtime_dtypes(cfg.vision, args.dtype))
-    else:
-        cfg = runtime_dtypes(cfg, args.dtype)
-    return meta["component"], cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(args.dtype))
+    return load_checkpoint(args.checkpoint, components, args.dtype)
 
 
 @runner("llm")
