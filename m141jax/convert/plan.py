@@ -67,6 +67,15 @@ def _set(tree: dict, path: Path_, value) -> None:
     tree[path[-1]] = value
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data is `align`-byte aligned: jax.device_put onto the CPU then aliases
+    it instead of copying, so saving a converted checkpoint needs no second copy of the weights."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def execute(plan: Sequence[Recipe], src: TensorSource, abstract: dict, dtype, progress: bool = True) -> dict:
     """Build the parameter tree (numpy, `dtype`) from `src`, one recipe at a time.
 
@@ -92,11 +101,11 @@ def execute(plan: Sequence[Recipe], src: TensorSource, abstract: dict, dtype, pr
         if value.shape != tuple(want):
             raise PlanError(f"internal: {'/'.join(r.target)} layer {r.layer}: built {value.shape}, "
                             f"model expects {tuple(want)}")
+        if r.target not in buffers:
+            buffers[r.target] = aligned_empty(shape, dtype)
         if r.layer is None:
-            buffers[r.target] = value.astype(dtype)
+            buffers[r.target][...] = value
         else:
-            if r.target not in buffers:
-                buffers[r.target] = np.empty(shape, dtype)
             buffers[r.target][r.layer] = value
     for path, value in buffers.items():
         _set(out, path, value)
