@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m141jax.config import (CLIP_TEXT_PRESETS, LLAVA_PRESETS, CLIPTextConfig, CLIPVisionConfig,  # noqa: E402
+from m141jax.config import (CLIP_TEXT_PRESETS, LLAVA_PRESETS, CLIPVisionConfig,  # noqa: E402
                             LlamaConfig, LlavaConfig)
 from m141jax.convert.clip import VISION_ANCHOR  # noqa: E402
 from m141jax.convert.clip import _plan_for as clip_plan_for  # noqa: E402

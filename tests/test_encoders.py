@@ -4,6 +4,8 @@ VLM's find-the-user-header and "::4" selection, CLIP pooling)."""
 
 import json
 import os
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -148,9 +150,19 @@ def test_long_prompt_is_truncated_with_a_warning(setup):
     enc, _, _, tok, _, _ = setup
     long = " ".join(["cat"] * 300)
     n = len(tok(long, add_special_tokens=False)["input_ids"]) + 1  # + <|eot_id|>
-    with pytest.warns(UserWarning, match=f"prompt 0 takes {n} tokens in the text encoder's window .* holds 256"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         cond = encode(enc, [long], _images()[:1])
+    messages = [str(w.message) for w in caught]
+    assert any(re.match(f"prompt 0 takes {n} tokens in the text encoder's window .* holds 256: it is truncated", m)
+               for m in messages), messages
+    assert any(re.match("prompt 0 takes .* tokens in the CLIP text encoder .* holds 77: it is truncated", m)
+               for m in messages), messages
     assert np.asarray(cond.text_mask).all()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encode(enc, ["A red car"], _images()[:1])
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_bad_inputs_are_refused(setup, tmp_path):

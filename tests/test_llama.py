@@ -51,3 +51,37 @@ def test_llama3_8b_preset_shapes_and_axes():
     axes = llama.param_logical_axes(cfg)
     assert tuple(axes["layers"]["q_proj"]["kernel"]) == ("layers", "embed", "heads", "kv")
     assert tuple(axes["embed_tokens"]["embedding"]) == ("vocab", "embed")
+
+
+def test_bin_shards_and_checked_keys(tiny_llama_hf, tmp_path, capsys):
+    """A weights-only .bin folder converts to the same parameters; a missing or mis-shaped tensor is named
+    before anything is written."""
+    import json
+
+    import jax
+
+    from m141jax import checkpoint
+    from m141jax.convert import main as convert_main
+
+    model, folder = tiny_llama_hf
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    config = (folder / "config.json").read_text()
+    src = tmp_path / "bin"
+    src.mkdir()
+    torch.save(state, src / "pytorch_model.bin")
+    (src / "config.json").write_text(config)
+    a = checkpoint.load_params(convert("llm", src, tmp_path / "from_bin"))
+    b = checkpoint.load_params(convert("llm", folder, tmp_path / "from_st"))
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x, y: bool((x == y).all()), a, b))
+
+    broken = dict(state)
+    del broken["model.layers.1.mlp.up_proj.weight"]
+    broken["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(8, 64)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save(broken, bad / "pytorch_model.bin")
+    (bad / "config.json").write_text(json.dumps(json.loads(config)))
+    assert convert_main(["llm", "--src", str(bad), "--dst", str(tmp_path / "never"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj.weight" in err and "model.layers.0.self_attn.k_proj.weight: expected [32, 64]" in err
+    assert not (tmp_path / "never").exists()

@@ -152,13 +152,4 @@ def _boxed(cfg, rng):
     return (boxed_text_params if isinstance(cfg, CLIPTextConfig) else boxed_vision_params)(cfg, rng)
 
 
-def init_params(cfg: CLIPTextConfig | CLIPVisionConfig, rng):
-    return P.unboxed(functools.partial(_boxed, cfg), rng)
-
-
-def abstract_params(cfg: CLIPTextConfig | CLIPVisionConfig):
-    return P.abstract(functools.partial(_boxed, cfg))
-
-
-def param_logical_axes(cfg: CLIPTextConfig | CLIPVisionConfig):
-    return P.logical_axes(functools.partial(_boxed, cfg))
+init_params, abstract_params, param_logical_axes = P.views(_boxed)

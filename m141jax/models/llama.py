@@ -12,8 +12,6 @@ Parameter tree: {"embed_tokens": {"embedding"}, "layers": {...stacked}, "norm": 
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,13 +115,4 @@ def boxed_params(cfg: LlamaConfig, rng):
             "norm": _norm(cfg).init(r_norm, x)["params"]}
 
 
-def init_params(cfg: LlamaConfig, rng):
-    return P.unboxed(functools.partial(boxed_params, cfg), rng)
-
-
-def abstract_params(cfg: LlamaConfig):
-    return P.abstract(functools.partial(boxed_params, cfg))
-
-
-def param_logical_axes(cfg: LlamaConfig):
-    return P.logical_axes(functools.partial(boxed_params, cfg))
+init_params, abstract_params, param_logical_axes = P.views(boxed_params)

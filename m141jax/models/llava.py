@@ -14,8 +14,6 @@ Parameter tree: {"language_model": llama tree, "vision_tower": CLIP vision tree,
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -84,13 +82,4 @@ def boxed_params(cfg: LlavaConfig, rng):
             "projector": Projector(cfg).init(r_proj, x)["params"]}
 
 
-def init_params(cfg: LlavaConfig, rng):
-    return P.unboxed(functools.partial(boxed_params, cfg), rng)
-
-
-def abstract_params(cfg: LlavaConfig):
-    return P.abstract(functools.partial(boxed_params, cfg))
-
-
-def param_logical_axes(cfg: LlavaConfig):
-    return P.logical_axes(functools.partial(boxed_params, cfg))
+init_params, abstract_params, param_logical_axes = P.views(boxed_params)

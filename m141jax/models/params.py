@@ -1,7 +1,7 @@
 """Real, shape-only and logical-axis views of a model's parameters, from one boxed initialiser.
 
-Every model module defines `boxed_params(cfg, rng)` returning parameters wrapped in their logical
-axis names; these helpers give the plain pytree, its shapes, and its PartitionSpecs.
+A model module defines `boxed_params(cfg, rng)` (parameters wrapped in their logical axis names) and
+gets its public `init_params, abstract_params, param_logical_axes = views(boxed_params)`.
 """
 
 from __future__ import annotations
@@ -12,16 +12,19 @@ import flax.linen as nn
 import jax
 
 
-def unboxed(boxed: Callable, rng):
-    """Randomly initialised parameters as a plain pytree."""
-    return nn.unbox(boxed(rng))
+def views(boxed: Callable):
+    """(init_params(cfg, rng), abstract_params(cfg), param_logical_axes(cfg)) for `boxed(cfg, rng)`."""
 
+    def init_params(cfg, rng):
+        """Randomly initialised parameters as a plain pytree."""
+        return nn.unbox(boxed(cfg, rng))
 
-def abstract(boxed: Callable):
-    """Parameter shapes/dtypes (jax.ShapeDtypeStruct pytree) without allocating anything."""
-    return jax.eval_shape(lambda: nn.unbox(boxed(jax.random.PRNGKey(0))))
+    def abstract_params(cfg):
+        """Parameter shapes/dtypes (jax.ShapeDtypeStruct pytree) without allocating anything."""
+        return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
 
+    def param_logical_axes(cfg):
+        """The logical axis names of every parameter (a pytree of PartitionSpec)."""
+        return nn.get_partition_spec(jax.eval_shape(lambda: boxed(cfg, jax.random.PRNGKey(0))))
 
-def logical_axes(boxed: Callable):
-    """The logical axis names of every parameter (a pytree of PartitionSpec)."""
-    return nn.get_partition_spec(jax.eval_shape(lambda: boxed(jax.random.PRNGKey(0))))
+    return init_params, abstract_params, param_logical_axes
