@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -32,10 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for the PyTorch reference
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -156,8 +159,7 @@ def bench_forward(size: str, repeats: int) -> None:
                  lambda: model.model.language_model(input_ids=tids, attention_mask=tmask, output_hidden_states=True
                                                     ).hidden_states[-3], repeats, sync, size=size, batch=1, tokens=351)
 
-    # VLM: the expanded image prompt (~130 text tokens + 576 image positions)
-    n_text = 130
+    n_text = 153  # the release's VLM prompt: 153 text tokens + 576 image positions with Llama-3
     vids = np.concatenate([g.integers(0, 1000, n_text // 2), np.full(cfg.image_seq_length, cfg.image_token_id),
                            g.integers(0, 1000, n_text - n_text // 2)]).astype(np.int32)[None]
     pixels = g.normal(size=(1, v.image_size, v.image_size, 3)).astype(np.float32)
@@ -221,7 +223,7 @@ def bench_workspace() -> None:
                               vision=dataclasses.replace(cfg.vision, param_dtype=dt, dtype=dt))
     shapes = llava.abstract_params(cfg)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-    n_vlm = 130 + cfg.image_seq_length
+    n_vlm = 153 + cfg.image_seq_length
     cases = {
         "llm": (lambda p, i, m: llama.hidden_states(p["language_model"], cfg.text, i, m, 2), (i32(1, 351), i32(1, 351))),
         "vlm": (lambda p, i, m, px: llava.llava_forward(p, cfg, i, m, px),

@@ -3,6 +3,7 @@
     enc = Encoders.load(llm, clip, tokenizer, clip_tokenizer)      # checkpoints + tokenizer folders
     cond = encode(enc, prompts, images)                           # Conditioning for the DiT
     cond, uncond = encode_with_negative(enc, prompts, images)     # CFG: NEGATIVE_PROMPT, same image tokens
+    empty = encode_empty(enc, images)                             # the "" prompt (training's CFG dropout)
 
 - `llm`: a `vlm` checkpoint (LLaVA; its language model also encodes the prompts: one copy of the 8B
   weights) or an `llm` checkpoint (prompts only, no image tokens), made by
@@ -191,3 +192,9 @@ def encode_with_negative(enc: Encoders, prompts: list[str], images=None,
     return (_assemble(text_conditioning(enc, prompts), vlm_tokens),
             _assemble(text_conditioning(enc, negative), vlm_tokens))
 
+
+
+def encode_empty(enc: Encoders, images=None) -> Conditioning:
+    """The empty-prompt conditioning (training's CFG dropout): `encode` with "" for each image (one row
+    when the encoders have no VLM)."""
+    return encode(enc, [""] * (1 if images is None else len(images)), images)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from m141jax import prompts as P
-from m141jax.encoders import Encoders, encode, encode_with_negative
+from m141jax.encoders import Encoders, encode, encode_empty, encode_with_negative
 from m141jax.vision_input import ImageProcessing, preprocess
 
 from conftest import clip_tokenizer, convert, llama3_tokenizer, randomize, rel_err, save_hf
@@ -144,6 +144,9 @@ def test_negative_keeps_image_tokens(setup):
     np.testing.assert_allclose(uncond.text_states, neg.text_states, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(uncond.text_states_2, neg.text_states_2, rtol=1e-6, atol=1e-6)
     assert not np.allclose(uncond.text_states[:, 146:], cond.text_states[:, 146:])
+    empty = encode_empty(enc, images)
+    np.testing.assert_array_equal(empty.text_states[:, :146], cond.text_states[:, :146])
+    assert np.asarray(empty.text_mask)[0, 146:].sum() == 1  # only the closing <|eot_id|>
 
 
 def test_long_prompt_is_truncated_with_a_warning(setup):
