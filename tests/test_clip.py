@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from m141jax.cli import main as cli_main
 from m141jax.config import CLIP_TEXT_PRESETS
 from m141jax.models import clip
 
-from conftest import convert, randomize, rel_err, save_hf
+from hf_encoders import convert, randomize, save_hf
+from util import rel_err
 
 V = 120  # vocabulary; V-1 is the EOS id (the largest, as in CLIP's vocabulary)
 
@@ -25,14 +25,11 @@ def _inputs():
     return ids, mask
 
 
-def _check(text_model, ckpt, tmp_path):
+def _check(text_model, ckpt, run_parity):
     ids, mask = _inputs()
     with torch.no_grad():
         ref = text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-    np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=mask)
-    assert cli_main(["parity", "clip", "--checkpoint", str(ckpt), "--inputs", str(tmp_path / "in.npz"),
-                     "--output", str(tmp_path / "out.npz")]) == 0
-    got = np.load(tmp_path / "out.npz")
+    got = run_parity("clip", ckpt, {"input_ids": ids, "attention_mask": mask})
     assert got["pooled"].shape == (3, 32)
     assert rel_err(got["pooled"], ref.pooler_output.numpy()) <= 1e-5
     assert rel_err(got["last_hidden_state"], ref.last_hidden_state.numpy()) <= 1e-5
@@ -45,7 +42,7 @@ def _text_config(**kw):
                           max_position_embeddings=16, **kw)
 
 
-def test_full_clip_folder_legacy_eos(tmp_path):
+def test_full_clip_folder_legacy_eos(tmp_path, run_parity):
     """A full CLIPModel folder (text + vision, like openai/clip-vit-large-patch14) with the legacy eos id 2:
     only the text half is converted, and pooling takes the argmax of the ids."""
     from transformers import CLIPConfig, CLIPModel
@@ -55,16 +52,16 @@ def test_full_clip_folder_legacy_eos(tmp_path):
                                         image_size=28, patch_size=14), projection_dim=16)
     model = randomize(CLIPModel(cfg))
     ckpt = convert("clip", save_hf(model, tmp_path / "hf"), tmp_path / "ckpt")
-    _check(model.text_model, ckpt, tmp_path)
+    _check(model.text_model, ckpt, run_parity)
 
 
-def test_text_model_folder_first_eos(tmp_path):
+def test_text_model_folder_first_eos(tmp_path, run_parity):
     """A CLIPTextModel folder whose config names the real eos id: pooling takes its first occurrence."""
     from transformers import CLIPTextModel
 
     model = randomize(CLIPTextModel(_text_config(eos_token_id=V - 1, bos_token_id=V - 2, pad_token_id=V - 1)), seed=1)
     ckpt = convert("clip", save_hf(model, tmp_path / "hf"), tmp_path / "ckpt")
-    _check(model, ckpt, tmp_path)
+    _check(model, ckpt, run_parity)
 
 
 def test_clip_l_preset_shapes():

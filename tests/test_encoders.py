@@ -16,7 +16,8 @@ from m141jax import prompts as P
 from m141jax.encoders import Encoders, encode, encode_empty, encode_with_negative
 from m141jax.vision_input import ImageProcessing, preprocess
 
-from conftest import clip_tokenizer, convert, llama3_tokenizer, randomize, rel_err, save_hf
+from hf_encoders import clip_tokenizer, convert, llama3_tokenizer, randomize, save_hf
+from util import rel_err
 
 CORPUS = [P.PROMPT_TEMPLATE_VIDEO, P.VLM_TEMPLATE, P.NEGATIVE_PROMPT, "\n\n" * 20,
           "A cat walks on the grass, realistic style. A red car drives through a rainy city at night."] * 10

@@ -4,11 +4,22 @@ import numpy as np
 import pytest
 import torch
 
-from m141jax.cli import main as cli_main
 from m141jax.config import LLAMA_PRESETS
 from m141jax.models import llama
 
-from conftest import convert, rel_err
+from hf_encoders import convert, randomize, save_hf
+from util import rel_err
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_hf(tmp_path_factory):
+    """(torch LlamaModel, folder saved as LlamaForCausalLM would be: model.* keys + lm_head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=512)
+    model = randomize(LlamaForCausalLM(hf))
+    return model.model, save_hf(model, tmp_path_factory.mktemp("llama_hf"))
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +27,7 @@ def llm_ckpt(tiny_llama_hf, tmp_path_factory):
     return convert("llm", tiny_llama_hf[1], tmp_path_factory.mktemp("llm") / "ckpt")
 
 
-def test_hidden_states_match_transformers(tiny_llama_hf, llm_ckpt, tmp_path):
+def test_hidden_states_match_transformers(tiny_llama_hf, llm_ckpt, run_parity):
     """Every layer the parity command can select, under right padding, equals transformers' hidden_states."""
     model, _ = tiny_llama_hf
     ids = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(1))
@@ -24,12 +35,9 @@ def test_hidden_states_match_transformers(tiny_llama_hf, llm_ckpt, tmp_path):
     mask[1, 11:] = 0
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    np.savez(tmp_path / "in.npz", input_ids=ids.numpy(), attention_mask=mask.numpy())
     for skip in (0, 2):
-        out = tmp_path / f"out{skip}.npz"
-        assert cli_main(["parity", "llm", "--checkpoint", str(llm_ckpt), "--inputs", str(tmp_path / "in.npz"),
-                         "--output", str(out), "--skip-layer", str(skip)]) == 0
-        got = np.load(out)["hidden_states"]
+        got = run_parity("llm", llm_ckpt, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
+                         "--skip-layer", str(skip))["hidden_states"]
         assert got.shape == (2, 19, 64)
         assert rel_err(got, ref[-(skip + 1)].numpy()) <= 1e-5, skip
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from m141jax.cli import main as cli_main
 from m141jax.config import LLAVA_PRESETS
 from m141jax.models import llava
 
-from conftest import convert, randomize, rel_err, save_hf
+from hf_encoders import convert, randomize, save_hf
+from util import rel_err
 
 IMAGE = 5  # image token id
 XTUNER_NAMES = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
@@ -42,7 +42,7 @@ def _inputs():
 
 
 @pytest.mark.parametrize("layout", ["xtuner", "current"])
-def test_vlm_matches_transformers(tiny_llava, tmp_path, layout):
+def test_vlm_matches_transformers(tiny_llava, tmp_path, run_parity, layout):
     config = tiny_llava.config.to_dict()
     if layout == "xtuner":  # the 4.40-era config names the image token `image_token_index` and omits defaults
         config["image_token_index"] = config.pop("image_token_id", IMAGE)
@@ -52,10 +52,7 @@ def test_vlm_matches_transformers(tiny_llava, tmp_path, layout):
     with torch.no_grad():
         ref = tiny_llava(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                          pixel_values=torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-1]
-    np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=mask, pixel_values=pixels)
-    assert cli_main(["parity", "vlm", "--checkpoint", str(ckpt), "--inputs", str(tmp_path / "in.npz"),
-                     "--output", str(tmp_path / "out.npz")]) == 0
-    got = np.load(tmp_path / "out.npz")["hidden_states"]
+    got = run_parity("vlm", ckpt, {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels})["hidden_states"]
     assert got.shape == (2, 30, 64)
     assert rel_err(got, ref.numpy()) <= 1e-5
 

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = jnp.dtype
 
@@ -98,8 +99,12 @@ class MLP(nn.Module):
 
 def timestep_sinusoid(t, dim: int = 256, max_period: float = 10000.0):
     """The release's sinusoidal embedding of raw timesteps t [B] (0..1000): [cos | sin], fp32 [B, dim]."""
+    # The frequency table is a host constant rounded as the release's float32 arithmetic rounds it (the
+    # exponent in float32, then exp): at t = 1000 a one-ulp difference in a frequency moves the
+    # embedding by ~1e-4, so it must not depend on the backend's exp.
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
     args = t.astype(jnp.float32)[:, None] * freqs[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
