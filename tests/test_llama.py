@@ -40,6 +40,8 @@ def test_hidden_states_match_transformers(tiny_llama_hf, llm_ckpt, run_parity):
                          "--skip-layer", str(skip))["hidden_states"]
         assert got.shape == (2, 19, 64)
         assert rel_err(got, ref[-(skip + 1)].numpy()) <= 1e-5, skip
+    bf16 = run_parity("llm", llm_ckpt, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, "--dtype", "bf16")
+    assert rel_err(bf16["hidden_states"], ref[-3].numpy()) <= 3e-2  # bf16 weights and activations (~1e-2)
 
 
 def test_skip_layer_out_of_range_is_refused():
