@@ -7,7 +7,8 @@
   (77 tokens) and the VLM (vision tower + projector + Llama on the expanded image prompt), batch 1,
   JAX (jit, compiled beforehand) against transformers' LlamaModel / CLIPTextModel /
   LlavaForConditionalGeneration holding the same random weights (mapped by the converter's key
-  plans). `ratio` = torch_s / jax_s (> 1: JAX is faster). `small` (default on CPU) shrinks the Llama
+  plans). `ratio` = torch_s / jax_s (> 1: JAX is faster); on CPU PyTorch's time is its faster of 1 thread
+  and its default thread count. `small` (default on CPU) shrinks the Llama
   and the vision tower; `full` is the release's sizes in bf16 (needs an accelerator: ~16 GB of weights
   for each framework). fp32 on CPU, bf16 on accelerators.
 - Memory (`encoders_memory`): parameter bytes of the 8B encoders (LLaVA-Llama-3-8B: language model,
@@ -111,10 +112,20 @@ def _jax_params(plan, state, abstract, np_dtype):
 
 
 def _compare(name: str, jax_fn, torch_fn, repeats: int, sync, **info) -> None:
+    """Median times; on CPU PyTorch gets its faster of 1 thread and its default count (its OpenMP threads
+    slow down badly when the machine's cores are shared)."""
+    import torch
+
     jax_s = _timed(jax_fn, repeats, jax.block_until_ready)
-    torch_s = _timed(torch_fn, repeats, sync)
-    result("encoders_forward", model=name, device=jax.default_backend(), **info, jax_s=jax_s, torch_s=torch_s,
-           ratio=torch_s / jax_s)
+    counts = sorted({1, torch.get_num_threads()}) if jax.default_backend() == "cpu" else [torch.get_num_threads()]
+    default, times = torch.get_num_threads(), {}
+    for n in counts:
+        torch.set_num_threads(n)
+        times[n] = _timed(torch_fn, repeats, sync)
+    torch.set_num_threads(default)
+    threads = min(times, key=times.get)
+    result("encoders_forward", model=name, device=jax.default_backend(), **info, jax_s=jax_s, torch_s=times[threads],
+           torch_threads=threads, ratio=times[threads] / jax_s)
 
 
 def bench_forward(size: str, repeats: int) -> None:
