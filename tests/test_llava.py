@@ -84,3 +84,33 @@ def test_llava_8b_preset_shapes():
     assert shapes["vision_tower"]["embeddings"]["position_embedding"]["embedding"].shape == (577, 1024)
     assert shapes["projector"]["linear_1"]["kernel"].shape == (1024, 4096)
     assert LLAVA_PRESETS["llava-llama-3-8b"].vision_layers_run == 23
+
+
+def test_vision_tower_every_layer_matches_clip_vision_model(tmp_path):
+    """The vision tower alone against transformers' CLIPVisionModel: hidden_states[n] for every n
+    (0 = embeddings after pre_layrnorm), which is how LLaVA's vision_feature_layer indexes them."""
+    from transformers import CLIPVisionConfig as HFVision
+    from transformers import CLIPVisionModel
+
+    from m141jax.config import CLIPVisionConfig
+    from m141jax.convert.clip import VISION_ANCHOR, vision_plan
+    from m141jax.convert.hf import find_prefix
+    from m141jax.convert.plan import check, execute
+    from m141jax.convert.sources import open_source
+    from m141jax.models import clip
+
+    model = randomize(CLIPVisionModel(HFVision(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                               num_attention_heads=4, image_size=42, patch_size=14)), seed=2)
+    source, _ = open_source(save_hf(model, tmp_path / "hf"), strip=())
+    cfg = CLIPVisionConfig(image_size=42, patch_size=14, hidden_size=32, num_layers=3, num_heads=4, mlp_hidden=64,
+                           param_dtype="fp32", dtype="fp32")
+    plan = vision_plan(cfg, find_prefix(source.keys(), VISION_ANCHOR, "vision tower"))
+    check(plan, source, ignore=lambda k: "post_layernorm" in k)
+    params = execute(plan, source, clip.abstract_params(cfg), np.float32, progress=False)
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 42, 42)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(pixels), output_hidden_states=True).hidden_states
+    assert len(ref) == 4
+    for n in range(4):
+        got = clip.vision_hidden(params, cfg, np.moveaxis(pixels, 1, -1), n_layers=n)
+        assert rel_err(got, ref[n].numpy()) <= 1e-5, n
