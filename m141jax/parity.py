@@ -115,6 +115,51 @@ def run_vae_decode(args) -> dict[str, np.ndarray]:
     return {"video": to_channels_first(decode(params, cfg, to_channels_last(latents), tiling=args.tiling == "on"))}
 
 
+def _encoder_checkpoint(args, components: tuple[str, ...]):
+    from m141jax.encoders import load_checkpoint
+
+    return load_checkpoint(args.checkpoint, components, args.dtype)
+
+
+@runner("llm")
+def run_llm(args) -> dict[str, np.ndarray]:
+    """A Llama (an `llm` checkpoint, or the language model of a `vlm` one): hidden_states[-(K+1)]."""
+    from m141jax.models.llama import hidden_states
+
+    kind, cfg, params = _encoder_checkpoint(args, ("llm", "vlm"))
+    if kind == "vlm":
+        cfg, params = cfg.text, params["language_model"]
+    z = load_npz(args.inputs, ("input_ids", "attention_mask"))
+    fwd = jax.jit(lambda p, ids, m: hidden_states(p, cfg, ids, m, args.skip_layer))
+    return {"hidden_states": np.asarray(fwd(params, jnp.asarray(z["input_ids"], jnp.int32),
+                                            jnp.asarray(z["attention_mask"], jnp.int32)), np.float32)}
+
+
+@runner("clip")
+def run_clip(args) -> dict[str, np.ndarray]:
+    from m141jax.models.clip import text_forward
+
+    _, cfg, params = _encoder_checkpoint(args, ("clip",))
+    z = load_npz(args.inputs, ("input_ids", "attention_mask"))
+    last, pooled = jax.jit(lambda p, ids, m: text_forward(p, cfg, ids, m))(
+        params, jnp.asarray(z["input_ids"], jnp.int32), jnp.asarray(z["attention_mask"], jnp.int32))
+    return {"pooled": np.asarray(pooled, np.float32), "last_hidden_state": np.asarray(last, np.float32)}
+
+
+@runner("vlm")
+def run_vlm(args) -> dict[str, np.ndarray]:
+    """LLaVA on expanded input_ids (one image token per feature position): the last layer after the norm."""
+    from m141jax.models.llava import check_image_tokens, llava_forward
+
+    _, cfg, params = _encoder_checkpoint(args, ("vlm",))
+    z = load_npz(args.inputs, ("input_ids", "attention_mask", "pixel_values"))
+    check_image_tokens(cfg, z["input_ids"], z["pixel_values"].shape[0])
+    pixels = jnp.moveaxis(jnp.asarray(z["pixel_values"], jnp.float32), 1, -1)  # [N, 3, H, W] -> [N, H, W, 3]
+    out = jax.jit(lambda p, ids, m, px: llava_forward(p, cfg, ids, m, px))(
+        params, jnp.asarray(z["input_ids"], jnp.int32), jnp.asarray(z["attention_mask"], jnp.int32), pixels)
+    return {"hidden_states": np.asarray(out, np.float32)}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("parity", help="run one component on .npz inputs in PyTorch layout (parity checks)")
     p.add_argument("component", choices=sorted(RUNNERS))
@@ -129,6 +174,8 @@ def add_parser(sub) -> None:
                         "with a guidance embedding")
     p.add_argument("--tiling", choices=("on", "off"), default="on",
                    help="vae-encode / vae-decode: the release's spatial and temporal tiling (default on, as released)")
+    p.add_argument("--skip-layer", type=int, default=2,
+                   help="llm: output hidden_states[-(K+1)] (0: last layer after the final norm; default 2, the release's)")
     p.set_defaults(func=main)
 
 

@@ -19,6 +19,9 @@ import numpy as np
 COMPONENTS = {
     "dit": "m141jax.convert.dit",
     "vae": "m141jax.convert.vae",
+    "llm": "m141jax.convert.llama",
+    "clip": "m141jax.convert.clip",
+    "vlm": "m141jax.convert.llava",
 }
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 

@@ -67,11 +67,20 @@ def _set(tree: dict, path: Path_, value) -> None:
     tree[path[-1]] = value
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data is `align`-byte aligned: jax.device_put onto the CPU then aliases
+    it instead of copying, so saving a converted checkpoint needs no second copy of the weights."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def execute(plan: Sequence[Recipe], src: TensorSource, abstract: dict, dtype, progress: bool = True) -> dict:
     """Build the parameter tree from `src`: jax arrays of `dtype` on the host CPU device.
 
-    Recipes run leaf by leaf; each finished leaf moves from its numpy buffer to a jax array at once,
-    so peak memory is the output plus about two leaves. Output shapes come from `abstract` (the
+    Recipes run leaf by leaf into aligned buffers that become jax arrays without a copy, so peak
+    memory is the output plus a few source tensors. Output shapes come from `abstract` (the
     model's ShapeDtypeStruct tree) and every slice is checked against it, so a wrong transform can
     never write a silently mis-shaped checkpoint.
     """
@@ -90,7 +99,7 @@ def execute(plan: Sequence[Recipe], src: TensorSource, abstract: dict, dtype, pr
         layers = [r.layer for r in recipes]
         if layers != [None] and sorted(layers) != list(range(shape[0])):
             raise PlanError(f"internal: {'/'.join(target)} gets layers {layers}")
-        buf = None if layers == [None] else np.empty(shape, dtype)
+        buf = aligned_empty(shape, dtype)
         for r in recipes:
             value = np.asarray(r.fn(*(src.get(k) for k, _ in r.sources)))
             want = shape if r.layer is None else shape[1:]
@@ -98,11 +107,11 @@ def execute(plan: Sequence[Recipe], src: TensorSource, abstract: dict, dtype, pr
                 raise PlanError(f"internal: {'/'.join(target)} layer {r.layer}: built {value.shape}, "
                                 f"model expects {tuple(want)}")
             if r.layer is None:
-                buf = value.astype(dtype)
+                buf[...] = value
             else:
                 buf[r.layer] = value
             bar.update()
-        _set(out, target, jax.device_put(buf, cpu).block_until_ready())
+        _set(out, target, jax.device_put(buf, cpu).block_until_ready())  # aliases the aligned buffer
         del buf
     bar.close()
     return out

@@ -55,14 +55,18 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """QK RMSNorm over the head dim (eps 1e-6): normalise in fp32, cast back, multiply by the weight."""
+    """RMSNorm over the last axis: normalise in fp32, cast back, multiply by the weight.
+
+    Defaults are the DiT's QK norm (eps 1e-6, over the head dim); Llama uses it on the hidden size.
+    """
 
     eps: float = 1e-6
     param_dtype: Dtype = jnp.float32
+    axis_name: str = "kv"
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
                            (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
         y = (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)).astype(x.dtype)
