@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("m141jax.encoders", reason="needs the encoders (branch encoders) merged")
-pytest.importorskip("m141jax.models.vae", reason="needs the VAE (branch vae) merged")
-
-from m141jax import checkpoint, components, media, pipeline  # noqa: E402
+from m141jax import checkpoint, components, media, pipeline
 from m141jax.cli import main
 from m141jax.config import preset
 from m141jax.models import dit, vae
