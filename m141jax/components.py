@@ -14,7 +14,12 @@ from typing import Any
 
 import jax
 
+from m141jax import checkpoint, config
 from m141jax.checkpoint import CheckpointError
+from m141jax.encoders import Encoders
+from m141jax.models import dit as dit_model
+from m141jax.models import vae as vae_model
+from m141jax.parity import runtime_dtypes
 
 # folder -> (component of its m141jax checkpoint, or None for a tokenizer folder; what it is)
 LAYOUT = {
@@ -48,8 +53,6 @@ class Models:
 
 def locate(root: str | Path, name: str) -> Path:
     """root/name, checked to exist and (for checkpoints) to hold its component; the error names both."""
-    from m141jax import checkpoint
-
     component, what = LAYOUT[name]
     path = Path(root) / name
     if not path.is_dir():
@@ -62,16 +65,11 @@ def locate(root: str | Path, name: str) -> Path:
 
 
 def _model_module(component: str):
-    from m141jax.models import dit, vae
-
-    return {"dit": dit, "vae": vae}[component]
+    return {"dit": dit_model, "vae": vae_model}[component]
 
 
 def read_config(root: str | Path, name: str, dtype: str = "bf16"):
     """The config stored in root/name (checked to hold its component), with runtime dtypes `dtype`."""
-    from m141jax import checkpoint, config
-    from m141jax.parity import runtime_dtypes
-
     classes = {"dit": config.DiTConfig, "vae": config.VAEConfig, "vlm": config.LlavaConfig,
                "clip": config.CLIPTextConfig}
     cfg = config.from_json_dict(classes[LAYOUT[name][0]], checkpoint.read_meta(locate(root, name))["config"])
@@ -80,9 +78,6 @@ def read_config(root: str | Path, name: str, dtype: str = "bf16"):
 
 def load_component(root: str | Path, name: str, dtype: str = "bf16") -> Component:
     """The DiT or VAE in root/name, in `dtype`, its stored parameter shapes checked against its config."""
-    from m141jax import checkpoint
-    from m141jax.config import dtype_of
-
     component, what = LAYOUT[name]
     cfg, path = read_config(root, name, dtype), Path(root) / name
     shapes = lambda t: {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(t)}
@@ -91,7 +86,7 @@ def load_component(root: str | Path, name: str, dtype: str = "bf16") -> Componen
         bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         raise CheckpointError(f"{path} ({what}): its parameters do not match its config at {len(bad)} entries, "
                               f"e.g. {bad[0]}: stored {have.get(bad[0])}, config {want.get(bad[0])}")
-    return Component(cfg, checkpoint.load_params(path, dtype=dtype_of(dtype)))
+    return Component(cfg, checkpoint.load_params(path, dtype=config.dtype_of(dtype)))
 
 
 def check_configs(dit, vae, vlm, clip, t2i=None) -> None:
@@ -118,8 +113,6 @@ def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16") -> Models
         locate(root, name)
     check_configs(*(read_config(root, n) for n in ("dit", "vae", "vlm", "clip")),
                   t2i=read_config(root, "t2i") if with_t2i else None)
-    from m141jax.encoders import Encoders
-
     root = Path(root)
     encoders = Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", dtype)
     return Models(dit=load_component(root, "dit", dtype), vae=load_component(root, "vae", dtype), encoders=encoders,

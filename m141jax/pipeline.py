@@ -32,9 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
-from m141jax import media, sampling
+from m141jax import encoders, media, sampling
 from m141jax.components import Component, Models
+from m141jax.models import vae as vae_lib
 
 # random streams folded into each prompt's key: which draw a key is for
 _NOISE, _POSTERIOR, _T2I = 0, 1, 2
@@ -138,8 +140,6 @@ def noise(keys, stream: int, clip: int, shape: tuple[int, ...]):
 def condition(models: Models, prompts: list[str], images: list[Image.Image], guidance: float):
     """(text, neg_text) DiT text inputs of the prompts and first frames (VLM image tokens ‖ prompt tokens);
     neg_text, the negative prompt with the same image tokens, only when guidance > 1 (CFG)."""
-    from m141jax import encoders
-
     as_text = lambda c: sampling.Text(c.text_states, c.text_mask, c.text_states_2)
     if sampling.uses_cfg(guidance):
         cond, uncond = encoders.encode_with_negative(models.encoders, prompts, images)
@@ -149,8 +149,6 @@ def condition(models: Models, prompts: list[str], images: list[Image.Image], gui
 
 def decode_frames(vae: Component, latents) -> jax.Array:
     """Scaled latents [B, f, h, w, C] -> uint8 frames [B, 4(f-1)+1, 8h, 8w, 3] (tiled decode)."""
-    from m141jax.models import vae as vae_lib
-
     video = vae_lib.decode(vae.params, vae.cfg, latents / vae.cfg.scaling_factor, tiling=True)
     return media.to_uint8(video)
 
@@ -159,8 +157,6 @@ def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], key
                   timings: Timings) -> np.ndarray:
     """First frames uint8 [B, H, W, 3] from the prompts: the T2V DiT at one latent frame, conditioned on
     the prompt tokens and CLIP vector alone (no image tokens)."""
-    from m141jax import encoders
-
     if models.t2i is None:
         raise ValueError("no image given and no text-to-image DiT loaded: pass --image or provide a t2i/ checkpoint")
     t2i = models.t2i
@@ -174,8 +170,6 @@ def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], key
 
 def reference_latents(vae: Component, frames, keys, clip: int, use_mean: bool) -> jax.Array:
     """The scaled reference latent [B, 1, h, w, C] of first frames uint8 [B, H, W, 3] (spec A.3 step 3)."""
-    from m141jax.models import vae as vae_lib
-
     video = jnp.asarray(frames, jnp.float32)[:, None] / 255.0 * 2.0 - 1.0
     mean, logvar = vae_lib.encode(vae.params, vae.cfg, video, tiling=True)
     if not use_mean:
@@ -218,8 +212,6 @@ def generate(models: Models, prompts: list[str], outputs: list[str | Path], imag
     to make them with the text-to-image stage; vlm_images: what the VLM sees of them in the first clip
     (the release gives it the original image file; default: images). All prompts run as one batch.
     """
-    from tqdm.auto import tqdm
-
     if not prompts or len(outputs) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts need as many outputs, got {len(outputs)}")
     if images is not None and len(images) != len(prompts):
