@@ -199,7 +199,7 @@ def bench_13b(repeats: int, frames: int = 81, size: tuple[int, int] = (544, 960)
 def _time_13b_sampler(cfg, repeats: int, noise, text, sigmas, ref, embedded_guidance=None) -> tuple[float, float]:
     """(first call, best later call) seconds of the sampler with random bf16 weights made on the device;
     the weights are freed on return."""
-    params = jax.jit(dit_lib.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+    params = dit_lib.init_params(cfg, jax.random.PRNGKey(0))
     return best_of(lambda: sampling.sample(params, cfg, noise, text, sigmas=sigmas, ref_latents=ref,
                                            embedded_guidance=embedded_guidance), repeats)
 

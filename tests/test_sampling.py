@@ -60,7 +60,7 @@ def test_schedule_errors():
 @pytest.fixture(scope="module")
 def i2v():
     cfg = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")
-    return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+    return cfg, init_params(cfg, jax.random.PRNGKey(0))
 
 
 def _inputs(cfg, b=2, f=3, lt=8, seed=1):
@@ -112,7 +112,7 @@ def test_embedded_guidance_one_frame(tmp_path, run_parity):
     """The text-to-image form: the T2V DiT at one latent frame, guidance scale × 1000 as an input; the
     parity runner takes --guidance as that scale for such a DiT (no neg_* arrays)."""
     cfg = preset("tiny-t2v", param_dtype="fp32", dtype="fp32")
-    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(2))
+    params = init_params(cfg, jax.random.PRNGKey(2))
     z = _inputs(cfg, f=1)
     out = np.asarray(sampling.sample(params, cfg, z["noise"], z["text"], sigmas=sampling.schedule(8, 3.0),
                                      embedded_guidance=6.0))
