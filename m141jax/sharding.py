@@ -114,11 +114,12 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = Non
 
 # ------------------------------------------------------------------------------------- shardings
 
-def _fit(axes, size: int, mesh: Mesh):
-    """The mesh axes (a name, a tuple or None) reduced to those of size > 1 that divide `size`."""
+def fit_axes(axes, size: int, mesh) -> str | tuple[str, ...] | None:
+    """The mesh axes (a name, a tuple or None) reduced to those present, of size > 1, whose product
+    divides `size`."""
     keep, prod = [], 1
     for a in (axes,) if isinstance(axes, str) else (axes or ()):
-        n = mesh.shape[a]
+        n = mesh.shape.get(a, 1)
         if n > 1 and size % (prod * n) == 0:
             keep.append(a)
             prod *= n
@@ -130,7 +131,7 @@ def logical_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Me
     """The sharding of one array whose dimensions carry logical `names`."""
     spec = nn.logical_to_mesh_axes(tuple(names), rules) if names else P()
     axes = list(spec) + [None] * (len(shape) - len(spec))
-    return NamedSharding(mesh, P(*(_fit(a, n, mesh) for a, n in zip(axes, shape))))
+    return NamedSharding(mesh, P(*(fit_axes(a, n, mesh) for a, n in zip(axes, shape))))
 
 
 def tree_shardings(logical_axes, abstract, mesh: Mesh, rules=RULES):
@@ -142,7 +143,7 @@ def tree_shardings(logical_axes, abstract, mesh: Mesh, rules=RULES):
 
 def batch_axes(mesh: Mesh, batch: int):
     """The batch mesh axes (data, then fsdp) that split `batch` rows evenly."""
-    return _fit(BATCH_AXES, batch, mesh)
+    return fit_axes(BATCH_AXES, batch, mesh)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch: int) -> NamedSharding:
@@ -216,7 +217,8 @@ def sequence_parallel_method(cfg, mesh: Mesh, requested: str) -> str:
     n, t = mesh.shape["sequence"], mesh.shape["tensor"]
     if n == 1:
         return "none"
-    return "ulysses" if cfg.num_heads % (t * n) == 0 else "ring"
+    local_heads = cfg.num_heads // t if cfg.num_heads % t == 0 else cfg.num_heads
+    return "ulysses" if local_heads % n == 0 else "ring"
 
 
 # ------------------------------------------------------------------------------ global arrays

@@ -175,6 +175,23 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, dit_case):
                 np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
 
 
+def test_checkpoint_chunks_bound_what_a_shard_reads(tmp_path, monkeypatch):
+    """Arrays are stored in chunks of at most CHUNK_BYTES, so restoring one shard reads about that shard."""
+    import tensorstore as ts
+
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4096)
+    w = np.arange(64 * 256, dtype=np.float32).reshape(64, 256)
+    checkpoint.save(tmp_path / "c", "test", {}, {"w": w})
+    store = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path}/c/params",
+                                                   "path": "w"}}).result()
+    assert np.prod(store.chunk_layout.read_chunk.shape) * 4 <= 4096
+    mesh = sharding.make_mesh("fsdp=8")
+    got = checkpoint.load_params(tmp_path / "c", shardings={"w": sharding.logical_sharding(("embed", None), w.shape,
+                                                                                          mesh)})["w"]
+    assert got.sharding.spec == P("fsdp", None)
+    np.testing.assert_array_equal(np.asarray(got), w)
+
+
 # ------------------------------------------------------------------------------------- parity CLI
 
 def test_parity_cli_mesh(tmp_path, dit_case):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m141jax.models.attention import _blocks, _flash_grads, _flash_partial, _split, _unblocks, attention
-from m141jax.sharding import BATCH_AXES
+from m141jax.sharding import BATCH_AXES, fit_axes
 
 AXIS = "sequence"
 
@@ -42,17 +42,6 @@ def sequence_shards() -> int:
     return 1 if mesh.empty or AXIS not in mesh.shape else mesh.shape[AXIS]
 
 
-def _axes(mesh, names, size):
-    """The mesh axes among `names` (of size > 1, present) whose product divides `size`."""
-    keep, prod = [], 1
-    for a in names:
-        n = mesh.shape.get(a, 1)
-        if n > 1 and size % (prod * n) == 0:
-            keep.append(a)
-            prod *= n
-    return tuple(keep) or None
-
-
 def sequence_parallel_attention(q, k, v, *, valid_len=None, method: str = "ring", impl: str = "auto",
                                 block: int = 512):
     """Attention of q/k/v [B, L, H, D] with the tokens split over the `sequence` mesh axis."""
@@ -61,8 +50,8 @@ def sequence_parallel_attention(q, k, v, *, valid_len=None, method: str = "ring"
     b, length, h, _ = q.shape
     if k.shape[1] != length:
         raise ValueError(f"sequence-parallel attention is self-attention: {length} queries, {k.shape[1]} keys")
-    batch = _axes(mesh, BATCH_AXES, b)
-    heads = _axes(mesh, ("tensor",), h)
+    batch = fit_axes(BATCH_AXES, b, mesh)
+    heads = fit_axes("tensor", h, mesh)
     local_heads = h // (mesh.shape["tensor"] if heads else 1)
     if method == "ulysses" and local_heads % n:
         raise ValueError(f"Ulysses needs the {local_heads} heads of a tensor shard to divide by sequence={n}; "
