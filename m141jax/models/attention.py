@@ -228,3 +228,15 @@ def _flash_grads(block, res, dout):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def causal_padding_mask(attention_mask):
+    """The mask of a causal text encoder with padding [B, 1, L, L]: query i sees keys j ≤ i that are not padding.
+
+    attention_mask [B, L] (1 = token, 0 = padding), as transformers' LlamaModel / CLIPTextModel take it.
+    Padding queries still see the valid keys before them, so no row is empty.
+    """
+    valid = jnp.asarray(attention_mask).astype(bool)
+    n = valid.shape[1]
+    causal = jnp.arange(n)[:, None] >= jnp.arange(n)[None, :]
+    return causal[None, None] & valid[:, None, None, :]

@@ -274,8 +274,8 @@ def _dummy_inputs(cfg: DiTConfig):
 
 
 def init_params(cfg: DiTConfig, rng):
-    """Randomly initialised parameters (plain pytree, logical names stripped)."""
-    return nn.unbox(MMDiT(cfg).init(rng, *_dummy_inputs(cfg))["params"])
+    """Randomly initialised parameters (plain pytree, logical names stripped), built in one jit."""
+    return jax.jit(lambda r: nn.unbox(MMDiT(cfg).init(r, *_dummy_inputs(cfg))["params"]))(rng)
 
 
 def abstract_params(cfg: DiTConfig):
