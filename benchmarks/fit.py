@@ -26,8 +26,8 @@ import sys
 import time
 
 CHIPS_GIB = {"v5e": 16, "v6e": 32, "v5p": 95, "H100": 80}
-DEFAULT_MESHES = ("data=8", "fsdp=8", "fsdp=4,sequence=2", "fsdp=2,tensor=2,sequence=2", "tensor=4,sequence=2", "tensor=8",
-                 "sequence=8", "sequence=8/ring")
+DEFAULT_MESHES = ("data=8", "fsdp=8", "fsdp=4,sequence=2", "fsdp=2,tensor=2,sequence=2", "tensor=4,sequence=2",
+                  "tensor=8", "sequence=8", "sequence=8/ring")
 
 
 def parse_args(argv=None):

@@ -67,7 +67,8 @@ def test_logical_shardings_follow_the_table():
     assert spec(("layers", "embed", None, "heads", "kv"), (2, 64, 3, 8, 8)) == P(None, ("fsdp", "sequence"), None,
                                                                                  "tensor", None)
     assert spec(("embed", "mlp"), (6, 3)) == P("fsdp", None)  # axes that do not divide are left out
-    assert spec(("activation_batch", "activation_length", "activation_embed"), (2, 16, 64)) == P("fsdp", "sequence", None)
+    act = ("activation_batch", "activation_length", "activation_embed")
+    assert spec(act, (2, 16, 64)) == P("fsdp", "sequence", None)
     assert spec(("unknown_name", "norm"), (8, 8)) == P(None, None)
     rules = dict(sharding.rules_for_batch(sharding.make_mesh("data=2,fsdp=4"), 2))
     assert rules["activation_batch"] == "data"  # batch 2 cannot split over fsdp=4
@@ -123,7 +124,8 @@ def test_sequence_parallel_attention_and_grads(method):
 
 def test_ulysses_needs_divisible_heads():
     q, k, v, _ = _qkv(heads=4)
-    with jax.set_mesh(sharding.make_mesh("sequence=8")), pytest.raises(ValueError, match="use --sequence-parallel ring"):
+    mesh = sharding.make_mesh("sequence=8")
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="use --sequence-parallel ring"):
         jax.jit(lambda q, k, v: attention(q, k, v, sequence_parallel="ulysses"))(q, k, v)
 
 
@@ -218,7 +220,8 @@ def test_two_processes(tmp_path, dit_case):
     another mesh with parameters identical to the originals."""
     params = dit_case[0]
     checkpoint.save(tmp_path / "host", "dit", to_json_dict(CFG), params)
-    np.savez(tmp_path / "params.npz", **{jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)})
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    np.savez(tmp_path / "params.npz", **{jax.tree_util.keystr(k): v for k, v in leaves})
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
