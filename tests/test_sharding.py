@@ -210,6 +210,9 @@ def test_parity_cli_mesh(tmp_path, dit_case):
     np.testing.assert_allclose(got, np.moveaxis(want, -1, 1), atol=2e-5 * np.abs(want).max())
     assert cli.main(["parity", "dit", "--checkpoint", str(tmp_path / "ckpt"), "--inputs", str(tmp_path / "in.npz"),
                      "--output", str(tmp_path / "bad.npz"), "--mesh", "fsdp=3"]) == 2
+    assert cli.main(["parity", "vae-decode", "--checkpoint", str(tmp_path / "ckpt"), "--inputs",
+                     str(tmp_path / "in.npz"), "--output", str(tmp_path / "bad.npz"), "--mesh", "fsdp=8"]) == 2
+    assert not (tmp_path / "bad.npz").exists()
 
 
 # ------------------------------------------------------------------------------------- multi-host
