@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from m141jax.models.attention import _blocks, _flash_grads, _flash_partial, _split, _unblocks, attention
+from m141jax.models.attention import (_flash_grads, _flash_partial, _from_blocks, _split, _to_blocks, attention,
+                                      default_block)
 from m141jax.sharding import BATCH_AXES, fit_axes
 
 AXIS = "sequence"
@@ -43,7 +44,7 @@ def sequence_shards() -> int:
 
 
 def sequence_parallel_attention(q, k, v, *, valid_len=None, method: str = "ring", impl: str = "auto",
-                                block: int = 512):
+                                block: int | None = None):
     """Attention of q/k/v [B, L, H, D] with the tokens split over the `sequence` mesh axis."""
     mesh = _mesh()
     n = mesh.shape[AXIS]
@@ -63,7 +64,7 @@ def sequence_parallel_attention(q, k, v, *, valid_len=None, method: str = "ring"
     if method == "ulysses":
         local = functools.partial(_ulysses, impl=impl, block=block)
     elif method == "ring":
-        local = functools.partial(_ring, length=length, block=block)
+        local = functools.partial(_ring, length=length, block=block or default_block())
     else:
         raise ValueError(f"unknown sequence-parallel method {method!r}; accepted: 'ulysses', 'ring'")
     out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch)), out_specs=spec,
@@ -93,7 +94,7 @@ def _ring(q, k, v, valid_len, *, length, block):
 
 def _rows(lse, n):
     """Blockwise log-sum-exp [nq, B, H, bq] -> per row [B, n, H]."""
-    return _unblocks(jnp.swapaxes(lse, 2, 3), n)
+    return _from_blocks(lse[..., None], n)[..., 0]
 
 
 def _pass(xs):
@@ -103,7 +104,7 @@ def _pass(xs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def ring_attention(q, k, v, seg_q, seg_k, block: int = 512):
+def ring_attention(q, k, v, seg_q, seg_k, block: int):
     """Exact segment-masked attention of this device's queries against the keys of the whole ring
     (call inside shard_map over the `sequence` axis). q/k/v [b, l, h, D], seg [b, l]."""
     return _ring_fwd(q, k, v, seg_q, seg_k, block)[0]
@@ -129,7 +130,7 @@ def _ring_fwd(q, k, v, seg_q, seg_k, block):
     out, lse = add(out, lse, kv)
     out = out.astype(q.dtype)
     nq, bq = _split(q.shape[1], block)
-    return out, (q, k, v, seg_q, seg_k, out, jnp.swapaxes(_blocks(lse, nq, bq, 0), 2, 3))
+    return out, (q, k, v, seg_q, seg_k, out, _to_blocks(lse[..., None], nq, bq)[..., 0])
 
 
 def _ring_bwd(block, res, dout):
