@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--text-len", type=int, default=402, help="text tokens (256 LLM + 146 VLM in the release)")
     p.add_argument("--batch", type=int, default=1, help="videos per step (2: a CFG pair on the data axis)")
     p.add_argument("--attention", default="blockwise", help="attention backend (see models/attention.py)")
+    p.add_argument("--block", type=int, default=512, help="blockwise block length (512: the accelerator default)")
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--platform", default="cpu", help="cpu (simulated devices) or the accelerator platform")
     p.add_argument("--topology", help="compile for a TPU slice without having one, e.g. v5e:2x4 or v6e:2x4 "
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     h, w, frames = (int(x) for x in args.size.split("x"))
     if h % 16 or w % 16 or (frames - 1) % 4:
         raise SystemExit(f"error: size {args.size}: height and width must be multiples of 16, frames 4k+1")
-    base = preset(args.preset, attention=args.attention)
+    base = preset(args.preset, attention=args.attention, attention_block=args.block)
     b, f, lh, lw, c = args.batch, (frames - 1) // 4 + 1, h // 8, w // 8, base.out_channels
     tokens = f * (lh // base.patch_size[1]) * (lw // base.patch_size[2]) + args.text_len
     print(f"{args.preset} at {h}x{w}x{frames}: latents {(b, f, lh, lw, c)}, {tokens} tokens; "
