@@ -53,6 +53,7 @@ class DiTConfig:
     attention: str = "auto"  # auto | xla | blockwise | cudnn (see models/attention.py)
     attention_block: int | None = None  # block length of the blockwise backend (None: per platform)
     remat: str = "none"  # none | full | dots (see models/dit.py)
+    sequence_parallel: str = "none"  # none | ulysses | ring over a mesh's `sequence` axis (models/sequence_parallel.py)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -84,7 +85,7 @@ class DiTConfig:
 
     def architecture(self) -> dict[str, Any]:
         """Architecture fields only (what a checkpoint must match)."""
-        skip = {"param_dtype", "dtype", "attention", "attention_block", "remat"}
+        skip = {"param_dtype", "dtype", "attention", "attention_block", "remat", "sequence_parallel"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 

@@ -7,13 +7,15 @@ integer by nature, and channel-first [B, C, F, H, W] as PyTorch has it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m141jax import checkpoint
+from m141jax import checkpoint, sharding
+from m141jax.config import dtype_of
 from m141jax.io import load_npz, save_npz
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray]]] = {}
@@ -45,16 +47,26 @@ def load_component(args, *components: str):
 def run_dit(args) -> dict[str, np.ndarray]:
     from m141jax.models.dit import dit_forward
 
-    cfg, params = load_component(args, "dit")
+    mesh = args.device_mesh
+    _, cfg = checkpoint.read_config(args.checkpoint, ("dit",), args.dtype)
     z = load_npz(args.inputs, ("latents", "timestep", "text_states", "text_mask", "text_states_2"),
                  ("ref_latents", "guidance"))
-    ref = to_channels_last(z["ref_latents"]) if "ref_latents" in z else None
-    fwd = jax.jit(lambda p, *a: dit_forward(p, cfg, *a))
-    v = fwd(params, to_channels_last(z["latents"]), ref, jnp.asarray(z["timestep"], jnp.float32),
-            jnp.asarray(z["text_states"], jnp.float32), jnp.asarray(z["text_mask"], jnp.int32),
-            jnp.asarray(z["text_states_2"], jnp.float32),
-            jnp.asarray(z["guidance"], jnp.float32) if "guidance" in z else None)
-    return {"velocity": to_channels_first(v)}
+    inputs = (to_channels_last(z["latents"]), to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
+              jnp.asarray(z["timestep"], jnp.float32), jnp.asarray(z["text_states"], jnp.float32),
+              jnp.asarray(z["text_mask"], jnp.int32), jnp.asarray(z["text_states_2"], jnp.float32),
+              jnp.asarray(z["guidance"], jnp.float32) if "guidance" in z else None)
+    if mesh is None:
+        params = checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
+        return {"velocity": to_channels_first(jax.jit(lambda p, *a: dit_forward(p, cfg, *a))(params, *inputs))}
+    cfg = dataclasses.replace(cfg, sequence_parallel=sharding.sequence_parallel_method(cfg, mesh,
+                                                                                       args.sequence_parallel))
+    shardings = sharding.dit_param_shardings(cfg, mesh, checkpoint.abstract_tree(args.checkpoint))
+    params = checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype), shardings=shardings)
+    batch = inputs[0].shape[0]
+    fwd = sharding.dit_forward_fn(cfg, mesh, batch, shardings)
+    rows = lambda x: None if x is None else sharding.put(x, sharding.batch_sharding(mesh, x.ndim, batch))
+    v = fwd(params, *map(rows, inputs))
+    return {"velocity": to_channels_first(sharding.gather(v))}
 
 
 @runner("sample")
@@ -152,11 +164,20 @@ def add_parser(sub) -> None:
                    help="vae-encode / vae-decode: the release's spatial and temporal tiling (default on, as released)")
     p.add_argument("--skip-layer", type=int, default=2,
                    help="llm: output hidden_states[-(K+1)] (0: last layer after the final norm; default 2, the release's)")
+    sharding.add_mesh_args(p)
     p.set_defaults(func=main)
 
 
+SHARDED = ("dit",)  # the runners that take --mesh
+
+
 def main(args) -> int:
+    if args.mesh is not None and args.component not in SHARDED:
+        raise ValueError(f"--mesh is supported for {', '.join(SHARDED)}, not {args.component!r}")
+    args.device_mesh = sharding.mesh_from_args(args)  # first: multi-host set-up precedes any JAX work
     out = RUNNERS[args.component](args)
+    if jax.process_index() != 0:  # every process computes, process 0 writes
+        return 0
     save_npz(args.output, out)
     print(f"wrote {args.output}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in out.items()))
     return 0
