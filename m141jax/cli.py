@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from m141jax import parity
+from m141jax import parity, quant
+from m141jax.train import sparsity
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m141jax", description="Magic 1-For-1 in JAX: generation, parity checks, training.")
     sub = p.add_subparsers(dest="command", required=True)
     parity.add_parser(sub)
+    quant.add_parser(sub)
+    sparsity.add_parser(sub)
     return p
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -116,11 +117,17 @@ def quantize(params, chosen: dict[str, kernels.Layout], mode: str, group: int = 
     return kernels.map_selected(lambda w, lay, _: quantize_kernel(w, lay, mode, group), params, chosen)
 
 
-def select_dit(params, cfg: DiTConfig, include=(kernels.KERNEL,), exclude=QUANT_EXCLUDE):
-    """The DiT kernels quantized by default: all but the embeddings and the final layer."""
+@functools.lru_cache(maxsize=8)
+def dit_axes(cfg: DiTConfig):
+    """The DiT's logical axis names (cached: tracing the model's init takes seconds)."""
     from m141jax.models import dit
 
-    return kernels.select(params, dit.param_logical_axes(cfg), include, exclude)
+    return dit.param_logical_axes(cfg)
+
+
+def select_dit(params, cfg: DiTConfig, include=(kernels.KERNEL,), exclude=QUANT_EXCLUDE):
+    """The DiT kernels quantized by default: all but the embeddings and the final layer."""
+    return kernels.select(params, dit_axes(cfg), include, exclude)
 
 
 def quantize_dit(params, cfg: DiTConfig, mode: str, group: int = GROUP):
@@ -144,3 +151,48 @@ def quantize_encoders(enc, mode: str, group: int = GROUP):
     """The `encoders.Encoders` bundle with the kernels of the LLM, the VLM and CLIP quantized."""
     chosen = kernels.select(enc.params, encoder_axes(enc), exclude=QUANT_EXCLUDE)
     return dataclasses.replace(enc, params=quantize(enc.params, chosen, mode, group))
+
+
+# ------------------------------------------------------------------------------------- command line
+
+def _model(component: str):
+    """(config class, model module with param_logical_axes) of a checkpoint component."""
+    from m141jax import config
+    from m141jax.models import clip, dit, llama, llava
+
+    table = {"dit": (config.DiTConfig, dit), "llm": (config.LlamaConfig, llama), "clip": (config.CLIPTextConfig, clip),
+             "vlm": (config.LlavaConfig, llava)}
+    if component not in table:
+        raise ValueError(f"cannot quantize a {component!r} checkpoint; accepted: {', '.join(table)}")
+    return table[component]
+
+
+def main(args) -> int:
+    from m141jax import checkpoint
+    from m141jax.config import from_json_dict
+
+    info = checkpoint.read_meta(args.src)
+    cls, model = _model(info["component"])
+    axes = model.param_logical_axes(from_json_dict(cls, info["config"]))
+    if args.dst and not args.overwrite and Path(args.dst).exists():
+        raise FileExistsError(f"{args.dst} already exists; pass --overwrite to replace it")
+    params = checkpoint.load_params(args.src)
+    chosen = kernels.select(params, axes, exclude=QUANT_EXCLUDE)
+    q = quantize(params, chosen, args.mode, args.group)
+    kernels.save(args.dst, info["component"], info["config"], q, overwrite=args.overwrite)
+    print(f"wrote {args.dst}: {len(chosen)} {args.mode} kernels, {kernels.nbytes(params) / 1e9:.3f} GB -> "
+          f"{kernels.nbytes(q) / 1e9:.3f} GB")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a dit, llm, clip or vlm checkpoint",
+                       description="Quantize every dense kernel but the embeddings, norms and final layer; the "
+                                   "result loads with m141jax.kernels.load and runs through the same forwards.")
+    p.add_argument("--src", required=True, help="a checkpoint made by tools/convert_torch_weights.py")
+    p.add_argument("--dst", required=True, help="the quantized checkpoint to write")
+    p.add_argument("--mode", choices=MODES, default="int8",
+                   help="int8: per output channel; int4: groups of --group inputs")
+    p.add_argument("--group", type=int, default=GROUP, help="inputs per int4 scale (default 32, as the release)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=main)

@@ -40,9 +40,7 @@ VALUE_FORMATS = ("dense", "int8")
 
 def select_dit(params, cfg: DiTConfig, sparsity: SparsityConfig = SparsityConfig()) -> dict[str, kernels.Layout]:
     """The DiT kernels `sparsity.include` / `sparsity.exclude` choose, checked to split into groups of m."""
-    from m141jax.models import dit
-
-    chosen = kernels.select(params, dit.param_logical_axes(cfg), sparsity.include, sparsity.exclude)
+    chosen = kernels.select(params, quant.dit_axes(cfg), sparsity.include, sparsity.exclude)
     check(chosen, sparsity.m)
     return chosen
 
@@ -245,3 +243,50 @@ def nm_matmul(x, sp: NMSparse):
     values, metadata = nm_operands(sp)
     return nm.nm_spmm(x, values, metadata, dimension_numbers=(((1,), (1,)), ((), ())), sparse_operand_idx=1,
                       output_dtype=jnp.bfloat16)
+
+
+# ------------------------------------------------------------------------------------- command line
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4)."""
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--nm {text!r} must be N:M, e.g. 2:4") from None
+    SparsityConfig(n=n, m=m)
+    return n, m
+
+
+def main(args) -> int:
+    from m141jax import checkpoint
+    from m141jax.config import from_json_dict
+
+    n, m = parse_nm(args.nm)
+    info = checkpoint.read_meta(args.src, "dit")
+    if Path(args.dst).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.dst} already exists; pass --overwrite to replace it")
+    cfg = from_json_dict(DiTConfig, info["config"])
+    params = checkpoint.load_params(args.src)
+    chosen = select_dit(params, cfg, SparsityConfig(n=n, m=m))
+    tree = compress(params, chosen, n, m, args.values)
+    if args.values == "int8":  # the kernels the sparsity leaves dense (modulation) are quantized too
+        tree = quant.quantize_dit(tree, cfg, "int8")
+    kernels.save(args.dst, "dit", info["config"], tree, overwrite=args.overwrite)
+    print(f"wrote {args.dst}: {len(chosen)} kernels {n}:{m} sparse ({args.values} values), "
+          f"{kernels.nbytes(params) / 1e9:.3f} GB -> {kernels.nbytes(tree) / 1e9:.3f} GB")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sparsify", help="one-shot N:M magnitude pruning of a DiT checkpoint, exported compact",
+                       description="Prune the DiT's linear layers N:M by magnitude (embeddings, norms, modulation and "
+                                   "the final layer stay dense) and write the compact sparse checkpoint; "
+                                   "m141jax.train.sparsity.load rebuilds dense weights from it.")
+    p.add_argument("--src", required=True, help="a dit checkpoint made by tools/convert_torch_weights.py")
+    p.add_argument("--dst", required=True, help="the sparse checkpoint to write")
+    p.add_argument("--nm", default="2:4", help="N:M: keep N of every M consecutive inputs (default 2:4)")
+    p.add_argument("--values", choices=VALUE_FORMATS, default="dense",
+                   help="kept values in the checkpoint's dtype, or int8 per output channel (then the dense "
+                        "kernels are int8 too)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=main)
