@@ -51,7 +51,7 @@ class DiTConfig:
     param_dtype: str = "bf16"
     dtype: str = "bf16"  # activation / matmul dtype; norms, softmax, RoPE always run in fp32
     attention: str = "auto"  # auto | xla | blockwise | cudnn (see models/attention.py)
-    attention_block: int = 512  # query/key block length of the blockwise backend
+    attention_block: int | None = None  # block length of the blockwise backend (None: per platform)
     remat: str = "none"  # none | full | dots (see models/dit.py)
 
     def __post_init__(self):

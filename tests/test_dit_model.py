@@ -131,3 +131,14 @@ def test_input_errors(tiny):
     t2v = preset("tiny-t2v", param_dtype="fp32", dtype="fp32")
     with pytest.raises(ValueError, match="guidance embedding"):
         forward(dit.init_params(t2v, jax.random.PRNGKey(1)), t2v, **dict(x, ref_latents=None))
+
+
+def test_13b_forward_lowers_at_544x960x81():
+    """The released preset AOT-lowers for a 21×68×120 latent video with 402 text tokens (no weights)."""
+    cfg = preset("magic141-i2v-13b")
+    s = jax.ShapeDtypeStruct
+    args = (s((1, 21, 68, 120, 16), jnp.float32), s((1, 1, 68, 120, 16), jnp.float32), s((1,), jnp.float32),
+            s((1, 402, 4096), jnp.float32), s((1, 402), jnp.int32), s((1, 768), jnp.float32))
+    lowered = jax.jit(lambda p, *a: dit.dit_forward(p, cfg, *a)).lower(dit.abstract_params(cfg), *args)
+    out = lowered.out_info
+    assert out.shape == (1, 21, 68, 120, 16) and out.dtype == jnp.float32

@@ -16,8 +16,9 @@ def views(boxed: Callable):
     """(init_params(cfg, rng), abstract_params(cfg), param_logical_axes(cfg)) for `boxed(cfg, rng)`."""
 
     def init_params(cfg, rng):
-        """Randomly initialised parameters as a plain pytree."""
-        return nn.unbox(boxed(cfg, rng))
+        """Randomly initialised parameters as a plain pytree, built in one jit (the dummy forward pass
+        that init traces is compiled away instead of run op by op)."""
+        return jax.jit(lambda r: nn.unbox(boxed(cfg, r)))(rng)
 
     def abstract_params(cfg):
         """Parameter shapes/dtypes (jax.ShapeDtypeStruct pytree) without allocating anything."""

@@ -28,6 +28,7 @@ import numpy as np
 from m141jax.config import VAEConfig, dtype_of
 from m141jax.models import vae_tiling
 from m141jax.models.layers import dense
+from m141jax.models.params import views
 
 GN_EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -354,18 +355,9 @@ def _dummy_inputs(cfg: VAEConfig):
     return jnp.zeros((1, 1, s, s, cfg.in_channels)), jnp.zeros((1, 1, 1, 1, cfg.latent_channels))
 
 
-def init_params(cfg: VAEConfig, rng):
-    """Randomly initialised parameters (plain pytree, logical names stripped); jitted, so the dummy
-    forward pass that init traces is compiled away instead of run op by op."""
-    return jax.jit(lambda r: nn.unbox(CausalVAE(cfg).init(r, *_dummy_inputs(cfg))["params"]))(rng)
+def boxed_params(cfg: VAEConfig, rng):
+    """Initialised parameters wrapped in their logical axis names."""
+    return CausalVAE(cfg).init(rng, *_dummy_inputs(cfg))["params"]
 
 
-def abstract_params(cfg: VAEConfig):
-    """Parameter shapes/dtypes (jax.ShapeDtypeStruct pytree) without allocating anything."""
-    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-
-
-def param_logical_axes(cfg: VAEConfig):
-    """The logical axis names of every parameter (a pytree of PartitionSpec)."""
-    boxed = jax.eval_shape(lambda: CausalVAE(cfg).init(jax.random.PRNGKey(0), *_dummy_inputs(cfg))["params"])
-    return nn.get_partition_spec(boxed)
+init_params, abstract_params, param_logical_axes = views(boxed_params)
