@@ -13,8 +13,9 @@ models are unchanged; only the parameter tree differs.
   s_g, rounded up so no code clips: ŝ = ⌈s_g/u⌉·u and |w − ŵ| ≤ ŝ/2 ≤ (s_g + u)/2. 4.25 bits per weight,
   which puts the 13B DiT under 7 GB (per-group bf16 scales would need 4.5 bits: 7.2 GB).
 
-Quantized by default: every dense kernel except embeddings, norms and the final layer (`QUANT_EXCLUDE`);
-the modulation layers are a quarter of the DiT's weights and are quantized, as in the release.
+`quantize_dit` follows the release: the transformer blocks' kernels (modulation included: a quarter of
+the weights) in the chosen mode, the other kernels (embeddings, final layer) in int8. The encoders get
+every kernel but the vision patch embedding (`quantize_encoders`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from m141jax import kernels
 from m141jax.config import QUANT_EXCLUDE, DiTConfig
 
 MODES = ("int8", "int4")
+BLOCKS = r"(^|/)(double_blocks|single_blocks|blocks)/"  # the DiT's stacks of transformer blocks
 GROUP = 32
 _INT4_MAX = 7  # codes −7..7 (stored +8 as nibbles 1..15)
 
@@ -125,14 +127,13 @@ def dit_axes(cfg: DiTConfig):
     return dit.param_logical_axes(cfg)
 
 
-def select_dit(params, cfg: DiTConfig, include=(kernels.KERNEL,), exclude=QUANT_EXCLUDE):
-    """The DiT kernels quantized by default: all but the embeddings and the final layer."""
-    return kernels.select(params, dit_axes(cfg), include, exclude)
-
-
 def quantize_dit(params, cfg: DiTConfig, mode: str, group: int = GROUP):
-    """The DiT's parameters with its blocks' kernels (and the refiner's) quantized to `mode`."""
-    return quantize(params, select_dit(params, cfg), mode, group)
+    """The DiT as the release quantizes it (spec G.2): the kernels of the transformer blocks (double,
+    single and refiner blocks) in `mode`, every other kernel (embeddings, final layer) in int8. Kernels
+    already compressed (e.g. N:M sparse boxes) are left as they are."""
+    axes = dit_axes(cfg)
+    q = quantize(params, kernels.select(params, axes, include=(BLOCKS + ".*" + kernels.KERNEL,)), mode, group)
+    return quantize(q, kernels.select(q, axes, exclude=(BLOCKS,)), "int8")
 
 
 def encoder_axes(enc) -> dict:
@@ -177,18 +178,21 @@ def main(args) -> int:
     if args.dst and not args.overwrite and Path(args.dst).exists():
         raise FileExistsError(f"{args.dst} already exists; pass --overwrite to replace it")
     params = checkpoint.load_params(args.src)
-    chosen = kernels.select(params, axes, exclude=QUANT_EXCLUDE)
-    q = quantize(params, chosen, args.mode, args.group)
+    if info["component"] == "dit":
+        q = quantize_dit(params, from_json_dict(cls, info["config"]), args.mode, args.group)
+    else:
+        q = quantize(params, kernels.select(params, axes, exclude=QUANT_EXCLUDE), args.mode, args.group)
     kernels.save(args.dst, info["component"], info["config"], q, overwrite=args.overwrite)
-    print(f"wrote {args.dst}: {len(chosen)} {args.mode} kernels, {kernels.nbytes(params) / 1e9:.3f} GB -> "
+    print(f"wrote {args.dst}: {args.mode} weights, {kernels.nbytes(params) / 1e9:.3f} GB -> "
           f"{kernels.nbytes(q) / 1e9:.3f} GB")
     return 0
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a dit, llm, clip or vlm checkpoint",
-                       description="Quantize every dense kernel but the embeddings, norms and final layer; the "
-                                   "result loads with m141jax.kernels.load and runs through the same forwards.")
+                       description="Quantize the dense kernels (DiT: the blocks in --mode, the other layers in int8, "
+                                   "as the release; encoders: all but the vision patch embedding). The result "
+                                   "loads with m141jax.kernels.load and runs through the same forwards.")
     p.add_argument("--src", required=True, help="a checkpoint made by tools/convert_torch_weights.py")
     p.add_argument("--dst", required=True, help="the quantized checkpoint to write")
     p.add_argument("--mode", choices=MODES, default="int8",

@@ -63,7 +63,7 @@ def test_int4_error_within_half_a_group_step():
 def test_multi_axis_kernels_scale_per_output_channel():
     """An attention output projection [layers, heads, head_dim, out] contracts heads and head_dim."""
     axes = quant.dit_axes(CFG)
-    chosen = quant.select_dit(tiny_params(), CFG)
+    chosen = kernels.select(tiny_params(), axes)
     assert chosen["double_blocks/img_attn_proj/kernel"] == kernels.Layout(1, 2, (4, 16, 64))
     assert chosen["double_blocks/img_attn/qkv/kernel"] == kernels.Layout(1, 1, (64, 3, 4, 16))
     w = tiny_params()["double_blocks"]["img_attn_proj"]["kernel"]
@@ -72,12 +72,17 @@ def test_multi_axis_kernels_scale_per_output_channel():
     assert tuple(axes["double_blocks"]["img_attn_proj"]["kernel"]) == ("layers", "heads", "kv", "embed")
 
 
-def test_default_selection_keeps_embeddings_and_final_layer_dense():
-    chosen = quant.select_dit(tiny_params(), CFG)
-    assert "double_blocks/img_mod/linear/kernel" in chosen and "single_blocks/linear2_mlp/kernel" in chosen
-    assert not any(k.startswith(("img_in", "time_in", "vector_in", "final_layer", "txt_in/input_embedder",
-                                 "txt_in/t_embedder", "txt_in/c_embedder")) for k in chosen)
-    assert all(k.endswith("/kernel") for k in chosen)
+def test_dit_quantized_as_the_release():
+    """int4 in the transformer blocks (modulation included), int8 on the other kernels, nothing else."""
+    q = quant.quantize_dit(tiny_params(), CFG, "int4")
+    boxes = {kernels.path_str(p): b.bits for p, b in
+             jax.tree_util.tree_flatten_with_path(q, is_leaf=kernels.is_box)[0] if kernels.is_box(b)}
+    assert set(boxes) == set(kernels.select(tiny_params(), quant.dit_axes(CFG)))  # every kernel
+    for path, bits in boxes.items():
+        assert bits == (4 if path.startswith(("double_blocks/", "single_blocks/", "txt_in/blocks/")) else 8), path
+    assert boxes["double_blocks/img_mod/linear/kernel"] == 4 and boxes["final_layer/linear/kernel"] == 8
+    assert not kernels.is_box(q["double_blocks"]["img_attn"]["q_norm"]["scale"])
+    assert not kernels.is_box(q["final_layer"]["linear"]["bias"])
 
 
 def test_int4_refuses_inputs_not_divisible_by_the_group():
@@ -103,7 +108,7 @@ def test_quantized_checkpoint_round_trip(tmp_path):
     q = quant.quantize_dit(tiny_params(), CFG, "int4")
     kernels.save(tmp_path / "q", "dit", to_json_dict(CFG), q)
     info, back = kernels.load(tmp_path / "q")
-    assert info["component"] == "dit" and len(info["compressed"]) == len(quant.select_dit(tiny_params(), CFG))
+    assert info["component"] == "dit" and len(info["compressed"]) == len(kernels.select(tiny_params(), quant.dit_axes(CFG)))
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(q)
     for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype
@@ -112,7 +117,7 @@ def test_quantized_checkpoint_round_trip(tmp_path):
     _, half = kernels.load(tmp_path / "q", dtype=jnp.bfloat16)
     box = half["double_blocks"]["img_mlp"]["fc1"]["kernel"]
     assert box.dtype == "bfloat16" and box.unbox().dtype == jnp.bfloat16 and box.channel_unit.dtype == jnp.float32
-    assert half["img_in"]["kernel"].dtype == jnp.bfloat16
+    assert half["img_in"]["bias"].dtype == jnp.bfloat16 and half["img_in"]["kernel"].dtype == "bfloat16"
     with pytest.raises(checkpoint.CheckpointError, match="holds a 'dit' checkpoint, not 'vae'"):
         kernels.load(tmp_path / "q", component="vae")
 
