@@ -232,6 +232,28 @@ def save(dst: str | Path, component: str, config: dict[str, Any], tree, overwrit
     return checkpoint.save(dst, component, config, arrays, overwrite=overwrite, extra={"compressed": formats})
 
 
+def rewrite(src: str | Path, dst: str | Path, compress: Callable[[dict, Any], Any], components: Sequence[str],
+            overwrite: bool = False) -> str:
+    """Write compress(metadata, params) of checkpoint src (of one of `components`) to dst with `save`;
+    returns 'X GB -> Y GB'. dst is checked before any weights are read."""
+    info = checkpoint.read_meta(src)
+    if info["component"] not in components:
+        raise ValueError(f"{src} holds a {info['component']!r} checkpoint; accepted: {', '.join(components)}")
+    if Path(dst).exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    params = checkpoint.load_params(src)
+    tree = compress(info, params)
+    save(dst, info["component"], info["config"], tree, overwrite=overwrite)
+    return f"{nbytes(params) / 1e9:.3f} GB -> {nbytes(tree) / 1e9:.3f} GB"
+
+
+def add_rewrite_arguments(parser, src_help: str, dst_help: str) -> None:
+    """--src, --dst and --overwrite of a command that runs `rewrite`."""
+    parser.add_argument("--src", required=True, help=src_help)
+    parser.add_argument("--dst", required=True, help=dst_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+
+
 def load(path: str | Path, dtype=None, component: str | None = None):
     """(metadata, tree) of a checkpoint written by `save` (or a plain one): the compressed kernels as
     boxes. `dtype`: floating-point parameters and the kernels' dense dtype become `dtype`; integer codes

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -156,35 +155,25 @@ def quantize_encoders(enc, mode: str, group: int = GROUP):
 
 # ------------------------------------------------------------------------------------- command line
 
-def _model(component: str):
-    """(config class, model module with param_logical_axes) of a checkpoint component."""
-    from m141jax import config
-    from m141jax.models import clip, dit, llama, llava
+_CONFIGS = {"dit": "DiTConfig", "llm": "LlamaConfig", "clip": "CLIPTextConfig", "vlm": "LlavaConfig"}
 
-    table = {"dit": (config.DiTConfig, dit), "llm": (config.LlamaConfig, llama), "clip": (config.CLIPTextConfig, clip),
-             "vlm": (config.LlavaConfig, llava)}
-    if component not in table:
-        raise ValueError(f"cannot quantize a {component!r} checkpoint; accepted: {', '.join(table)}")
-    return table[component]
+
+def quantize_checkpoint(info: dict, params, mode: str, group: int = GROUP):
+    """The quantized params of a dit, llm, clip or vlm checkpoint (`info`: its metadata)."""
+    from m141jax import config
+    from m141jax.models import clip, llama, llava
+
+    cfg = config.from_json_dict(getattr(config, _CONFIGS[info["component"]]), info["config"])
+    if info["component"] == "dit":
+        return quantize_dit(params, cfg, mode, group)
+    model = {"llm": llama, "clip": clip, "vlm": llava}[info["component"]]
+    return quantize(params, kernels.select(params, model.param_logical_axes(cfg), exclude=QUANT_EXCLUDE), mode, group)
 
 
 def main(args) -> int:
-    from m141jax import checkpoint
-    from m141jax.config import from_json_dict
-
-    info = checkpoint.read_meta(args.src)
-    cls, model = _model(info["component"])
-    axes = model.param_logical_axes(from_json_dict(cls, info["config"]))
-    if args.dst and not args.overwrite and Path(args.dst).exists():
-        raise FileExistsError(f"{args.dst} already exists; pass --overwrite to replace it")
-    params = checkpoint.load_params(args.src)
-    if info["component"] == "dit":
-        q = quantize_dit(params, from_json_dict(cls, info["config"]), args.mode, args.group)
-    else:
-        q = quantize(params, kernels.select(params, axes, exclude=QUANT_EXCLUDE), args.mode, args.group)
-    kernels.save(args.dst, info["component"], info["config"], q, overwrite=args.overwrite)
-    print(f"wrote {args.dst}: {args.mode} weights, {kernels.nbytes(params) / 1e9:.3f} GB -> "
-          f"{kernels.nbytes(q) / 1e9:.3f} GB")
+    summary = kernels.rewrite(args.src, args.dst, lambda info, p: quantize_checkpoint(info, p, args.mode, args.group),
+                              tuple(_CONFIGS), args.overwrite)
+    print(f"wrote {args.dst}: {args.mode} weights, {summary}")
     return 0
 
 
@@ -193,10 +182,9 @@ def add_parser(sub) -> None:
                        description="Quantize the dense kernels (DiT: the blocks in --mode, the other layers in int8, "
                                    "as the release; encoders: all but the vision patch embedding). The result "
                                    "loads with m141jax.kernels.load and runs through the same forwards.")
-    p.add_argument("--src", required=True, help="a checkpoint made by tools/convert_torch_weights.py")
-    p.add_argument("--dst", required=True, help="the quantized checkpoint to write")
+    kernels.add_rewrite_arguments(p, "a checkpoint made by tools/convert_torch_weights.py",
+                                  "the quantized checkpoint to write")
     p.add_argument("--mode", choices=MODES, default="int8",
                    help="int8: per output channel; int4: groups of --group inputs")
     p.add_argument("--group", type=int, default=GROUP, help="inputs per int4 scale (default 32, as the release)")
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=main)

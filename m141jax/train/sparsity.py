@@ -257,23 +257,21 @@ def parse_nm(text: str) -> tuple[int, int]:
     return n, m
 
 
-def main(args) -> int:
-    from m141jax import checkpoint
+def sparsify_checkpoint(info: dict, params, n: int, m: int, values: str = "dense"):
+    """The compact N:M-sparse params of a dit checkpoint (`info`: its metadata); with int8 values the
+    kernels the sparsity leaves dense (modulation, embeddings, final layer) are int8 too."""
     from m141jax.config import from_json_dict
 
-    n, m = parse_nm(args.nm)
-    info = checkpoint.read_meta(args.src, "dit")
-    if Path(args.dst).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.dst} already exists; pass --overwrite to replace it")
     cfg = from_json_dict(DiTConfig, info["config"])
-    params = checkpoint.load_params(args.src)
-    chosen = select_dit(params, cfg, SparsityConfig(n=n, m=m))
-    tree = compress(params, chosen, n, m, args.values)
-    if args.values == "int8":  # the kernels the sparsity leaves dense (modulation) are quantized too
-        tree = quant.quantize_dit(tree, cfg, "int8")
-    kernels.save(args.dst, "dit", info["config"], tree, overwrite=args.overwrite)
-    print(f"wrote {args.dst}: {len(chosen)} kernels {n}:{m} sparse ({args.values} values), "
-          f"{kernels.nbytes(params) / 1e9:.3f} GB -> {kernels.nbytes(tree) / 1e9:.3f} GB")
+    tree = compress(params, select_dit(params, cfg, SparsityConfig(n=n, m=m)), n, m, values)
+    return quant.quantize_dit(tree, cfg, "int8") if values == "int8" else tree
+
+
+def main(args) -> int:
+    n, m = parse_nm(args.nm)
+    summary = kernels.rewrite(args.src, args.dst, lambda info, p: sparsify_checkpoint(info, p, n, m, args.values),
+                              ("dit",), args.overwrite)
+    print(f"wrote {args.dst}: {n}:{m} sparse ({args.values} values), {summary}")
     return 0
 
 
@@ -282,11 +280,10 @@ def add_parser(sub) -> None:
                        description="Prune the DiT's linear layers N:M by magnitude (embeddings, norms, modulation and "
                                    "the final layer stay dense) and write the compact sparse checkpoint; "
                                    "m141jax.train.sparsity.load rebuilds dense weights from it.")
-    p.add_argument("--src", required=True, help="a dit checkpoint made by tools/convert_torch_weights.py")
-    p.add_argument("--dst", required=True, help="the sparse checkpoint to write")
+    kernels.add_rewrite_arguments(p, "a dit checkpoint made by tools/convert_torch_weights.py",
+                                  "the sparse checkpoint to write")
     p.add_argument("--nm", default="2:4", help="N:M: keep N of every M consecutive inputs (default 2:4)")
     p.add_argument("--values", choices=VALUE_FORMATS, default="dense",
                    help="kept values in the checkpoint's dtype, or int8 per output channel (then the dense "
                         "kernels are int8 too)")
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=main)
