@@ -242,9 +242,10 @@ def rewrite(src: str | Path, dst: str | Path, compress: Callable[[dict, Any], An
     if Path(dst).exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     params = checkpoint.load_params(src)
+    before = nbytes(params)
     tree = compress(info, params)
     save(dst, info["component"], info["config"], tree, overwrite=overwrite)
-    return f"{nbytes(params) / 1e9:.3f} GB -> {nbytes(tree) / 1e9:.3f} GB"
+    return f"{before / 1e9:.3f} GB -> {nbytes(tree) / 1e9:.3f} GB"
 
 
 def add_rewrite_arguments(parser, src_help: str, dst_help: str) -> None:

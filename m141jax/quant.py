@@ -112,10 +112,21 @@ def check(chosen: dict[str, kernels.Layout], mode: str, group: int = GROUP) -> N
                                  f"inputs; exclude it")
 
 
-def quantize(params, chosen: dict[str, kernels.Layout], mode: str, group: int = GROUP):
-    """params with the `chosen` kernels (`kernels.select`) replaced by QArrays (one jitted call per kernel)."""
+def quantize(params, chosen: dict[str, kernels.Layout], mode: str, group: int = GROUP, free: bool = False):
+    """params with the `chosen` kernels (`kernels.select`) replaced by QArrays (one jitted call per kernel).
+
+    free: delete each dense kernel once quantized (weights nothing else uses; not under tracing), so memory
+    never exceeds the dense tree by more than one kernel's quantized copy."""
     check(chosen, mode, group)
-    return kernels.map_selected(lambda w, lay, _: quantize_kernel(w, lay, mode, group), params, chosen)
+
+    def one(w, lay, _):
+        q = quantize_kernel(w, lay, mode, group)
+        if free:
+            jax.block_until_ready(q)
+            w.delete()
+        return q
+
+    return kernels.map_selected(one, params, chosen)
 
 
 @functools.lru_cache(maxsize=8)
@@ -126,13 +137,13 @@ def dit_axes(cfg: DiTConfig):
     return dit.param_logical_axes(cfg)
 
 
-def quantize_dit(params, cfg: DiTConfig, mode: str, group: int = GROUP):
+def quantize_dit(params, cfg: DiTConfig, mode: str, group: int = GROUP, free: bool = False):
     """The DiT as the release quantizes it (spec G.2): the kernels of the transformer blocks (double,
     single and refiner blocks) in `mode`, every other kernel (embeddings, final layer) in int8. Kernels
     already compressed (e.g. N:M sparse boxes) are left as they are."""
     axes = dit_axes(cfg)
-    q = quantize(params, kernels.select(params, axes, include=(BLOCKS + ".*" + kernels.KERNEL,)), mode, group)
-    return quantize(q, kernels.select(q, axes, exclude=(BLOCKS,)), "int8")
+    q = quantize(params, kernels.select(params, axes, include=(BLOCKS + ".*" + kernels.KERNEL,)), mode, group, free)
+    return quantize(q, kernels.select(q, axes, exclude=(BLOCKS,)), "int8", free=free)
 
 
 def encoder_axes(enc) -> dict:
@@ -147,10 +158,10 @@ def encoder_axes(enc) -> dict:
     return axes
 
 
-def quantize_encoders(enc, mode: str, group: int = GROUP):
+def quantize_encoders(enc, mode: str, group: int = GROUP, free: bool = False):
     """The `encoders.Encoders` bundle with the kernels of the LLM, the VLM and CLIP quantized."""
     chosen = kernels.select(enc.params, encoder_axes(enc), exclude=QUANT_EXCLUDE)
-    return dataclasses.replace(enc, params=quantize(enc.params, chosen, mode, group))
+    return dataclasses.replace(enc, params=quantize(enc.params, chosen, mode, group, free))
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -165,9 +176,10 @@ def quantize_checkpoint(info: dict, params, mode: str, group: int = GROUP):
 
     cfg = config.from_json_dict(getattr(config, _CONFIGS[info["component"]]), info["config"])
     if info["component"] == "dit":
-        return quantize_dit(params, cfg, mode, group)
+        return quantize_dit(params, cfg, mode, group, free=True)
     model = {"llm": llama, "clip": clip, "vlm": llava}[info["component"]]
-    return quantize(params, kernels.select(params, model.param_logical_axes(cfg), exclude=QUANT_EXCLUDE), mode, group)
+    chosen = kernels.select(params, model.param_logical_axes(cfg), exclude=QUANT_EXCLUDE)
+    return quantize(params, chosen, mode, group, free=True)
 
 
 def main(args) -> int:
