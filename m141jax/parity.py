@@ -42,14 +42,20 @@ def runtime_dtypes(cfg, dtype: str):
     return dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
 
 
-@runner("dit")
-def run_dit(args) -> dict[str, np.ndarray]:
+def load_dit(args):
+    """(config, params) of the DiT checkpoint in args.checkpoint, in args.dtype."""
     from m141jax.config import DiTConfig, dtype_of, from_json_dict
-    from m141jax.models.dit import dit_forward
 
     meta = checkpoint.read_meta(args.checkpoint, "dit")
     cfg = runtime_dtypes(from_json_dict(DiTConfig, meta["config"]), args.dtype)
-    params = checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
+    return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
+
+
+@runner("dit")
+def run_dit(args) -> dict[str, np.ndarray]:
+    from m141jax.models.dit import dit_forward
+
+    cfg, params = load_dit(args)
     z = load_npz(args.inputs, ("latents", "timestep", "text_states", "text_mask", "text_states_2"),
                  ("ref_latents", "guidance"))
     ref = to_channels_last(z["ref_latents"]) if "ref_latents" in z else None
@@ -59,6 +65,27 @@ def run_dit(args) -> dict[str, np.ndarray]:
             jnp.asarray(z["text_states_2"], jnp.float32),
             jnp.asarray(z["guidance"], jnp.float32) if "guidance" in z else None)
     return {"velocity": to_channels_first(v)}
+
+
+@runner("sample")
+def run_sample(args) -> dict[str, np.ndarray]:
+    """The whole sampling loop: --steps/--shift schedule, --guidance as CFG scale (neg_* arrays needed
+    when > 1) or, for a DiT with a guidance embedding, as its embedded guidance scale."""
+    from m141jax import sampling
+
+    cfg, params = load_dit(args)
+    text = ("text_states", "text_mask", "text_states_2")
+    cfg_on = not cfg.guidance_embed and sampling.uses_cfg(args.guidance)
+    neg = tuple(f"neg_{k}" for k in text) if cfg_on else ()
+    z = load_npz(args.inputs, ("noise", *text, *neg), ("ref_latents",))
+    sigmas = sampling.schedule(args.steps, args.shift)
+    latents = sampling.sample(
+        params, cfg, to_channels_last(z["noise"]), tuple(z[k] for k in text), sigmas=sigmas,
+        ref_latents=to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
+        neg_text=tuple(z[k] for k in neg) if cfg_on else None,
+        guidance_scale=1.0 if cfg.guidance_embed else args.guidance,
+        embedded_guidance=args.guidance if cfg.guidance_embed else None)
+    return {"latents": to_channels_first(latents), "timesteps": sampling.timesteps(sigmas), "sigmas": sigmas}
 
 
 def _load_vae(args):
@@ -140,6 +167,11 @@ def add_parser(sub) -> None:
     p.add_argument("--inputs", required=True, help="input .npz (array names per component: see README)")
     p.add_argument("--output", required=True, help="output .npz, written atomically")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--steps", type=int, default=4, help="sample: number of Euler steps")
+    p.add_argument("--shift", type=float, default=5.0, help="sample: flow-matching time shift")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="sample: CFG scale (> 1 runs the neg_* branch), or the embedded guidance scale of a DiT "
+                        "with a guidance embedding")
     p.add_argument("--tiling", choices=("on", "off"), default="on",
                    help="vae-encode / vae-decode: the release's spatial and temporal tiling (default on, as released)")
     p.add_argument("--skip-layer", type=int, default=2,
