@@ -164,6 +164,17 @@ def quantize_encoders(enc, mode: str, group: int = GROUP, free: bool = False):
     return dataclasses.replace(enc, params=quantize(enc.params, chosen, mode, group, free))
 
 
+def quantize_models(models, mode: str):
+    """The generation models (`components.Models`) as the release quantizes them (spec G.2): both DiTs
+    in `mode` (their blocks; other kernels int8), the encoders in int8; the VAE unchanged. The loaded
+    dense weights are freed as they are quantized."""
+    def dit(c):
+        return None if c is None else dataclasses.replace(c, params=quantize_dit(c.params, c.cfg, mode, free=True))
+
+    return dataclasses.replace(models, dit=dit(models.dit), t2i=dit(models.t2i),
+                               encoders=quantize_encoders(models.encoders, "int8", free=True))
+
+
 # ------------------------------------------------------------------------------------- command line
 
 _CONFIGS = {"dit": "DiTConfig", "llm": "LlamaConfig", "clip": "CLIPTextConfig", "vlm": "LlavaConfig"}

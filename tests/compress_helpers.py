@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from m141jax import sampling
 from m141jax.config import preset
 from m141jax.models import dit
 
@@ -25,11 +26,12 @@ def inputs(batch: int = 1):
             mask, jax.random.normal(k[2], (batch, CFG.pooled_dim)))
 
 
-@jax.jit
-def forward(params):
-    return dit.dit_forward(params, CFG, *inputs())
-
-
 def rel_l2(a, b) -> float:
     """‖a − b‖ / ‖b‖."""
     return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+
+def sample(params):
+    """The 4-step sampling run (release schedule) of the tiny DiT from fixed noise, text and reference."""
+    latents, ref, _, states, mask, pooled = inputs(batch=2)
+    return sampling.sample(params, CFG, latents, (states, mask, pooled), sigmas=sampling.schedule(4), ref_latents=ref)

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from compress_helpers import CFG, forward, rel_l2, tiny_params
+from compress_helpers import CFG, rel_l2, sample, tiny_params
 from m141jax import checkpoint, cli, kernels, quant
 from m141jax.config import CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, preset, to_json_dict
 from m141jax.models import clip, dit, llama, llava
@@ -94,14 +95,40 @@ def test_int4_refuses_inputs_not_divisible_by_the_group():
         quant.quantize(tiny_params(), chosen, "int3")
 
 
-def test_quantized_dit_forward_stays_close():
-    dense = forward(tiny_params())
+def test_sampler_with_quantized_dit_stays_close():
+    dense = sample(tiny_params())
     q8 = quant.quantize_dit(tiny_params(), CFG, "int8")
-    out = forward(q8)
+    out = sample(q8)
     assert 0 < rel_l2(out, dense) < 0.02
-    # the layers dequantise the boxes they read: dequantising the whole tree first gives the same output
-    np.testing.assert_allclose(forward(kernels.densify(q8)), out, atol=1e-5)
-    assert 0 < rel_l2(forward(quant.quantize_dit(tiny_params(), CFG, "int4")), dense) < 0.25
+    # the layers dequantise the boxes they read: dequantising the whole tree first gives the same result
+    np.testing.assert_allclose(sample(kernels.densify(q8)), out, atol=1e-5)
+    assert 0 < rel_l2(sample(quant.quantize_dit(tiny_params(), CFG, "int4")), dense) < 0.25
+
+
+def test_generate_quantize_flag(monkeypatch, tmp_path):
+    """`generate --quantize int4`: the loaded DiTs' blocks int4 (other kernels int8), encoders int8, VAE as loaded."""
+    from m141jax import components, pipeline
+    from m141jax.encoders import Encoders
+
+    lcfg = _llama_cfg()
+    enc = Encoders(llm=lcfg, clip=None, vlm=None, params={"language_model": llama.init_params(lcfg, jax.random.PRNGKey(0))},
+                   tokenizer=None, clip_tokenizer=None, crop=0)
+    monkeypatch.setattr(quant, "encoder_axes", lambda e: {"language_model": llama.param_logical_axes(lcfg)})
+    vae = components.Component(cfg="vae-config", params={"kernel": jnp.ones((4, 4))})
+    own = jax.tree_util.tree_map(jnp.copy, tiny_params())  # quantize_models frees the dense weights it loaded
+    loaded = components.Models(dit=components.Component(CFG, own), vae=vae, encoders=enc)
+    monkeypatch.setattr(components, "load_models", lambda *a, **k: loaded)
+    seen = {}
+    monkeypatch.setattr(pipeline, "generate", lambda models, *a, **k: seen.setdefault("models", models) and [])
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "first.png")
+    assert cli.main(["generate", "--prompt", "a cat", "--image", str(tmp_path / "first.png"), "--size", "64x64",
+                     "--frames", "9", "--quantize", "int4", "--quiet"]) == 0
+    models = seen["models"]
+    assert models.dit.params["double_blocks"]["img_mlp"]["fc1"]["kernel"].bits == 4
+    assert models.dit.params["img_in"]["kernel"].bits == 8
+    assert models.encoders.params["language_model"]["layers"]["q_proj"]["kernel"].bits == 8
+    assert models.vae is vae and models.t2i is None
+    assert own["double_blocks"]["img_mlp"]["fc1"]["kernel"].is_deleted()
 
 
 def test_quantized_checkpoint_round_trip(tmp_path):
@@ -113,7 +140,7 @@ def test_quantized_checkpoint_round_trip(tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(forward(back), forward(q))
+    np.testing.assert_array_equal(sample(back), sample(q))
     _, half = kernels.load(tmp_path / "q", dtype=jnp.bfloat16)
     box = half["double_blocks"]["img_mlp"]["fc1"]["kernel"]
     assert box.dtype == "bfloat16" and box.unbox().dtype == jnp.bfloat16 and box.channel_unit.dtype == jnp.float32
@@ -128,7 +155,7 @@ def test_quantize_command(tmp_path):
                      "--mode", "int8"]) == 0
     _, q = kernels.load(tmp_path / "q8")
     assert isinstance(q["single_blocks"]["linear1_mlp"]["kernel"], quant.QArray)
-    assert rel_l2(forward(q), forward(tiny_params())) < 0.02
+    assert rel_l2(sample(q), sample(tiny_params())) < 0.02
     assert cli.main(["quantize", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "q8"),
                      "--mode", "int8"]) == 2  # exists
 

@@ -7,7 +7,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from compress_helpers import CFG, forward, rel_l2, tiny_params
+from compress_helpers import CFG, rel_l2, sample, tiny_params
 from m141jax import cli, kernels, quant
 from m141jax.config import SparsityConfig, preset, to_json_dict
 from m141jax.models import dit
@@ -154,17 +154,18 @@ def test_export_load_round_trips_exactly(tmp_path):
     assert sparse_bytes == dense_bytes * 9 // 16  # half the values + 2 bits per kept value
 
 
-def test_sparse_forwards_match_the_pruned_dense_model():
+def test_sampler_with_sparse_weights_matches_the_pruned_dense_model():
     params = tiny_params()
     chosen = sparsity.select_dit(params, CFG)
     pruned = sparsity.prune(params, sparsity.nm_masks(params, chosen, 2, 4))
-    ref = forward(pruned)
-    assert rel_l2(ref, forward(params)) > 0.05  # pruning half the weights changes the output
-    np.testing.assert_allclose(forward(sparsity.compress(params, chosen)), ref, atol=1e-5)
+    ref = sample(pruned)
+    assert rel_l2(ref, sample(params)) > 0.05  # one-shot pruning of half the weights, no fine-tuning
+    # compact kernels rebuilt by each layer as it reads them: the pruned dense model's result
+    assert rel_l2(sample(sparsity.compress(params, chosen)), ref) < 1e-5
     with_int8 = sparsity.compress(pruned, chosen, values="int8")
     box = _kernel(with_int8, "single_blocks/linear2_mlp/kernel")
     assert isinstance(box.values, quant.QArray) and box.values.codes.dtype == jnp.int8
-    assert 0 < rel_l2(forward(with_int8), ref) < 0.02
+    assert 0 < rel_l2(sample(with_int8), ref) < 0.02
 
 
 def test_hardware_2_4_operands():
