@@ -14,9 +14,9 @@ quantization (spec G). This module provides the sparsity, measured in `benchmark
   −weight, so after `optax.apply_updates` it is exactly 0 whatever the optimizer did (weight decay,
   clipping ...). The masks live in the optimizer state, so they are saved with it in Orbax checkpoints.
 - `compress` / `export` / `load`: the compact format `NMSparse` (the n kept values of each group and
-  their positions in it, packed in ceil-log2(m)-bit codes; the kept values optionally int8), saved with
+  their positions in it, packed in 1, 2, 4 or 8-bit codes; the kept values optionally int8), saved with
   Orbax, rebuilt as dense kernels by `load` or, left compressed, by each layer as it reads its kernel.
-- `nm_metadata` / `nm_matmul`: the same kernel as the operands of a hardware 2:4 sparse matmul
+- `nm_operands` / `nm_matmul`: the same kernel as the operands of a hardware 2:4 sparse matmul
   (`jax.experimental.sparse.nm`, NVIDIA GPUs, jax versions that ship it): a benchmark path only.
 """
 
