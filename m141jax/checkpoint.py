@@ -95,6 +95,33 @@ def read_meta(path: str | Path, component: str | None = None) -> dict[str, Any]:
     return meta
 
 
+def _config_classes() -> dict[str, type]:
+    from m141jax import config
+
+    return {"dit": config.DiTConfig, "vae": config.VAEConfig, "llm": config.LlamaConfig,
+            "clip": config.CLIPTextConfig, "vlm": config.LlavaConfig}
+
+
+def read_config(path: str | Path, components: tuple[str, ...] | None = None, dtype: str | None = None):
+    """(component, config dataclass) stored in a checkpoint, checked to be one of `components` when
+    given, with runtime dtypes set to `dtype` when given."""
+    from m141jax.config import from_json_dict, runtime_dtypes
+
+    meta = read_meta(path)
+    if components is not None and meta["component"] not in components:
+        raise CheckpointError(f"{path} holds a {meta['component']!r} checkpoint; accepted: {', '.join(components)}")
+    cfg = from_json_dict(_config_classes()[meta["component"]], meta["config"])
+    return meta["component"], (cfg if dtype is None else runtime_dtypes(cfg, dtype))
+
+
+def load(path: str | Path, components: tuple[str, ...] | None = None, dtype: str = "bf16", shardings=None):
+    """(component, config, params) of a checkpoint: parameters and activations in `dtype`."""
+    from m141jax.config import dtype_of
+
+    component, cfg = read_config(path, components, dtype)
+    return component, cfg, load_params(path, dtype=dtype_of(dtype), shardings=shardings)
+
+
 def abstract_tree(path: str | Path):
     """The stored parameter tree as jax.ShapeDtypeStruct leaves (no data read)."""
     meta = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(Path(path).absolute() / "params")

@@ -19,7 +19,6 @@ from m141jax.checkpoint import CheckpointError
 from m141jax.encoders import Encoders
 from m141jax.models import dit as dit_model
 from m141jax.models import vae as vae_model
-from m141jax.parity import runtime_dtypes
 
 # folder -> (component of its m141jax checkpoint, or None for a tokenizer folder; what it is)
 LAYOUT = {
@@ -70,10 +69,7 @@ def _model_module(component: str):
 
 def read_config(root: str | Path, name: str, dtype: str = "bf16"):
     """The config stored in root/name (checked to hold its component), with runtime dtypes `dtype`."""
-    classes = {"dit": config.DiTConfig, "vae": config.VAEConfig, "vlm": config.LlavaConfig,
-               "clip": config.CLIPTextConfig}
-    cfg = config.from_json_dict(classes[LAYOUT[name][0]], checkpoint.read_meta(locate(root, name))["config"])
-    return runtime_dtypes(cfg, dtype) if name in ("dit", "t2i", "vae") else cfg
+    return checkpoint.read_config(locate(root, name), (LAYOUT[name][0],), dtype)[1]
 
 
 def load_component(root: str | Path, name: str, dtype: str = "bf16") -> Component:

@@ -173,6 +173,15 @@ def dit_config_from_dict(d: dict[str, Any], base: DiTConfig | None = None) -> Di
     return dataclasses.replace(base, **kw)
 
 
+def runtime_dtypes(cfg, dtype: str):
+    """The config with parameters and activations in `dtype` (fp32 | bf16), nested configs included."""
+    dtype_of(dtype)
+    kw = {f.name: runtime_dtypes(getattr(cfg, f.name), dtype) for f in dataclasses.fields(cfg)
+          if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    kw.update({k: dtype for k in ("param_dtype", "dtype") if hasattr(cfg, k)})
+    return dataclasses.replace(cfg, **kw)
+
+
 def load_json(path: str | Path) -> dict[str, Any]:
     with open(path) as f:
         return json.load(f)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from m141jax import checkpoint
-from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig, dtype_of, from_json_dict
+from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig
 from m141jax.models import clip, llama, llava
 from m141jax.prompts import (MAX_LENGTH, NEGATIVE_PROMPT, VLMPrompt, clip_tokens, llm_tokens, template_crop,
                              vlm_prompt)
@@ -71,8 +71,8 @@ class Encoders:
         """Read the checkpoints (`vlm` or `llm`, and `clip`) in `dtype` and the two tokenizer folders."""
         from transformers import AutoTokenizer
 
-        kind, llm_cfg, llm_params = load_checkpoint(llm, ("vlm", "llm"), dtype)
-        _, clip_cfg, clip_params = load_checkpoint(clip, ("clip",), dtype)
+        kind, llm_cfg, llm_params = checkpoint.load(llm, ("vlm", "llm"), dtype)
+        _, clip_cfg, clip_params = checkpoint.load(clip, ("clip",), dtype)
         tok = AutoTokenizer.from_pretrained(str(tokenizer), padding_side="right")
         if tok.pad_token is None:  # Meta's Llama-3 tokenizer has none; padded positions are masked anyway
             tok.pad_token = tok.eos_token
@@ -89,23 +89,6 @@ class Encoders:
     def text_length(self) -> int:
         """Tokens of text_states: the selected VLM tokens (146) + the prompt window (256)."""
         return (len(self.vlm_prompt.keep) if self.vlm is not None else 0) + self.max_length
-
-
-def load_checkpoint(path, components: tuple[str, ...], dtype: str):
-    """(component, config, params) of an encoder checkpoint of one of `components`, all in `dtype`."""
-    classes = {"llm": LlamaConfig, "clip": CLIPTextConfig, "vlm": LlavaConfig}
-    meta = checkpoint.read_meta(path)
-    if meta["component"] not in components:
-        raise ValueError(f"{path} holds a {meta['component']!r} checkpoint; accepted: {components}")
-    cfg = runtime_dtypes(from_json_dict(classes[meta["component"]], meta["config"]), dtype)
-    return meta["component"], cfg, checkpoint.load_params(path, dtype=dtype_of(dtype))
-
-
-def runtime_dtypes(cfg, dtype: str):
-    """The config with parameters and activations in `dtype` (fp32 | bf16), nested configs included."""
-    if isinstance(cfg, LlavaConfig):
-        return dataclasses.replace(cfg, text=runtime_dtypes(cfg.text, dtype), vision=runtime_dtypes(cfg.vision, dtype))
-    return dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------- jitted forwards

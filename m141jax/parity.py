@@ -7,7 +7,6 @@ integer by nature, and channel-first [B, C, F, H, W] as PyTorch has it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Callable
 
 import jax
@@ -37,25 +36,16 @@ def to_channels_first(x) -> np.ndarray:
     return np.asarray(jnp.moveaxis(x, -1, 1), np.float32)
 
 
-def runtime_dtypes(cfg, dtype: str):
-    """The config with parameters and activations in `dtype` (fp32 | bf16)."""
-    return dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
-
-
-def load_dit(args):
-    """(config, params) of the DiT checkpoint in args.checkpoint, in args.dtype."""
-    from m141jax.config import DiTConfig, dtype_of, from_json_dict
-
-    meta = checkpoint.read_meta(args.checkpoint, "dit")
-    cfg = runtime_dtypes(from_json_dict(DiTConfig, meta["config"]), args.dtype)
-    return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
+def load_component(args, *components: str):
+    """(config, params) of the checkpoint in args.checkpoint, one of `components`, in args.dtype."""
+    return checkpoint.load(args.checkpoint, components, args.dtype)[1:]
 
 
 @runner("dit")
 def run_dit(args) -> dict[str, np.ndarray]:
     from m141jax.models.dit import dit_forward
 
-    cfg, params = load_dit(args)
+    cfg, params = load_component(args, "dit")
     z = load_npz(args.inputs, ("latents", "timestep", "text_states", "text_mask", "text_states_2"),
                  ("ref_latents", "guidance"))
     ref = to_channels_last(z["ref_latents"]) if "ref_latents" in z else None
@@ -73,7 +63,7 @@ def run_sample(args) -> dict[str, np.ndarray]:
     when > 1) or, for a DiT with a guidance embedding, as its embedded guidance scale."""
     from m141jax import sampling
 
-    cfg, params = load_dit(args)
+    cfg, params = load_component(args, "dit")
     text = ("text_states", "text_mask", "text_states_2")
     cfg_on = not cfg.guidance_embed and sampling.uses_cfg(args.guidance)
     neg = tuple(f"neg_{k}" for k in text) if cfg_on else ()
@@ -88,19 +78,11 @@ def run_sample(args) -> dict[str, np.ndarray]:
     return {"latents": to_channels_first(latents), "timesteps": sampling.timesteps(sigmas), "sigmas": sigmas}
 
 
-def _load_vae(args):
-    from m141jax.config import VAEConfig, dtype_of, from_json_dict
-
-    meta = checkpoint.read_meta(args.checkpoint, "vae")
-    cfg = runtime_dtypes(from_json_dict(VAEConfig, meta["config"]), args.dtype)
-    return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
-
-
 @runner("vae-encode")
 def run_vae_encode(args) -> dict[str, np.ndarray]:
     from m141jax.models.vae import encode
 
-    cfg, params = _load_vae(args)
+    cfg, params = load_component(args, "vae")
     video = load_npz(args.inputs, ("video",))["video"]
     mean, logvar = encode(params, cfg, to_channels_last(video), tiling=args.tiling == "on")
     return {"latent_mean": to_channels_first(mean), "latent_logvar": to_channels_first(logvar)}
@@ -110,15 +92,9 @@ def run_vae_encode(args) -> dict[str, np.ndarray]:
 def run_vae_decode(args) -> dict[str, np.ndarray]:
     from m141jax.models.vae import decode
 
-    cfg, params = _load_vae(args)
+    cfg, params = load_component(args, "vae")
     latents = load_npz(args.inputs, ("latents",))["latents"]
     return {"video": to_channels_first(decode(params, cfg, to_channels_last(latents), tiling=args.tiling == "on"))}
-
-
-def _encoder_checkpoint(args, components: tuple[str, ...]):
-    from m141jax.encoders import load_checkpoint
-
-    return load_checkpoint(args.checkpoint, components, args.dtype)
 
 
 @runner("llm")
@@ -126,7 +102,7 @@ def run_llm(args) -> dict[str, np.ndarray]:
     """A Llama (an `llm` checkpoint, or the language model of a `vlm` one): hidden_states[-(K+1)]."""
     from m141jax.models.llama import hidden_states
 
-    kind, cfg, params = _encoder_checkpoint(args, ("llm", "vlm"))
+    kind, cfg, params = checkpoint.load(args.checkpoint, ("llm", "vlm"), args.dtype)
     if kind == "vlm":
         cfg, params = cfg.text, params["language_model"]
     z = load_npz(args.inputs, ("input_ids", "attention_mask"))
@@ -139,7 +115,7 @@ def run_llm(args) -> dict[str, np.ndarray]:
 def run_clip(args) -> dict[str, np.ndarray]:
     from m141jax.models.clip import text_forward
 
-    _, cfg, params = _encoder_checkpoint(args, ("clip",))
+    cfg, params = load_component(args, "clip")
     z = load_npz(args.inputs, ("input_ids", "attention_mask"))
     last, pooled = jax.jit(lambda p, ids, m: text_forward(p, cfg, ids, m))(
         params, jnp.asarray(z["input_ids"], jnp.int32), jnp.asarray(z["attention_mask"], jnp.int32))
@@ -151,7 +127,7 @@ def run_vlm(args) -> dict[str, np.ndarray]:
     """LLaVA on expanded input_ids (one image token per feature position): the last layer after the norm."""
     from m141jax.models.llava import check_image_tokens, llava_forward
 
-    _, cfg, params = _encoder_checkpoint(args, ("vlm",))
+    cfg, params = load_component(args, "vlm")
     z = load_npz(args.inputs, ("input_ids", "attention_mask", "pixel_values"))
     check_image_tokens(cfg, z["input_ids"], z["pixel_values"].shape[0])
     pixels = jnp.moveaxis(jnp.asarray(z["pixel_values"], jnp.float32), 1, -1)  # [N, 3, H, W] -> [N, H, W, 3]
