@@ -232,19 +232,17 @@ def save(dst: str | Path, component: str, config: dict[str, Any], tree, overwrit
     return checkpoint.save(dst, component, config, arrays, overwrite=overwrite, extra={"compressed": formats})
 
 
-def rewrite(src: str | Path, dst: str | Path, compress: Callable[[dict, Any], Any], components: Sequence[str],
+def rewrite(src: str | Path, dst: str | Path, compress: Callable[[str, Any, Any], Any], components: Sequence[str],
             overwrite: bool = False) -> str:
-    """Write compress(metadata, params) of checkpoint src (of one of `components`) to dst with `save`;
-    returns 'X GB -> Y GB'. dst is checked before any weights are read."""
-    info = checkpoint.read_meta(src)
-    if info["component"] not in components:
-        raise ValueError(f"{src} holds a {info['component']!r} checkpoint; accepted: {', '.join(components)}")
+    """Write compress(component, config, params) of checkpoint src (of one of `components`) to dst with
+    `save`; returns 'X GB -> Y GB'. dst is checked before any weights are read."""
+    component, cfg = checkpoint.read_config(src, tuple(components))
     if Path(dst).exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     params = checkpoint.load_params(src)
     before = nbytes(params)
-    tree = compress(info, params)
-    save(dst, info["component"], info["config"], tree, overwrite=overwrite)
+    tree = compress(component, cfg, params)
+    save(dst, component, checkpoint.read_meta(src)["config"], tree, overwrite=overwrite)
     return f"{before / 1e9:.3f} GB -> {nbytes(tree) / 1e9:.3f} GB"
 
 

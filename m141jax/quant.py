@@ -177,25 +177,20 @@ def quantize_models(models, mode: str):
 
 # ------------------------------------------------------------------------------------- command line
 
-_CONFIGS = {"dit": "DiTConfig", "llm": "LlamaConfig", "clip": "CLIPTextConfig", "vlm": "LlavaConfig"}
-
-
-def quantize_checkpoint(info: dict, params, mode: str, group: int = GROUP):
-    """The quantized params of a dit, llm, clip or vlm checkpoint (`info`: its metadata)."""
-    from m141jax import config
+def quantize_checkpoint(component: str, cfg, params, mode: str, group: int = GROUP):
+    """The quantized params of a dit, llm, clip or vlm model (`cfg`: its config)."""
     from m141jax.models import clip, llama, llava
 
-    cfg = config.from_json_dict(getattr(config, _CONFIGS[info["component"]]), info["config"])
-    if info["component"] == "dit":
+    if component == "dit":
         return quantize_dit(params, cfg, mode, group, free=True)
-    model = {"llm": llama, "clip": clip, "vlm": llava}[info["component"]]
+    model = {"llm": llama, "clip": clip, "vlm": llava}[component]
     chosen = kernels.select(params, model.param_logical_axes(cfg), exclude=QUANT_EXCLUDE)
     return quantize(params, chosen, mode, group, free=True)
 
 
 def main(args) -> int:
-    summary = kernels.rewrite(args.src, args.dst, lambda info, p: quantize_checkpoint(info, p, args.mode, args.group),
-                              tuple(_CONFIGS), args.overwrite)
+    summary = kernels.rewrite(args.src, args.dst, lambda *a: quantize_checkpoint(*a, args.mode, args.group),
+                              ("dit", "llm", "clip", "vlm"), args.overwrite)
     print(f"wrote {args.dst}: {args.mode} weights, {summary}")
     return 0
 

@@ -257,19 +257,16 @@ def parse_nm(text: str) -> tuple[int, int]:
     return n, m
 
 
-def sparsify_checkpoint(info: dict, params, n: int, m: int, values: str = "dense"):
-    """The compact N:M-sparse params of a dit checkpoint (`info`: its metadata); with int8 values the
-    kernels the sparsity leaves dense (modulation, embeddings, final layer) are int8 too."""
-    from m141jax.config import from_json_dict
-
-    cfg = from_json_dict(DiTConfig, info["config"])
+def sparsify_checkpoint(cfg: DiTConfig, params, n: int, m: int, values: str = "dense"):
+    """The compact N:M-sparse params of a DiT; with int8 values the kernels the sparsity leaves dense
+    (modulation, embeddings, final layer) are int8 too."""
     tree = compress(params, select_dit(params, cfg, SparsityConfig(n=n, m=m)), n, m, values)
     return quant.quantize_dit(tree, cfg, "int8") if values == "int8" else tree
 
 
 def main(args) -> int:
     n, m = parse_nm(args.nm)
-    summary = kernels.rewrite(args.src, args.dst, lambda info, p: sparsify_checkpoint(info, p, n, m, args.values),
+    summary = kernels.rewrite(args.src, args.dst, lambda _, cfg, p: sparsify_checkpoint(cfg, p, n, m, args.values),
                               ("dit",), args.overwrite)
     print(f"wrote {args.dst}: {n}:{m} sparse ({args.values} values), {summary}")
     return 0
