@@ -71,8 +71,10 @@ def atomic_dir(dst: str | Path, write: Callable[[Path], None], overwrite: bool =
     return dst
 
 
-def save(dst: str | Path, component: str, config: dict[str, Any], params, overwrite: bool = False) -> Path:
-    """Write params (a pytree of numpy or jax arrays) and config to dst atomically.
+def save(dst: str | Path, component: str, config: dict[str, Any], params, overwrite: bool = False,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write params (a pytree of numpy or jax arrays) and config to dst atomically; `extra`: more
+    metadata entries (e.g. the formats of compressed kernels, `m141jax.kernels`).
 
     numpy leaves are moved to the host CPU device first: Orbax saves jax arrays without another
     full copy, which keeps the converter's peak memory near the checkpoint size. Arrays are stored
@@ -91,7 +93,7 @@ def save(dst: str | Path, component: str, config: dict[str, Any], params, overwr
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, save_concurrent_gb=in_flight))
         ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(params, save_args=save_args))
         if jax.process_index() == 0:
-            meta = {"format": FORMAT, "component": component, "config": config}
+            meta = {"format": FORMAT, "component": component, "config": config, **(extra or {})}
             (tmp / META).write_text(json.dumps(meta, indent=1))
 
     return atomic_dir(dst, write, overwrite)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from m141jax import components, media, pipeline
+from m141jax import components, media, pipeline, quant
 
 
 def read_prompts(args) -> list[str]:
@@ -55,6 +55,8 @@ def main(args) -> int:
         first = media.fit_image(original, settings.size)
         images, vlm_images = [first] * len(prompts), [original] * len(prompts)
     models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype)
+    if args.quantize:
+        models = quant.quantize_models(models, args.quantize)
     timings = pipeline.Timings()
     clips = len(settings.clips())
     print(f"{len(prompts)} prompt(s), {settings.frames} frames in {clips} clip(s) of {settings.clip_frames}, "
@@ -98,6 +100,9 @@ def add_parser(sub) -> None:
     p.add_argument("--t2i-guidance", type=float, default=6.0, help="embedded guidance scale of the text-to-image stage")
     p.add_argument("--checkpoints", default="checkpoints", help="folder of converted checkpoints (see README)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter and activation dtype")
+    p.add_argument("--quantize", choices=quant.MODES,
+                   help="weight-only quantization after loading, as the release: the DiTs' blocks in int8 or int4 "
+                        "(other DiT kernels int8), the text encoders int8")
     p.add_argument("--out", default="video.mp4", help="output MP4 (a batch writes OUT_000.mp4, OUT_001.mp4, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
