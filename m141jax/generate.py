@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from m141jax import components, media, pipeline, quant
+from m141jax import components, media, pipeline, quant, sharding
 
 
 def read_prompts(args) -> list[str]:
@@ -54,7 +54,11 @@ def main(args) -> int:
         original = media.open_image(args.image)
         first = media.fit_image(original, settings.size)
         images, vlm_images = [first] * len(prompts), [original] * len(prompts)
-    models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype)
+    mesh = sharding.mesh_from_args(args)
+    if mesh is not None and args.quantize:
+        raise ValueError("--quantize and --mesh cannot be combined yet: quantized kernels are not sharded")
+    models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype, mesh=mesh,
+                                    sequence_parallel=args.sequence_parallel)
     if args.quantize:
         models = quant.quantize_models(models, args.quantize)
     timings = pipeline.Timings()
@@ -105,4 +109,5 @@ def add_parser(sub) -> None:
                         "(other DiT kernels int8), the text encoders int8")
     p.add_argument("--out", default="video.mp4", help="output MP4 (a batch writes OUT_000.mp4, OUT_001.mp4, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sharding.add_mesh_args(p)
     p.set_defaults(func=main)

@@ -7,7 +7,6 @@ integer by nature, and channel-first [B, C, F, H, W] as PyTorch has it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Callable
 
 import jax
@@ -43,26 +42,32 @@ def load_component(args, *components: str):
     return checkpoint.load(args.checkpoint, components, args.dtype)[1:]
 
 
+def load_dit(args):
+    """(config, params) of the DiT checkpoint, placed on args.device_mesh when given (with the
+    --sequence-parallel method for that mesh)."""
+    _, cfg = checkpoint.read_config(args.checkpoint, ("dit",), args.dtype)
+    shardings = None
+    if args.device_mesh is not None:
+        cfg, shardings = sharding.dit_on_mesh(cfg, args.device_mesh, args.sequence_parallel)
+    return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype), shardings=shardings)
+
+
 @runner("dit")
 def run_dit(args) -> dict[str, np.ndarray]:
     from m141jax.models.dit import dit_forward
 
     mesh = args.device_mesh
-    _, cfg = checkpoint.read_config(args.checkpoint, ("dit",), args.dtype)
     z = load_npz(args.inputs, ("latents", "timestep", "text_states", "text_mask", "text_states_2"),
                  ("ref_latents", "guidance"))
     inputs = (to_channels_last(z["latents"]), to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
               jnp.asarray(z["timestep"], jnp.float32), jnp.asarray(z["text_states"], jnp.float32),
               jnp.asarray(z["text_mask"], jnp.int32), jnp.asarray(z["text_states_2"], jnp.float32),
               jnp.asarray(z["guidance"], jnp.float32) if "guidance" in z else None)
+    cfg, params = load_dit(args)
     if mesh is None:
-        params = checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
         return {"velocity": to_channels_first(jax.jit(lambda p, *a: dit_forward(p, cfg, *a))(params, *inputs))}
-    cfg = dataclasses.replace(cfg, sequence_parallel=sharding.sequence_parallel_method(cfg, mesh,
-                                                                                       args.sequence_parallel))
-    shardings = sharding.dit_param_shardings(cfg, mesh, checkpoint.abstract_tree(args.checkpoint))
-    params = checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype), shardings=shardings)
     batch = inputs[0].shape[0]
+    shardings = jax.tree.map(lambda x: x.sharding, params)
     fwd = sharding.dit_forward_fn(cfg, mesh, batch, shardings)
     rows = lambda x: None if x is None else sharding.put(x, sharding.batch_sharding(mesh, x.ndim, batch))
     v = fwd(params, *map(rows, inputs))
@@ -75,7 +80,7 @@ def run_sample(args) -> dict[str, np.ndarray]:
     when > 1) or, for a DiT with a guidance embedding, as its embedded guidance scale."""
     from m141jax import sampling
 
-    cfg, params = load_component(args, "dit")
+    cfg, params = load_dit(args)
     text = ("text_states", "text_mask", "text_states_2")
     cfg_on = not cfg.guidance_embed and sampling.uses_cfg(args.guidance)
     neg = tuple(f"neg_{k}" for k in text) if cfg_on else ()
@@ -86,7 +91,7 @@ def run_sample(args) -> dict[str, np.ndarray]:
         ref_latents=to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
         neg_text=tuple(z[k] for k in neg) if cfg_on else None,
         guidance_scale=1.0 if cfg.guidance_embed else args.guidance,
-        embedded_guidance=args.guidance if cfg.guidance_embed else None)
+        embedded_guidance=args.guidance if cfg.guidance_embed else None, mesh=args.device_mesh)
     return {"latents": to_channels_first(latents), "timesteps": sampling.timesteps(sigmas), "sigmas": sigmas}
 
 
@@ -168,7 +173,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=main)
 
 
-SHARDED = ("dit",)  # the runners that take --mesh
+SHARDED = ("dit", "sample")  # the runners that take --mesh
 
 
 def main(args) -> int:

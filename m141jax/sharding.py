@@ -15,6 +15,8 @@ replicated there), so the same table serves every model and every shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -157,6 +159,14 @@ def rules_for_batch(mesh: Mesh, batch: int, rules=RULES):
     return tuple((name, batch_axes(mesh, batch) if name == "activation_batch" else axes) for name, axes in rules)
 
 
+@contextlib.contextmanager
+def activate(mesh: Mesh, batch: int):
+    """Run and trace inside `mesh` with the rule table for `batch` rows: what jitted model code reads
+    while tracing (`nn.with_logical_constraint`, the sequence-parallel `shard_map`)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for_batch(mesh, batch)):
+        yield
+
+
 class MeshFunction:
     """A jitted function traced and run inside its mesh and rule table, which is what
     `nn.with_logical_constraint` and the sequence-parallel `shard_map` read while tracing."""
@@ -198,6 +208,12 @@ def dit_param_shardings(cfg, mesh: Mesh, abstract=None):
     """Shardings of the DiT parameters (shapes from `abstract`, default the config's)."""
     names, shapes = _dit_layout(cfg)
     return tree_shardings(names, shapes if abstract is None else abstract, mesh)
+
+
+def dit_on_mesh(cfg, mesh: Mesh, sequence_parallel: str = "auto"):
+    """(config with the sequence-parallel method for `mesh`, parameter shardings) of a DiT."""
+    cfg = dataclasses.replace(cfg, sequence_parallel=sequence_parallel_method(cfg, mesh, sequence_parallel))
+    return cfg, dit_param_shardings(cfg, mesh)
 
 
 def dit_forward_fn(cfg, mesh: Mesh, batch: int, param_shardings) -> MeshFunction:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from m141jax import checkpoint, cli, sharding
+from m141jax import checkpoint, cli, sampling, sharding
 from m141jax.config import to_json_dict
 from m141jax.io import save_npz
 from m141jax.models.attention import attention
@@ -156,6 +156,19 @@ def test_sharded_dit_forward(dit_case, spec, method, batch_spec):
     got = sharding.dit_forward_fn(cfg, mesh, 2, shardings)(sharded, *args)
     assert got.sharding.spec == P(batch_spec, None, None, None, None)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "fsdp=2,tensor=2,sequence=2"])
+def test_sharded_sampler_with_cfg(dit_case, spec):
+    """The whole 4-step loop with CFG (one batch-4 forward per step) on a mesh equals one device."""
+    params, (lat, ref, _, states, mask, pooled, _), _ = dit_case
+    text, neg = (states, mask, pooled), (states[:, ::-1], mask, -pooled)
+    kw = dict(sigmas=sampling.schedule(4, 5.0), ref_latents=ref, neg_text=neg, guidance_scale=3.0)
+    want = sampling.sample(params, CFG, lat, text, **kw)
+    mesh = sharding.make_mesh(spec)
+    cfg, shardings = sharding.dit_on_mesh(CFG, mesh)
+    got = sampling.sample(jax.tree.map(sharding.put, params, shardings), cfg, lat, text, mesh=mesh, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * np.abs(np.asarray(want)).max())
 
 
 # ----------------------------------------------------------------------------------- checkpoints
