@@ -6,12 +6,14 @@ import argparse
 import sys
 
 from m141jax import parity
+from m141jax.train import cli as train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m141jax", description="Magic 1-For-1 in JAX: generation, parity checks, training.")
     sub = p.add_subparsers(dest="command", required=True)
     parity.add_parser(sub)
+    train_cli.add_parser(sub)
     return p
 
 

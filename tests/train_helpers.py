@@ -1,0 +1,63 @@
+"""Small stand-ins shared by the training tests: a per-position MLP velocity model with the DiT's
+calling convention (velocity(params, x, σ, cond, features=False)), cheap to compile."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m141jax.config import DISTILL_PRESETS, TRAIN_PRESETS, DataConfig, RunConfig
+
+
+class PixelModel(nn.Module):
+    """v = MLP(x, reference, σ, pooled text, masked-mean text) at every latent position; the hidden
+    activations are the 'features' (one token per position)."""
+
+    hidden: int = 16
+
+    @nn.compact
+    def __call__(self, x, sigma, cond):
+        b, f, h, w, c = x.shape
+        m = cond["text_mask"].astype(jnp.float32)[..., None]
+        text = (cond["text_states"] * m).sum(1) / m.sum(1)
+        ctx = jnp.concatenate([sigma[:, None], cond["text_states_2"], text], -1)[:, None, None, None]
+        parts = [x, jnp.broadcast_to(ctx, (b, f, h, w, ctx.shape[-1]))]
+        if "ref_latents" in cond:
+            parts.append(jnp.broadcast_to(cond["ref_latents"], x.shape))
+        hid = nn.silu(nn.Dense(self.hidden)(jnp.concatenate(parts, -1)))
+        return nn.Dense(c)(hid), hid.reshape(b, -1, self.hidden)
+
+
+def pixel_velocity(module=PixelModel()):
+    def velocity(params, x, sigma, cond, features=False):
+        v, feats = module.apply({"params": params}, x, sigma, cond)
+        return (v, feats) if features else v
+    return velocity
+
+
+def pixel_params(model_cfg, rng, text_len=8):
+    c = model_cfg.out_channels
+    cond = {"text_states": jnp.zeros((1, text_len, model_cfg.text_dim)), "text_mask": jnp.ones((1, text_len)),
+            "text_states_2": jnp.zeros((1, model_cfg.pooled_dim)), "ref_latents": jnp.zeros((1, 1, 2, 2, c))}
+    return PixelModel().init(rng, jnp.zeros((1, 1, 2, 2, c)), jnp.zeros((1,)), cond)["params"]
+
+
+def tiny_train_config(**run):
+    cfg = TRAIN_PRESETS["tiny-i2v"]
+    return dataclasses.replace(cfg, data=DataConfig(batch_size=2, num_samples=6),
+                               run=dataclasses.replace(RunConfig(steps=6, checkpoint_every=3, log_every=2), **run))
+
+
+def tiny_distill_config(**run):
+    cfg = DISTILL_PRESETS["tiny-i2v"]
+    return dataclasses.replace(cfg, data=DataConfig(batch_size=2, num_samples=6),
+                               run=dataclasses.replace(RunConfig(steps=6, checkpoint_every=3, log_every=2), **run))
+
+
+def tree_equal(a, b) -> bool:
+    """Bitwise equality of two pytrees of arrays (same structure)."""
+    eq = jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)
+    return all(jax.tree.leaves(eq))
