@@ -245,6 +245,8 @@ class DataConfig:
     source: str = "synthetic"
     batch_size: int = 1  # global batch; each host reads batch_size / process_count
     seed: int = 0  # shuffling seed
+    read_threads: int = 4  # grain reader threads
+    prefetch: int = 8  # batches read ahead
     num_samples: int = 64  # synthetic only
     frames: int = 2  # synthetic latent frames / height / width / text tokens
     height: int = 8

@@ -8,6 +8,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m141jax.config import DISTILL_PRESETS, TRAIN_PRESETS, DataConfig, RunConfig
 
@@ -59,5 +60,6 @@ def tiny_distill_config(**run):
 
 def tree_equal(a, b) -> bool:
     """Bitwise equality of two pytrees of arrays (same structure)."""
-    eq = jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)
-    return all(jax.tree.leaves(eq))
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))

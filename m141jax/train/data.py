@@ -107,7 +107,8 @@ def make_iterator(source, data: DataConfig) -> grain.DatasetIterator:
     null = {f"null_{k}": v for k, v in source.null().items()}
     ds = (grain.MapDataset.source(source).slice(slice(index, None, procs)).seed(data.seed).shuffle().repeat()
           .batch(data.batch_size // procs, drop_remainder=True).map(lambda b: {**b, **null}))
-    return iter(ds.to_iter_dataset())
+    options = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch)
+    return iter(ds.to_iter_dataset(options))
 
 
 def global_batch(batch: dict, sharding) -> dict:

@@ -71,13 +71,13 @@ def head_width(cfg: DistillConfig) -> int:
     return cfg.dmd.head_hidden or cfg.model.hidden_size
 
 
-def init_dmd_state(cfg: DistillConfig, teacher, rng) -> DMDState:
+def init_dmd_state(cfg: DistillConfig, teacher, rng, features: int | None = None) -> DMDState:
     """Generator and fake score start as copies of the teacher (in the model's parameter dtype); the
-    discriminator head is freshly initialised."""
+    discriminator head is freshly initialised for features of width `features` (default: the DiT's)."""
     def copy(params):
         return jax.tree.map(lambda a: jnp.array(a, dtype_of(cfg.model.param_dtype)), params)
 
-    head = nn.unbox(DiscriminatorHead(head_width(cfg)).init(rng, jnp.zeros((1, 1, cfg.model.hidden_size)))["params"])
+    head = nn.unbox(DiscriminatorHead(head_width(cfg)).init(rng, jnp.zeros((1, 1, features or cfg.model.hidden_size)))["params"])
     generator, critic = copy(teacher), {"fake": copy(teacher), "head": head}
     (gen_tx, _), (critic_tx, _) = _optimizers(cfg)
     return DMDState(jnp.zeros((), jnp.int32), generator, gen_tx.init(generator), critic, critic_tx.init(critic))
