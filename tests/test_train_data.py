@@ -1,7 +1,5 @@
 """grain input: deterministic sources and shuffling, per-host shards, iterator state, prepared-data dirs."""
 
-import json
-
 import jax
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ import pytest
 from m141jax.config import DataConfig, preset
 from m141jax.train import data
 from m141jax.train.placement import batch_shardings, make_mesh
+from train_helpers import write_prepared
 
 MODEL = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")
 
@@ -50,7 +49,7 @@ def test_synthetic_source_is_deterministic_and_shaped():
 
 def test_shuffle_is_deterministic_and_reshuffles_each_epoch():
     order = lambda seed: [int(x) for b in _take(data.make_iterator(IndexSource(8), DataConfig(batch_size=2, seed=seed)),
-                                                8) for x in b["i"]]  # noqa: E731
+                                                8) for x in b["i"]]
     first = order(0)
     assert first == order(0) and first != order(1)
     assert sorted(first[:8]) == list(range(8)) and sorted(first[8:]) == list(range(8))  # whole epochs
@@ -82,25 +81,8 @@ def test_hosts_read_disjoint_shards(monkeypatch):
         data.make_iterator(IndexSource(8), DataConfig(batch_size=3))
 
 
-def _write_prepared(path, n=3, n_img=2, bad=()):
-    (path / "samples").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        x = rng.standard_normal((2, 4, 4, 16)).astype(np.float32)
-        if i in bad:
-            x[0, 0, 0, 0] = np.nan
-        np.savez(path / "samples" / f"{i:08d}.npz", latents=x, ref_latents=x[:1],
-                 text_states=rng.standard_normal((6, 32)).astype(np.float32),
-                 text_mask=np.array([1, 1, 1, 1, 0, 0], np.int32),
-                 text_states_2=rng.standard_normal(16).astype(np.float32))
-    np.savez(path / "null.npz", text_states=np.zeros((4, 32), np.float32), text_mask=np.array([1, 0, 0, 0], np.int32),
-             text_states_2=np.zeros(16, np.float32))
-    (path / data.META).write_text(json.dumps({"format": 1, "samples": n, "n_image_tokens": n_img}))
-    return path
-
-
 def test_prepared_directory_source(tmp_path):
-    path = _write_prepared(tmp_path / "d")
+    path = write_prepared(tmp_path / "d")
     src = data.open_source(DataConfig(source=str(path)), MODEL, 2)
     assert len(src) == 3 and src[1]["latents"].shape == (2, 4, 4, 16)
     b = next(data.make_iterator(src, DataConfig(source=str(path), batch_size=2)))

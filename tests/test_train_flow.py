@@ -5,7 +5,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from m141jax.config import FlowConfig, OptimizerConfig
@@ -137,7 +136,7 @@ def test_train_step_updates_params_ema_and_counts():
              "null_text_states": jnp.zeros((2, cfg.model.text_dim)), "null_text_mask": null["text_mask"],
              "null_text_states_2": jnp.zeros((cfg.model.pooled_dim,))}
     step = jax.jit(flow.make_train_step(cfg, vel))
-    s1, m = step(state, batch, jax.random.PRNGKey(1))
+    s1, _ = step(state, batch, jax.random.PRNGKey(1))
     s2, m2 = step(s1, batch, jax.random.PRNGKey(2))
     assert int(s2.step) == 2 and np.isfinite(float(m2["loss"])) and float(m2["lr"]) > 0
     x0, cond, null = flow.split_batch(batch)

@@ -32,7 +32,7 @@ import optax
 
 from m141jax.config import DistillConfig, DMDConfig, dtype_of
 from m141jax.models.layers import LayerNorm, dense
-from m141jax.train.flow import (Velocity, dit_velocity, drop_text, euler_step, flow_loss, inference_sigmas,
+from m141jax.train.flow import (Velocity, dit_velocity, drop_text, euler_sample, flow_loss, inference_sigmas,
                                 interpolate, predict_x0, shift_sigma, split_batch)
 from m141jax.train.optim import make_optimizer
 
@@ -77,7 +77,8 @@ def init_dmd_state(cfg: DistillConfig, teacher, rng, features: int | None = None
     def copy(params):
         return jax.tree.map(lambda a: jnp.array(a, dtype_of(cfg.model.param_dtype)), params)
 
-    head = nn.unbox(DiscriminatorHead(head_width(cfg)).init(rng, jnp.zeros((1, 1, features or cfg.model.hidden_size)))["params"])
+    dummy = jnp.zeros((1, 1, features or cfg.model.hidden_size))
+    head = nn.unbox(DiscriminatorHead(head_width(cfg)).init(rng, dummy)["params"])
     generator, critic = copy(teacher), {"fake": copy(teacher), "head": head}
     (gen_tx, _), (critic_tx, _) = _optimizers(cfg)
     return DMDState(jnp.zeros((), jnp.int32), generator, gen_tx.init(generator), critic, critic_tx.init(critic))
@@ -97,14 +98,7 @@ def cfg_velocity(velocity: Velocity, params, x, sigma, cond, uncond, scale: floa
 
 def backward_simulate(velocity: Velocity, params, noise, cond, sigmas, k):
     """The generator's Euler sampler run for the first k (traced) of its steps from noise, no gradients."""
-    params = sg(params)
-    b = noise.shape[0]
-
-    def body(i, x):
-        s, s_next = jnp.full((b,), sigmas[i]), jnp.full((b,), sigmas[i + 1])
-        return euler_step(x, velocity(params, x, s, cond), s, s_next)
-
-    return sg(jax.lax.fori_loop(0, k, body, noise))
+    return sg(euler_sample(velocity, sg(params), noise, cond, sigmas, k))
 
 
 def generate(velocity: Velocity, params, noise, cond, sigmas, k):

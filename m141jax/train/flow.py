@@ -49,6 +49,18 @@ def euler_step(x, v, sigma, sigma_next):
     return x + v * _bcast(sigma_next - sigma, x)
 
 
+def euler_sample(velocity: Velocity, params, noise, cond, sigmas, steps=None):
+    """The release's Euler sampler from noise over `sigmas` (N+1 values), or over its first `steps`
+    (may be traced) steps; returns the latent reached."""
+    b = noise.shape[0]
+
+    def body(i, x):
+        s, s_next = jnp.full((b,), sigmas[i]), jnp.full((b,), sigmas[i + 1])
+        return euler_step(x, velocity(params, x, s, cond), s, s_next)
+
+    return jax.lax.fori_loop(0, len(sigmas) - 1 if steps is None else steps, body, noise)
+
+
 def sample_sigmas(rng, n: int, cfg: FlowConfig):
     """n training σ's in (0, 1): u from the configured density, then the time shift."""
     if cfg.sigma_sampling == "logit_normal":
