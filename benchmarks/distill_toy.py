@@ -19,19 +19,18 @@ held-out sets of the same size (sampling noise).
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 from m141jax.config import (DataConfig, DiTConfig, DistillConfig, DMDConfig, FlowConfig, OptimizerConfig,
                             RunConfig, TrainConfig)
+from m141jax import sampling
 from m141jax.models.dit import init_params
 from m141jax.train import dmd, flow
 from m141jax.train.data import make_iterator
@@ -106,7 +105,7 @@ def train_teacher(args, source):
                       optimizer=OptimizerConfig(learning_rate=args.teacher_lr, warmup_steps=100, decay="cosine",
                                                 final_lr_ratio=0.1, weight_decay=0.0),
                       data=DataConfig(batch_size=args.batch, seed=0), run=RunConfig(steps=args.teacher_steps))
-    state = flow.init_train_state(cfg, jax.jit(functools.partial(init_params, MODEL))(jax.random.PRNGKey(0)))
+    state = flow.init_train_state(cfg, init_params(MODEL, jax.random.PRNGKey(0)))
     step = jax.jit(flow.make_train_step(cfg), donate_argnums=0)
     it = make_iterator(source, cfg.data)
     base = jax.random.PRNGKey(1)
@@ -141,18 +140,18 @@ def evaluate(params_by_name: dict, n: int) -> dict[str, float]:
     """Conditional distances to n held-out videos of the Euler samples of each (params, steps)."""
     held = ToyVideos(2 * n, seed=99)
     ref, other = held.batch(0, n), held.batch(n, 2 * n)
-    null = {f"null_{k}": v for k, v in held.null().items()}
-    _, cond, _ = flow.split_batch({k: jnp.asarray(v) for k, v in {**ref, **null}.items()})
     noise = jax.random.normal(jax.random.PRNGKey(7), ref["latents"].shape)
-    velocity = flow.dit_velocity(MODEL)
-    sample = jax.jit(lambda params, sig: flow.euler_sample(velocity, params, noise, cond, sig))
+    text = (ref["text_states"], ref["text_mask"], ref["text_states_2"])
+
+    def generate(params, steps):  # the release's sampler, no CFG (guidance 1)
+        return sampling.sample(params, MODEL, noise, text, sigmas=sampling.schedule(steps, 5.0),
+                               ref_latents=ref["ref_latents"])
 
     def distance(videos):
         return conditional_distance(videos, ref["latents"], ref["ref_latents"], ref["ref_latents"], ref["prompt"],
                                     ref["prompt"])
 
-    out = {name: distance(np.asarray(sample(params, jnp.asarray(flow.inference_sigmas(steps, 5.0)))))
-           for name, (params, steps) in params_by_name.items()}
+    out = {name: distance(np.asarray(generate(params, steps))) for name, (params, steps) in params_by_name.items()}
     out["floor"] = conditional_distance(other["latents"], ref["latents"], other["ref_latents"], ref["ref_latents"],
                                         other["prompt"], ref["prompt"])
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from m141jax import parity
+from m141jax import generate, parity
 from m141jax.train import cli as train_cli
 
 
@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m141jax", description="Magic 1-For-1 in JAX: generation, parity checks, training.")
     sub = p.add_subparsers(dest="command", required=True)
     parity.add_parser(sub)
+    generate.add_parser(sub)
     train_cli.add_parser(sub)
     return p
 

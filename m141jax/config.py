@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class DiTConfig:
     param_dtype: str = "bf16"
     dtype: str = "bf16"  # activation / matmul dtype; norms, softmax, RoPE always run in fp32
     attention: str = "auto"  # auto | xla | blockwise | cudnn (see models/attention.py)
-    attention_block: int = 512  # query/key block length of the blockwise backend
+    attention_block: int | None = None  # block length of the blockwise backend (None: per platform)
     remat: str = "none"  # none | full | dots (see models/dit.py)
 
     def __post_init__(self):
@@ -183,13 +184,318 @@ def to_json_dict(cfg) -> dict[str, Any]:
 
 
 def from_json_dict(cls, d: dict[str, Any]):
-    """The inverse of to_json_dict: lists become tuples where the field is a tuple."""
+    """The inverse of to_json_dict: lists become tuples, dicts of nested config fields become configs."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}")
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and dataclasses.is_dataclass(hints[k]):
+            v = from_json_dict(hints[k], v)
+        kw[k] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
+
+
+# ------------------------------------------------------------------ the causal 3D VAE (spec D)
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The causal 3D VAE "884-16c-hy" (spec D.1). Defaults are the released HunyuanVideo VAE.
+
+    `sample_size` / `sample_tsize` are the release's tile sizes in pixels / frames (spec D.5b); the
+    overlap factor 0.25 is fixed by the release.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2  # encoder resnets per block; the decoder has one more
+    norm_num_groups: int = 32
+    spatial_compression_ratio: int = 8
+    time_compression_ratio: int = 4
+    mid_block_add_attention: bool = True
+    scaling_factor: float = 0.476986
+    sample_size: int = 256
+    sample_tsize: int = 64
+    # runtime choices (not architecture)
+    param_dtype: str = "bf16"
+    dtype: str = "bf16"  # activation / conv dtype; GroupNorm and softmax always run in fp32
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"block_out_channels {self.block_out_channels}: {bad} not divisible by "
+                             f"norm_num_groups {self.norm_num_groups}")
+        if self.time_compression_ratio != 4:
+            raise ValueError(f"time_compression_ratio {self.time_compression_ratio} is not supported; accepted: 4")
+        if n < 3 or 2 ** (n - 1) != self.spatial_compression_ratio:
+            raise ValueError(f"spatial_compression_ratio {self.spatial_compression_ratio} must be 2**(blocks-1) "
+                             f"with at least 3 blocks (the release derives the latent tile size from the block "
+                             f"count); got {n} blocks")
+        stride, tstride = int(self.sample_size * 0.75), int(self.sample_tsize * 0.75)
+        if stride % self.spatial_compression_ratio or self.sample_size % self.spatial_compression_ratio:
+            raise ValueError(f"sample_size {self.sample_size} and its tile stride {stride} must be multiples of "
+                             f"{self.spatial_compression_ratio} (e.g. a multiple of 32)")
+        if tstride % self.time_compression_ratio or self.sample_tsize % self.time_compression_ratio:
+            raise ValueError(f"sample_tsize {self.sample_tsize} and its tile stride {tstride} must be multiples of "
+                             f"{self.time_compression_ratio} (e.g. a multiple of 16)")
+        dtype_of(self.param_dtype), dtype_of(self.dtype)
+
+    def architecture(self) -> dict[str, Any]:
+        """Architecture fields only (what a checkpoint must match)."""
+        skip = {"param_dtype", "dtype", "sample_size", "sample_tsize", "scaling_factor"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    "hunyuan-vae": VAEConfig(),
+    "small-vae": VAEConfig(block_out_channels=(32, 64, 128, 128), norm_num_groups=8),
+    "tiny-vae": VAEConfig(block_out_channels=(8, 16, 16, 16), norm_num_groups=4),
+}
+
+# accepted config fields that must hold the value the model implements (release and diffusers)
+_VAE_FIXED = {"act_fn": "silu", "in_channels": 3, "out_channels": 3}
+_VAE_BLOCKS = {"down_block_types": ("DownEncoderBlockCausal3D", "HunyuanVideoDownBlock3D"),
+               "up_block_types": ("UpDecoderBlockCausal3D", "HunyuanVideoUpBlock3D")}
+# release AutoencoderKLCausal3D / diffusers AutoencoderKLHunyuanVideo argument -> VAEConfig field
+_VAE_FIELDS = {"latent_channels": "latent_channels", "block_out_channels": "block_out_channels",
+               "layers_per_block": "layers_per_block", "norm_num_groups": "norm_num_groups",
+               "spatial_compression_ratio": "spatial_compression_ratio",
+               "time_compression_ratio": "time_compression_ratio", "temporal_compression_ratio": "time_compression_ratio",
+               "mid_block_add_attention": "mid_block_add_attention", "scaling_factor": "scaling_factor",
+               "sample_size": "sample_size", "sample_tsize": "sample_tsize"}
+
+
+def vae_config_from_dict(d: dict[str, Any], base: VAEConfig | None = None) -> VAEConfig:
+    """A VAEConfig from the release's config.json (AutoencoderKLCausal3D) or diffusers'
+    (AutoencoderKLHunyuanVideo). diffusers has no tile sizes: the release's 256 px / 64 frames stay."""
+    base = base or VAEConfig()
+    for k, want in _VAE_FIXED.items():
+        if k in d and d[k] != want:
+            raise ValueError(f"VAE {k}={d[k]!r} is not supported; accepted: {want!r}")
+    n = len(d.get("block_out_channels", base.block_out_channels))
+    for k, accepted in _VAE_BLOCKS.items():
+        if k in d and (len(d[k]) != n or any(t not in accepted for t in d[k])):
+            raise ValueError(f"VAE {k}={d[k]!r} is not supported; accepted: {n} × one of {accepted}")
+    unknown = sorted(k for k in d if k not in _VAE_FIELDS and k not in _VAE_FIXED and k not in _VAE_BLOCKS
+                     and k not in ("force_upcast",) and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"unknown VAE config fields {unknown}")
+    kw = {_VAE_FIELDS[k]: v for k, v in d.items() if k in _VAE_FIELDS}
+    if "block_out_channels" in kw:
+        kw["block_out_channels"] = tuple(int(c) for c in kw["block_out_channels"])
+    if isinstance(kw.get("sample_size"), (list, tuple)):  # the release reads the first entry
+        kw["sample_size"] = int(kw["sample_size"][0])
+    return dataclasses.replace(base, **kw)
+
+
+# ------------------------------------------------------------------ text and image encoders (spec E)
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama-3 decoder (spec E.1): grouped-query attention, RoPE (rotate-half), RMSNorm, SwiGLU.
+
+    Defaults: the language model of xtuner/llava-llama-3-8b-v1_1 (Llama-3-8B-Instruct, vocabulary
+    extended to 128320), which is also HunyuanVideo's text encoder.
+    """
+
+    vocab_size: int = 128320
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    mlp_hidden: int = 14336
+    rms_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    param_dtype: str = "bf16"
+    dtype: str = "bf16"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        dtype_of(self.param_dtype), dtype_of(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """The CLIP text transformer (spec E.2). Defaults: CLIP ViT-L/14's text model (openai/clip-vit-large-patch14).
+
+    Pooling: the final-LayerNorm state at the EOS position. With the legacy `eos_token_id` 2 (the
+    openai configs) that is the argmax of the token ids, as in transformers; otherwise the first
+    occurrence of `eos_token_id`.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_hidden: int = 3072
+    max_positions: int = 77
+    layer_norm_eps: float = 1e-5
+    act: str = "quick_gelu"
+    eos_token_id: int = 2
+    param_dtype: str = "bf16"
+    dtype: str = "bf16"
+
+    def __post_init__(self):
+        _check_clip(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    """The CLIP vision transformer (spec E.3). Defaults: CLIP ViT-L/14 at 336 px (LLaVA's vision tower)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    channels: int = 3
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_hidden: int = 4096
+    layer_norm_eps: float = 1e-5
+    act: str = "quick_gelu"
+    attention: str = "xla"  # runtime: backend of the unmasked vision attention (577 tokens: xla is exact and cheap)
+    param_dtype: str = "bf16"
+    dtype: str = "bf16"
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        _check_clip(self)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+CLIP_ACTS = ("quick_gelu", "gelu")
+
+
+def _check_clip(cfg) -> None:
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.act not in CLIP_ACTS:
+        raise ValueError(f"activation {cfg.act!r} is not supported; accepted: {CLIP_ACTS}")
+    dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """LLaVA (spec E.3): CLIP vision tower -> 2-layer projector -> features merged into the Llama input.
+
+    Defaults: xtuner/llava-llama-3-8b-v1_1-transformers. `feature_layer` indexes the vision tower's
+    hidden states as transformers does (−2: the output of the second-to-last layer); strategy
+    "default" drops the CLS token, "full" keeps it.
+    """
+
+    text: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+    vision: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
+    image_token_id: int = 128257
+    feature_layer: int = -2
+    feature_select: str = "default"
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+
+    def __post_init__(self):
+        if self.feature_select not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy {self.feature_select!r} is not supported; "
+                             f"accepted: 'default', 'full'")
+        if not -self.vision.num_layers - 1 <= self.feature_layer <= self.vision.num_layers:
+            raise ValueError(f"vision_feature_layer {self.feature_layer} is out of range for "
+                             f"{self.vision.num_layers} vision layers")
+        if self.projector_act not in CLIP_ACTS:
+            raise ValueError(f"projector activation {self.projector_act!r} is not supported; accepted: {CLIP_ACTS}")
+
+    @property
+    def vision_layers_run(self) -> int:
+        """How many vision layers produce the selected feature (hidden_states[feature_layer])."""
+        n = self.vision.num_layers
+        return self.feature_layer % (n + 1)
+
+    @property
+    def image_seq_length(self) -> int:
+        """Image-feature positions per image in the Llama input (576 for ViT-L/14-336, CLS dropped)."""
+        return self.vision.num_patches + (self.feature_select == "full")
+
+
+_TINY_LLAMA = LlamaConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                          mlp_hidden=128)
+LLAMA_PRESETS: dict[str, LlamaConfig] = {"llama-3-8b": LlamaConfig(), "tiny-llama": _TINY_LLAMA}
+CLIP_TEXT_PRESETS: dict[str, CLIPTextConfig] = {
+    "clip-l": CLIPTextConfig(),
+    "tiny-clip": CLIPTextConfig(vocab_size=1024, hidden_size=32, num_layers=2, num_heads=4, mlp_hidden=64),
+}
+LLAVA_PRESETS: dict[str, LlavaConfig] = {
+    "llava-llama-3-8b": LlavaConfig(),
+    # 336 px / 14 keeps the real 576 image positions (and so the 146 selected tokens) at a tiny width
+    "tiny-llava": LlavaConfig(text=_TINY_LLAMA, image_token_id=1001,
+                              vision=CLIPVisionConfig(hidden_size=32, num_layers=2, num_heads=4, mlp_hidden=64)),
+}
+
+
+def _hf_config(d: dict[str, Any], accepted: tuple[str, ...]):
+    """A transformers config object for a config.json dict (missing fields take transformers' defaults,
+    as `from_pretrained` would), checked to be one of the `accepted` model types."""
+    from transformers import CONFIG_MAPPING
+
+    kind = d.get("model_type")
+    if kind not in accepted:
+        raise ValueError(f"config model_type {kind!r} is not supported here; accepted: {accepted}")
+    return CONFIG_MAPPING[kind].from_dict(d)
+
+
+def _llama_from_hf(hf, **runtime) -> LlamaConfig:
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope type {rope['rope_type']!r} is not supported; accepted: 'default' (Llama-3.0)")
+    for field, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if getattr(hf, field, want) != want:
+            raise ValueError(f"Llama {field}={getattr(hf, field)!r} is not supported; accepted: {want!r}")
+    return LlamaConfig(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
+                       num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+                       head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+                       mlp_hidden=hf.intermediate_size, rms_eps=hf.rms_norm_eps,
+                       rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))), **runtime)
+
+
+def _clip_fields(hf) -> dict[str, Any]:
+    return dict(hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+                mlp_hidden=hf.intermediate_size, layer_norm_eps=hf.layer_norm_eps, act=hf.hidden_act)
+
+
+def llama_config_from_hf(d: dict[str, Any]) -> LlamaConfig:
+    """A LlamaConfig from a Hugging Face config.json: a Llama model, or a LLaVA model (its text_config)."""
+    hf = _hf_config(d, ("llama", "llava"))
+    return _llama_from_hf(hf.text_config if d["model_type"] == "llava" else hf)
+
+
+def clip_text_config_from_hf(d: dict[str, Any]) -> CLIPTextConfig:
+    """A CLIPTextConfig from a CLIP text-model config.json or a full CLIP config.json (its text_config)."""
+    hf = _hf_config(d, ("clip_text_model", "clip"))
+    hf = hf.text_config if d["model_type"] == "clip" else hf
+    return CLIPTextConfig(vocab_size=hf.vocab_size, max_positions=hf.max_position_embeddings,
+                          eos_token_id=hf.eos_token_id, **_clip_fields(hf))
+
+
+def llava_config_from_hf(d: dict[str, Any]) -> LlavaConfig:
+    """A LlavaConfig from a LLaVA config.json (xtuner's 4.40-era layout or a current one)."""
+    hf = _hf_config(d, ("llava",))
+    layer = hf.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer {layer!r} is not supported; accepted: one int")
+    v = hf.vision_config
+    if v.model_type != "clip_vision_model":
+        raise ValueError(f"vision tower {v.model_type!r} is not supported; accepted: 'clip_vision_model'")
+    vision = CLIPVisionConfig(image_size=v.image_size, patch_size=v.patch_size, channels=v.num_channels,
+                              **_clip_fields(v))
+    return LlavaConfig(text=_llama_from_hf(hf.text_config), vision=vision, image_token_id=hf.image_token_id,
+                       feature_layer=layer, feature_select=hf.vision_feature_select_strategy,
+                       projector_act=hf.projector_hidden_act, projector_bias=hf.multimodal_projector_bias)
 
 
 # ------------------------------------------------------------------ training and distillation (spec C.2-C.3, F)

@@ -42,14 +42,20 @@ def runtime_dtypes(cfg, dtype: str):
     return dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
 
 
-@runner("dit")
-def run_dit(args) -> dict[str, np.ndarray]:
+def load_dit(args):
+    """(config, params) of the DiT checkpoint in args.checkpoint, in args.dtype."""
     from m141jax.config import DiTConfig, dtype_of, from_json_dict
-    from m141jax.models.dit import dit_forward
 
     meta = checkpoint.read_meta(args.checkpoint, "dit")
     cfg = runtime_dtypes(from_json_dict(DiTConfig, meta["config"]), args.dtype)
-    params = checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
+    return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
+
+
+@runner("dit")
+def run_dit(args) -> dict[str, np.ndarray]:
+    from m141jax.models.dit import dit_forward
+
+    cfg, params = load_dit(args)
     z = load_npz(args.inputs, ("latents", "timestep", "text_states", "text_mask", "text_states_2"),
                  ("ref_latents", "guidance"))
     ref = to_channels_last(z["ref_latents"]) if "ref_latents" in z else None
@@ -61,6 +67,99 @@ def run_dit(args) -> dict[str, np.ndarray]:
     return {"velocity": to_channels_first(v)}
 
 
+@runner("sample")
+def run_sample(args) -> dict[str, np.ndarray]:
+    """The whole sampling loop: --steps/--shift schedule, --guidance as CFG scale (neg_* arrays needed
+    when > 1) or, for a DiT with a guidance embedding, as its embedded guidance scale."""
+    from m141jax import sampling
+
+    cfg, params = load_dit(args)
+    text = ("text_states", "text_mask", "text_states_2")
+    cfg_on = not cfg.guidance_embed and sampling.uses_cfg(args.guidance)
+    neg = tuple(f"neg_{k}" for k in text) if cfg_on else ()
+    z = load_npz(args.inputs, ("noise", *text, *neg), ("ref_latents",))
+    sigmas = sampling.schedule(args.steps, args.shift)
+    latents = sampling.sample(
+        params, cfg, to_channels_last(z["noise"]), tuple(z[k] for k in text), sigmas=sigmas,
+        ref_latents=to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
+        neg_text=tuple(z[k] for k in neg) if cfg_on else None,
+        guidance_scale=1.0 if cfg.guidance_embed else args.guidance,
+        embedded_guidance=args.guidance if cfg.guidance_embed else None)
+    return {"latents": to_channels_first(latents), "timesteps": sampling.timesteps(sigmas), "sigmas": sigmas}
+
+
+def _load_vae(args):
+    from m141jax.config import VAEConfig, dtype_of, from_json_dict
+
+    meta = checkpoint.read_meta(args.checkpoint, "vae")
+    cfg = runtime_dtypes(from_json_dict(VAEConfig, meta["config"]), args.dtype)
+    return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype))
+
+
+@runner("vae-encode")
+def run_vae_encode(args) -> dict[str, np.ndarray]:
+    from m141jax.models.vae import encode
+
+    cfg, params = _load_vae(args)
+    video = load_npz(args.inputs, ("video",))["video"]
+    mean, logvar = encode(params, cfg, to_channels_last(video), tiling=args.tiling == "on")
+    return {"latent_mean": to_channels_first(mean), "latent_logvar": to_channels_first(logvar)}
+
+
+@runner("vae-decode")
+def run_vae_decode(args) -> dict[str, np.ndarray]:
+    from m141jax.models.vae import decode
+
+    cfg, params = _load_vae(args)
+    latents = load_npz(args.inputs, ("latents",))["latents"]
+    return {"video": to_channels_first(decode(params, cfg, to_channels_last(latents), tiling=args.tiling == "on"))}
+
+
+def _encoder_checkpoint(args, components: tuple[str, ...]):
+    from m141jax.encoders import load_checkpoint
+
+    return load_checkpoint(args.checkpoint, components, args.dtype)
+
+
+@runner("llm")
+def run_llm(args) -> dict[str, np.ndarray]:
+    """A Llama (an `llm` checkpoint, or the language model of a `vlm` one): hidden_states[-(K+1)]."""
+    from m141jax.models.llama import hidden_states
+
+    kind, cfg, params = _encoder_checkpoint(args, ("llm", "vlm"))
+    if kind == "vlm":
+        cfg, params = cfg.text, params["language_model"]
+    z = load_npz(args.inputs, ("input_ids", "attention_mask"))
+    fwd = jax.jit(lambda p, ids, m: hidden_states(p, cfg, ids, m, args.skip_layer))
+    return {"hidden_states": np.asarray(fwd(params, jnp.asarray(z["input_ids"], jnp.int32),
+                                            jnp.asarray(z["attention_mask"], jnp.int32)), np.float32)}
+
+
+@runner("clip")
+def run_clip(args) -> dict[str, np.ndarray]:
+    from m141jax.models.clip import text_forward
+
+    _, cfg, params = _encoder_checkpoint(args, ("clip",))
+    z = load_npz(args.inputs, ("input_ids", "attention_mask"))
+    last, pooled = jax.jit(lambda p, ids, m: text_forward(p, cfg, ids, m))(
+        params, jnp.asarray(z["input_ids"], jnp.int32), jnp.asarray(z["attention_mask"], jnp.int32))
+    return {"pooled": np.asarray(pooled, np.float32), "last_hidden_state": np.asarray(last, np.float32)}
+
+
+@runner("vlm")
+def run_vlm(args) -> dict[str, np.ndarray]:
+    """LLaVA on expanded input_ids (one image token per feature position): the last layer after the norm."""
+    from m141jax.models.llava import check_image_tokens, llava_forward
+
+    _, cfg, params = _encoder_checkpoint(args, ("vlm",))
+    z = load_npz(args.inputs, ("input_ids", "attention_mask", "pixel_values"))
+    check_image_tokens(cfg, z["input_ids"], z["pixel_values"].shape[0])
+    pixels = jnp.moveaxis(jnp.asarray(z["pixel_values"], jnp.float32), 1, -1)  # [N, 3, H, W] -> [N, H, W, 3]
+    out = jax.jit(lambda p, ids, m, px: llava_forward(p, cfg, ids, m, px))(
+        params, jnp.asarray(z["input_ids"], jnp.int32), jnp.asarray(z["attention_mask"], jnp.int32), pixels)
+    return {"hidden_states": np.asarray(out, np.float32)}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("parity", help="run one component on .npz inputs in PyTorch layout (parity checks)")
     p.add_argument("component", choices=sorted(RUNNERS))
@@ -68,6 +167,15 @@ def add_parser(sub) -> None:
     p.add_argument("--inputs", required=True, help="input .npz (array names per component: see README)")
     p.add_argument("--output", required=True, help="output .npz, written atomically")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--steps", type=int, default=4, help="sample: number of Euler steps")
+    p.add_argument("--shift", type=float, default=5.0, help="sample: flow-matching time shift")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="sample: CFG scale (> 1 runs the neg_* branch), or the embedded guidance scale of a DiT "
+                        "with a guidance embedding")
+    p.add_argument("--tiling", choices=("on", "off"), default="on",
+                   help="vae-encode / vae-decode: the release's spatial and temporal tiling (default on, as released)")
+    p.add_argument("--skip-layer", type=int, default=2,
+                   help="llm: output hidden_states[-(K+1)] (0: last layer after the final norm; default 2, the release's)")
     p.set_defaults(func=main)
 
 

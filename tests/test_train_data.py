@@ -48,8 +48,10 @@ def test_synthetic_source_is_deterministic_and_shaped():
 
 
 def test_shuffle_is_deterministic_and_reshuffles_each_epoch():
-    order = lambda seed: [int(x) for b in _take(data.make_iterator(IndexSource(8), DataConfig(batch_size=2, seed=seed)),
-                                                8) for x in b["i"]]
+    def order(seed):
+        it = data.make_iterator(IndexSource(8), DataConfig(batch_size=2, seed=seed))
+        return [int(x) for b in _take(it, 8) for x in b["i"]]
+
     first = order(0)
     assert first == order(0) and first != order(1)
     assert sorted(first[:8]) == list(range(8)) and sorted(first[8:]) == list(range(8))  # whole epochs

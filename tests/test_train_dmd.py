@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m141jax import sampling
 from m141jax.train import dmd, flow
 from m141jax.train.data import SyntheticSource
 from train_helpers import pixel_dmd_step, pixel_params, pixel_velocity, tiny_distill_config, tree_equal
@@ -55,7 +56,7 @@ def test_backward_simulation_is_the_euler_sampler():
 
     def vel(p, x, s, c):
         return a * x
-    sig = jnp.asarray(flow.inference_sigmas(4, 5.0))
+    sig = jnp.asarray(sampling.schedule(4, 5.0))
     noise = jnp.ones((1, 2))
     for k in range(4):
         want = np.prod([1 + a * (sig[i + 1] - sig[i]) for i in range(k)])

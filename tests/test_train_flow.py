@@ -7,17 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m141jax import sampling
 from m141jax.config import FlowConfig, OptimizerConfig
 from m141jax.train import flow
 from m141jax.train.optim import ema_init, ema_update, lr_schedule, make_optimizer
 from train_helpers import pixel_params, pixel_velocity, tiny_train_config
 
 
-def test_inference_sigmas_match_the_release_table():
-    np.testing.assert_allclose(flow.inference_sigmas(4, 5.0), [1.0, 0.9375, 0.833333, 0.625, 0.0], atol=1e-6)
-    np.testing.assert_allclose(flow.inference_sigmas(8, 5.0),
-                               [1.0, 0.97222, 0.9375, 0.89286, 0.83333, 0.75, 0.625, 0.41667, 0.0], atol=1e-5)
+def test_time_shift_is_the_inference_schedule_s():
     assert float(flow.shift_sigma(0.5, 3.0)) == pytest.approx(1.5 / 2.0)
+    np.testing.assert_allclose(flow.shift_sigma(np.linspace(1, 0, 5), 5.0), sampling.schedule(4, 5.0), atol=1e-6)
 
 
 def test_sigma_sampling_densities():

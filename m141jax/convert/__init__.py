@@ -18,6 +18,10 @@ import numpy as np
 # component name -> module holding its `convert`
 COMPONENTS = {
     "dit": "m141jax.convert.dit",
+    "vae": "m141jax.convert.vae",
+    "llm": "m141jax.convert.llama",
+    "clip": "m141jax.convert.clip",
+    "vlm": "m141jax.convert.llava",
 }
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 

@@ -115,6 +115,24 @@ class _Plan:
         self.add((*target, "scale"), layer, _ident, (f"{key}.weight", (self.d.D,)))
         self.add((*target, "bias"), layer, _ident, (f"{key}.bias", (self.d.D,)))
 
+    def double_stream(self, layer, s, mod, qkv, q_norm, k_norm, proj, fc1, fc2):
+        """One stream ('img' or 'txt') of a double block, from its PyTorch key names."""
+        t = ("double_blocks",)
+        self.mod((*t, f"{s}_mod"), layer, mod, 6)
+        self.qkv((*t, f"{s}_attn", "qkv"), layer, qkv, self.d.D)
+        self.rms((*t, f"{s}_attn", "q_norm"), layer, q_norm)
+        self.rms((*t, f"{s}_attn", "k_norm"), layer, k_norm)
+        self.proj((*t, f"{s}_attn_proj"), layer, proj)
+        self.mlp((*t, f"{s}_mlp"), layer, fc1, fc2)
+
+    def single_out(self, layer, key):
+        """A single block's linear2 [D, D + M]: attention-output columns, then MLP columns (+ the bias)."""
+        d, t = self.d, ("single_blocks",)
+        w = (f"{key}.weight", (d.D, d.D + d.M))
+        self.add((*t, "linear2_attn", "kernel"), layer, lambda w: w[:, :d.D].T.reshape(d.H, d.hd, d.D), w)
+        self.add((*t, "linear2_mlp", "kernel"), layer, lambda w: w[:, d.D:].T, w)
+        self.add((*t, "linear2_mlp", "bias"), layer, _ident, (f"{key}.bias", (d.D,)))
+
     def stems(self, c: DiTConfig, names: dict[str, str]):
         """The embedders and the final projection (everything outside the block stacks)."""
         D, pt, ph, pw = self.d.D, *c.patch_size
@@ -156,13 +174,8 @@ def release_plan(c: DiTConfig) -> list[Recipe]:
     for i in range(c.double_blocks):
         k = f"double_blocks.{i}"
         for s in ("img", "txt"):
-            t = ("double_blocks",)
-            p.mod((*t, f"{s}_mod"), i, f"{k}.{s}_mod.linear", 6)
-            p.qkv((*t, f"{s}_attn", "qkv"), i, [f"{k}.{s}_attn_qkv"], D)
-            p.rms((*t, f"{s}_attn", "q_norm"), i, f"{k}.{s}_attn_q_norm")
-            p.rms((*t, f"{s}_attn", "k_norm"), i, f"{k}.{s}_attn_k_norm")
-            p.proj((*t, f"{s}_attn_proj"), i, f"{k}.{s}_attn_proj")
-            p.mlp((*t, f"{s}_mlp"), i, f"{k}.{s}_mlp.fc1", f"{k}.{s}_mlp.fc2")
+            p.double_stream(i, s, f"{k}.{s}_mod.linear", [f"{k}.{s}_attn_qkv"], f"{k}.{s}_attn_q_norm",
+                            f"{k}.{s}_attn_k_norm", f"{k}.{s}_attn_proj", f"{k}.{s}_mlp.fc1", f"{k}.{s}_mlp.fc2")
     for i in range(c.single_blocks):
         k, t = f"single_blocks.{i}", ("single_blocks",)
         p.mod((*t, "modulation"), i, f"{k}.modulation.linear", 3)
@@ -171,10 +184,7 @@ def release_plan(c: DiTConfig) -> list[Recipe]:
         p.add((*t, "linear1", "qkv", "bias"), i, lambda b: _qkv_b(d)(b[:3 * D]), b1)
         p.add((*t, "linear1_mlp", "kernel"), i, lambda w: w[3 * D:].T, w1)
         p.add((*t, "linear1_mlp", "bias"), i, lambda b: b[3 * D:], b1)
-        w2 = (f"{k}.linear2.weight", (D, D + M))
-        p.add((*t, "linear2_attn", "kernel"), i, lambda w: w[:, :D].T.reshape(d.H, d.hd, D), w2)
-        p.add((*t, "linear2_mlp", "kernel"), i, lambda w: w[:, D:].T, w2)
-        p.add((*t, "linear2_mlp", "bias"), i, _ident, (f"{k}.linear2.bias", (D,)))
+        p.single_out(i, f"{k}.linear2")
         p.rms((*t, "linear1", "q_norm"), i, f"{k}.q_norm")
         p.rms((*t, "linear1", "k_norm"), i, f"{k}.k_norm")
     return p.out
@@ -202,26 +212,19 @@ def diffusers_plan(c: DiTConfig) -> list[Recipe]:
         p.mlp((*t, "mlp"), i, f"{k}.ff.net.0.proj", f"{k}.ff.net.2")
         p.mod((*t, "adaLN_modulation"), i, f"{k}.norm_out.linear", 2)
     for i in range(c.double_blocks):
-        k, t = f"transformer_blocks.{i}", ("double_blocks",)
+        k = f"transformer_blocks.{i}"
         for s, mod, qkv, qn, kn, proj, ff in (
                 ("img", "norm1", ("to_q", "to_k", "to_v"), "norm_q", "norm_k", "to_out.0", "ff"),
                 ("txt", "norm1_context", ("add_q_proj", "add_k_proj", "add_v_proj"), "norm_added_q", "norm_added_k",
                  "to_add_out", "ff_context")):
-            p.mod((*t, f"{s}_mod"), i, f"{k}.{mod}.linear", 6)
-            p.qkv((*t, f"{s}_attn", "qkv"), i, [f"{k}.attn.{n}" for n in qkv], D)
-            p.rms((*t, f"{s}_attn", "q_norm"), i, f"{k}.attn.{qn}")
-            p.rms((*t, f"{s}_attn", "k_norm"), i, f"{k}.attn.{kn}")
-            p.proj((*t, f"{s}_attn_proj"), i, f"{k}.attn.{proj}")
-            p.mlp((*t, f"{s}_mlp"), i, f"{k}.{ff}.net.0.proj", f"{k}.{ff}.net.2")
+            p.double_stream(i, s, f"{k}.{mod}.linear", [f"{k}.attn.{n}" for n in qkv], f"{k}.attn.{qn}",
+                            f"{k}.attn.{kn}", f"{k}.attn.{proj}", f"{k}.{ff}.net.0.proj", f"{k}.{ff}.net.2")
     for i in range(c.single_blocks):
         k, t = f"single_transformer_blocks.{i}", ("single_blocks",)
         p.mod((*t, "modulation"), i, f"{k}.norm.linear", 3)
         p.qkv((*t, "linear1", "qkv"), i, [f"{k}.attn.to_q", f"{k}.attn.to_k", f"{k}.attn.to_v"], D)
         p.linear((*t, "linear1_mlp"), i, f"{k}.proj_mlp", D, d.M)
-        w2 = (f"{k}.proj_out.weight", (D, D + d.M))
-        p.add((*t, "linear2_attn", "kernel"), i, lambda w: w[:, :D].T.reshape(d.H, d.hd, D), w2)
-        p.add((*t, "linear2_mlp", "kernel"), i, lambda w: w[:, D:].T, w2)
-        p.add((*t, "linear2_mlp", "bias"), i, _ident, (f"{k}.proj_out.bias", (D,)))
+        p.single_out(i, f"{k}.proj_out")
         p.rms((*t, "linear1", "q_norm"), i, f"{k}.attn.norm_q")
         p.rms((*t, "linear1", "k_norm"), i, f"{k}.attn.norm_k")
     return p.out

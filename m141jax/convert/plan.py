@@ -67,37 +67,51 @@ def _set(tree: dict, path: Path_, value) -> None:
     tree[path[-1]] = value
 
 
-def execute(plan: Sequence[Recipe], src: TensorSource, abstract: dict, dtype, progress: bool = True) -> dict:
-    """Build the parameter tree (numpy, `dtype`) from `src`, one recipe at a time.
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data is `align`-byte aligned: jax.device_put onto the CPU then aliases
+    it instead of copying, so saving a converted checkpoint needs no second copy of the weights."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
-    `abstract` is the model's ShapeDtypeStruct tree: output shapes come from it and every slice is
-    checked against it, so a wrong transform can never write a silently mis-shaped checkpoint.
+
+def execute(plan: Sequence[Recipe], src: TensorSource, abstract: dict, dtype, progress: bool = True) -> dict:
+    """Build the parameter tree from `src`: jax arrays of `dtype` on the host CPU device.
+
+    Recipes run leaf by leaf into aligned buffers that become jax arrays without a copy, so peak
+    memory is the output plus a few source tensors. Output shapes come from `abstract` (the
+    model's ShapeDtypeStruct tree) and every slice is checked against it, so a wrong transform can
+    never write a silently mis-shaped checkpoint.
     """
     flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    layers: dict[Path_, set] = {}
+    by_leaf: dict[Path_, list[Recipe]] = {}
     for r in plan:
-        layers.setdefault(r.target, set()).add(r.layer)
-    if set(layers) != set(flat):
-        raise PlanError(f"internal: plan misses {sorted(set(flat) - set(layers))}, "
-                        f"has extra {sorted(set(layers) - set(flat))}")
-    for t, got in layers.items():
-        if got != {None} and got != set(range(flat[t].shape[0])):
-            raise PlanError(f"internal: {'/'.join(t)} gets layers {sorted(got, key=str)}")
+        by_leaf.setdefault(r.target, []).append(r)
+    if set(by_leaf) != set(flat):
+        raise PlanError(f"internal: plan misses {sorted(set(flat) - set(by_leaf))}, "
+                        f"has extra {sorted(set(by_leaf) - set(flat))}")
+    cpu = jax.devices("cpu")[0]
     out: dict = {}
-    buffers: dict[Path_, np.ndarray] = {}
-    for r in tqdm(plan, desc="converting", unit="tensor", disable=not progress):
-        shape = flat[r.target].shape
-        value = np.asarray(r.fn(*(src.get(k) for k, _ in r.sources)))
-        want = shape if r.layer is None else shape[1:]
-        if value.shape != tuple(want):
-            raise PlanError(f"internal: {'/'.join(r.target)} layer {r.layer}: built {value.shape}, "
-                            f"model expects {tuple(want)}")
-        if r.layer is None:
-            buffers[r.target] = value.astype(dtype)
-        else:
-            if r.target not in buffers:
-                buffers[r.target] = np.empty(shape, dtype)
-            buffers[r.target][r.layer] = value
-    for path, value in buffers.items():
-        _set(out, path, value)
+    bar = tqdm(total=len(plan), desc="converting", unit="tensor", disable=not progress)
+    for target, recipes in by_leaf.items():
+        shape = flat[target].shape
+        layers = [r.layer for r in recipes]
+        if layers != [None] and sorted(layers) != list(range(shape[0])):
+            raise PlanError(f"internal: {'/'.join(target)} gets layers {layers}")
+        buf = aligned_empty(shape, dtype)
+        for r in recipes:
+            value = np.asarray(r.fn(*(src.get(k) for k, _ in r.sources)))
+            want = shape if r.layer is None else shape[1:]
+            if value.shape != tuple(want):
+                raise PlanError(f"internal: {'/'.join(target)} layer {r.layer}: built {value.shape}, "
+                                f"model expects {tuple(want)}")
+            if r.layer is None:
+                buf[...] = value
+            else:
+                buf[r.layer] = value
+            bar.update()
+        _set(out, target, jax.device_put(buf, cpu).block_until_ready())  # aliases the aligned buffer
+        del buf
+    bar.close()
     return out

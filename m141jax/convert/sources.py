@@ -71,14 +71,16 @@ _MADV_DONTNEED = 4
 
 
 def _drop_pages(tensor) -> None:
-    """Release the resident pages of an mmap-backed tensor (they are re-read from disk if touched)."""
+    """Release the resident pages of a tensor memory-mapped read-only from its file (they are re-read
+    from disk if touched again). Only whole pages inside the tensor's own storage are released."""
     if _libc is None:
         return
     storage = tensor.untyped_storage()
     start, size = storage.data_ptr(), storage.nbytes()
     page = os.sysconf("SC_PAGE_SIZE")
-    lo, hi = start // page * page, -(-(start + size) // page) * page
-    _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+    lo, hi = -(-start // page) * page, (start + size) // page * page
+    if hi > lo:
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 def _torch_to_numpy(t) -> np.ndarray:
@@ -90,7 +92,8 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.contiguous().numpy().copy()
 
 
-def _load_pickle(path: Path):
+def _load_pickle(path: Path) -> tuple[object, bool]:
+    """(the unpickled object, whether its tensors are memory-mapped from the file)."""
     try:
         import torch
     except ImportError:
@@ -100,7 +103,7 @@ def _load_pickle(path: Path):
 
     mmap = zipfile.is_zipfile(path)  # mmap needs the zip format (torch >= 1.6 default)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), mmap
     except Exception as e:  # torch raises UnpicklingError (or RuntimeError wrapping it) for unsafe pickles
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "UnpicklingError" in type(e).__name__:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -130,14 +133,16 @@ class TensorSource:
     """name -> tensor mapping over one or more files; `get` returns a fresh numpy array."""
 
     def __init__(self, files: Iterable[Path], strip: Iterable[str] = ("model.", "module.")):
-        self._where: dict[str, tuple[object, str]] = {}
+        # name -> (safetensors file, key) or (torch tensor, memory-mapped?)
+        self._where: dict[str, tuple[object, object]] = {}
         self.files = [Path(f) for f in files]
         for f in self.files:
             if f.suffix == ".safetensors":
                 st = _SafetensorsFile(f)
                 items = {k: (st, k) for k in st.entries}
             else:
-                items = {k: (t, k) for k, t in _flatten_state(_load_pickle(f), f).items()}
+                obj, mapped = _load_pickle(f)
+                items = {k: (t, mapped) for k, t in _flatten_state(obj, f).items()}
             dup = set(items) & set(self._where)
             if dup:
                 raise SourceError(f"{f}: keys also found in another shard: {sorted(dup)[:5]}")
@@ -163,7 +168,8 @@ class TensorSource:
         if isinstance(obj, _SafetensorsFile):
             return obj.get(k)
         arr = _torch_to_numpy(obj)
-        _drop_pages(obj)
+        if k:  # memory-mapped
+            _drop_pages(obj)
         return arr
 
 

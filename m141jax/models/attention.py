@@ -28,8 +28,12 @@ BACKENDS = ("auto", "xla", "blockwise", "cudnn")
 _NEG = -1e30  # finite "minus infinity" so fully masked rows stay NaN-free
 
 
-def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: int = 512):
-    """Softmax attention with scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
+def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: int | None = None):
+    """Softmax attention with scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    block: the blockwise backend's block length (default 256 on CPU, where blocks must stay in cache,
+    512 on accelerators).
+    """
     if impl not in BACKENDS:
         raise ValueError(f"unknown attention backend {impl!r}; accepted: {BACKENDS}")
     if mask is not None:
@@ -43,7 +47,7 @@ def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: 
     seg_q, seg_k = _segments(q, k, valid_len)
     if impl == "xla":
         return _xla(q, k, v, (seg_q, seg_k), None)
-    return blockwise_attention(q, k, v, seg_q, seg_k, block)
+    return blockwise_attention(q, k, v, seg_q, seg_k, block or (256 if jax.default_backend() == "cpu" else 512))
 
 
 def _auto(q, k) -> str:
@@ -76,6 +80,10 @@ def _xla(q, k, v, segments, mask):
 
 
 # ----------------------------------------------------------------------------- blockwise backend
+#
+# Internally [B, H, L, D] ("heads-major"), split into blocks [nb, B, H, bs, D]: every block product is then
+# a plain batched matmul. The softmax scale is folded into q once. Padded positions of the last block get
+# segment ids that match nothing (keys -1, queries -2).
 
 def _split(n: int, block: int) -> tuple[int, int]:
     """(number of blocks, block size): as few blocks as `block` allows, sizes rounded up to 8."""
@@ -84,17 +92,23 @@ def _split(n: int, block: int) -> tuple[int, int]:
     return nb, -(-size // 8) * 8
 
 
-def _blocks(x, nb, size, fill):
-    """[B, L, ...] -> [nb, B, size, ...], padding the sequence with `fill`."""
-    pad = nb * size - x.shape[1]
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(x.reshape(x.shape[0], nb, size, *x.shape[2:]), 1, 0)
+def _to_blocks(x, nb: int, size: int):
+    """[B, L, H, D] -> [nb, B, H, size, D] (zero-padded)."""
+    b, n, h, d = x.shape
+    x = jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, nb * size - n), (0, 0)])
+    return jnp.moveaxis(x.reshape(b, h, nb, size, d), 2, 0)
 
 
-def _unblocks(x, n):
-    """[nb, B, size, ...] -> [B, n, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :n]
+def _from_blocks(x, n: int):
+    """[nb, B, H, size, D] -> [B, n, H, D]."""
+    nb, b, h, size, d = x.shape
+    return jnp.swapaxes(jnp.moveaxis(x, 0, 2).reshape(b, h, nb * size, d), 1, 2)[:, :n]
+
+
+def _seg_blocks(seg, nb: int, size: int, fill: int):
+    """[B, L] -> [nb, B, size], padding with `fill`."""
+    seg = jnp.pad(seg, [(0, 0), (0, nb * size - seg.shape[1])], constant_values=fill)
+    return jnp.moveaxis(seg.reshape(seg.shape[0], nb, size), 1, 0)
 
 
 def blockwise_attention(q, k, v, seg_q, seg_k, block: int = 512):
@@ -110,43 +124,41 @@ def _flash(q, k, v, seg_q, seg_k, block):
 def _layout(q, k, v, seg_q, seg_k, block):
     nq, bq = _split(q.shape[1], block)
     nk, bk = _split(k.shape[1], block)
-    return (_blocks(q, nq, bq, 0), _blocks(k, nk, bk, 0), _blocks(v, nk, bk, 0),
-            _blocks(seg_q, nq, bq, -2), _blocks(seg_k, nk, bk, -1))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return (_to_blocks(q * jnp.asarray(scale, q.dtype), nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk),
+            _seg_blocks(seg_q, nq, bq, -2), _seg_blocks(seg_k, nk, bk, -1))
 
 
-def _scores(qb, kb, sq, sk, scale):
-    """Masked scores [B, H, bq, bk] in fp32 of one query block against one key block."""
-    s = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32) * scale
+def _scores(qb, kb, sq, sk):
+    """Masked scores [B, H, bq, bk] in fp32 of one (pre-scaled) query block against one key block."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", qb, kb, preferred_element_type=jnp.float32)
     return jnp.where(sq[:, None, :, None] == sk[:, None, None, :], s, _NEG)
 
 
 def _flash_fwd(q, k, v, seg_q, seg_k, block):
-    scale = 1.0 / math.sqrt(q.shape[-1])
     qs, ks, vs, sqs, sks = _layout(q, k, v, seg_q, seg_k, block)
 
     def q_block(args):
         qb, sq = args
-        b, bq, h, d = qb.shape
 
         def kv_step(carry, kv):
             m, l, acc = carry
             kb, vb, sk = kv
-            s = _scores(qb, kb, sq, sk, scale)
+            s = _scores(qb, kb, sq, sk)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
-            l = l * corr + p.sum(-1)
-            pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-            return (m_new, l, acc * corr[..., None] + pv), None
+            pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            return (m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv), None
 
-        init = (jnp.full((b, h, bq), _NEG, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
-                jnp.zeros((b, h, bq, d), jnp.float32))
+        stat = jnp.zeros(qb.shape[:-1], jnp.float32)
+        init = (stat + _NEG, stat, jnp.zeros(qb.shape, jnp.float32))
         (m, l, acc), _ = jax.lax.scan(kv_step, init, (ks, vs, sks))
         l = jnp.where(l == 0, 1.0, l)
-        return jnp.swapaxes(acc / l[..., None], 1, 2), m + jnp.log(l)  # out [B,bq,H,D], lse [B,H,bq]
+        return acc / l[..., None], m + jnp.log(l)  # out [B, H, bq, D], logsumexp [B, H, bq]
 
     out, lse = jax.lax.map(q_block, (qs, sqs))
-    out = _unblocks(out, q.shape[1]).astype(q.dtype)
+    out = _from_blocks(out, q.shape[1]).astype(q.dtype)
     return out, (q, k, v, seg_q, seg_k, out, lse)
 
 
@@ -155,13 +167,12 @@ def _flash_bwd(block, res, dout):
     scale = 1.0 / math.sqrt(q.shape[-1])
     qs, ks, vs, sqs, sks = _layout(q, k, v, seg_q, seg_k, block)
     nq, bq = _split(q.shape[1], block)
-    dos = _blocks(dout, nq, bq, 0)
-    # D_i = rowsum(dO ∘ O), per query, [nq, B, H, bq]
-    delta = _blocks(jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
-                    .transpose(0, 2, 1), nq, bq, 0).transpose(0, 1, 3, 2)
+    dos = _to_blocks(dout, nq, bq)
+    # D_i = rowsum(dO ∘ O) per query: [nq, B, H, bq]
+    delta = _to_blocks((dout.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True), nq, bq)[..., 0]
 
     def probs(qb, kb, sq, sk, lse_b):
-        return jnp.exp(_scores(qb, kb, sq, sk, scale) - lse_b[..., None])
+        return jnp.exp(_scores(qb, kb, sq, sk) - lse_b[..., None])
 
     def dq_block(args):  # one query block against every key block
         qb, sq, dob, lse_b, dl = args
@@ -169,12 +180,11 @@ def _flash_bwd(block, res, dout):
         def step(dq, kv):
             kb, vb, sk = kv
             p = probs(qb, kb, sq, sk, lse_b)
-            dp = jnp.einsum("bqhd,bkhd->bhqk", dob, vb, preferred_element_type=jnp.float32)
-            ds = p * (dp - dl[..., None])
-            return dq + jnp.einsum("bhqk,bkhd->bqhd", ds, kb.astype(jnp.float32)) * scale, None
+            ds = p * (jnp.einsum("bhqd,bhkd->bhqk", dob, vb, preferred_element_type=jnp.float32) - dl[..., None])
+            return dq + jnp.einsum("bhqk,bhkd->bhqd", ds, kb.astype(jnp.float32)), None
 
         dq, _ = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (ks, vs, sks))
-        return dq
+        return dq * scale
 
     def dkv_block(args):  # one key block against every query block
         kb, vb, sk = args
@@ -183,21 +193,29 @@ def _flash_bwd(block, res, dout):
             dk, dv = carry
             qb, sq, dob, lse_b, dl = qa
             p = probs(qb, kb, sq, sk, lse_b)
-            dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p, dob.astype(jnp.float32))
-            dp = jnp.einsum("bqhd,bkhd->bhqk", dob, vb, preferred_element_type=jnp.float32)
-            ds = p * (dp - dl[..., None])
-            dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds, qb.astype(jnp.float32)) * scale
-            return (dk, dv), None
+            dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, dob.astype(jnp.float32))
+            ds = p * (jnp.einsum("bhqd,bhkd->bhqk", dob, vb, preferred_element_type=jnp.float32) - dl[..., None])
+            return (dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qb.astype(jnp.float32)), dv), None
 
         zeros = jnp.zeros(kb.shape, jnp.float32)
         (dk, dv), _ = jax.lax.scan(step, (zeros, zeros), (qs, sqs, dos, lse, delta))
-        return dk, dv
+        return dk, dv  # qb is pre-scaled, so dk already carries the scale
 
-    dq = _unblocks(jax.lax.map(dq_block, (qs, sqs, dos, lse, delta)), q.shape[1]).astype(q.dtype)
+    dq = _from_blocks(jax.lax.map(dq_block, (qs, sqs, dos, lse, delta)), q.shape[1]).astype(q.dtype)
     dk, dv = jax.lax.map(dkv_block, (ks, vs, sks))
-    dk = _unblocks(dk, k.shape[1]).astype(k.dtype)
-    dv = _unblocks(dv, v.shape[1]).astype(v.dtype)
-    return dq, dk, dv, None, None
+    return dq, _from_blocks(dk, k.shape[1]).astype(k.dtype), _from_blocks(dv, v.shape[1]).astype(v.dtype), None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def causal_padding_mask(attention_mask):
+    """The mask of a causal text encoder with padding [B, 1, L, L]: query i sees keys j ≤ i that are not padding.
+
+    attention_mask [B, L] (1 = token, 0 = padding), as transformers' LlamaModel / CLIPTextModel take it.
+    Padding queries still see the valid keys before them, so no row is empty.
+    """
+    valid = jnp.asarray(attention_mask).astype(bool)
+    n = valid.shape[1]
+    causal = jnp.arange(n)[:, None] >= jnp.arange(n)[None, :]
+    return causal[None, None] & valid[:, None, None, :]

@@ -22,6 +22,7 @@ from m141jax.config import DiTConfig, dtype_of
 from m141jax.models.attention import attention
 from m141jax.models.layers import (MLP, LayerNorm, Modulation, RMSNorm, TextProjection, TimestepEmbedder,
                                    dense, gelu_tanh, modulate)
+from m141jax.models.params import views
 from m141jax.models.rope import apply_rope, rope_tables
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -279,17 +280,9 @@ def _dummy_inputs(cfg: DiTConfig):
             jnp.zeros((1,)) if cfg.guidance_embed else None)
 
 
-def init_params(cfg: DiTConfig, rng):
-    """Randomly initialised parameters (plain pytree, logical names stripped)."""
-    return nn.unbox(MMDiT(cfg).init(rng, *_dummy_inputs(cfg))["params"])
+def boxed_params(cfg: DiTConfig, rng):
+    """Initialised parameters wrapped in their logical axis names."""
+    return MMDiT(cfg).init(rng, *_dummy_inputs(cfg))["params"]
 
 
-def abstract_params(cfg: DiTConfig):
-    """Parameter shapes/dtypes (jax.ShapeDtypeStruct pytree) without allocating anything."""
-    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-
-
-def param_logical_axes(cfg: DiTConfig):
-    """The logical axis names of every parameter (a pytree of PartitionSpec)."""
-    boxed = jax.eval_shape(lambda: MMDiT(cfg).init(jax.random.PRNGKey(0), *_dummy_inputs(cfg))["params"])
-    return nn.get_partition_spec(boxed)
+init_params, abstract_params, param_logical_axes = views(boxed_params)

@@ -12,19 +12,21 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = jnp.dtype
 
 
 def dense(features, names: Sequence[str | None], *, axis=-1, use_bias: bool = True, dtype=jnp.float32,
-          param_dtype=jnp.float32, name: str | None = None) -> nn.DenseGeneral:
+          param_dtype=jnp.float32, precision=None, name: str | None = None) -> nn.DenseGeneral:
     """A DenseGeneral whose kernel carries the logical axis names `names` (input axes, then output axes).
 
-    The bias takes the names of the output axes.
+    The bias takes the names of the output axes. `precision` is the matmul precision (None: default).
     """
     n_out = 1 if isinstance(features, int) else len(features)
     return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
+        name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), tuple(names)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names[-n_out:])))
 
@@ -53,14 +55,18 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """QK RMSNorm over the head dim (eps 1e-6): normalise in fp32, cast back, multiply by the weight."""
+    """RMSNorm over the last axis: normalise in fp32, cast back, multiply by the weight.
+
+    Defaults are the DiT's QK norm (eps 1e-6, over the head dim); Llama uses it on the hidden size.
+    """
 
     eps: float = 1e-6
     param_dtype: Dtype = jnp.float32
+    axis_name: str = "kv"
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
                            (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
         y = (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)).astype(x.dtype)
@@ -94,8 +100,12 @@ class MLP(nn.Module):
 
 def timestep_sinusoid(t, dim: int = 256, max_period: float = 10000.0):
     """The release's sinusoidal embedding of raw timesteps t [B] (0..1000): [cos | sin], fp32 [B, dim]."""
+    # The frequency table is a host constant rounded as the release's float32 arithmetic rounds it (the
+    # exponent in float32, then exp): at t = 1000 a one-ulp difference in a frequency moves the
+    # embedding by ~1e-4, so it must not depend on the backend's exp.
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
     args = t.astype(jnp.float32)[:, None] * freqs[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 

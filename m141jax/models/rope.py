@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def rope_tables(grid: tuple[int, int, int], axes: tuple[int, ...], theta: float):
@@ -14,7 +15,9 @@ def rope_tables(grid: tuple[int, int, int], axes: tuple[int, ...], theta: float)
     coords = jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) for n in grid], indexing="ij")
     angles = []
     for pos, d in zip(coords, axes):
-        omega = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32)[: d // 2] / d)
+        # host constant, rounded as the release's float32 arithmetic rounds it
+        power = np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)).astype(np.float64)
+        omega = np.float32(1.0) / power.astype(np.float32)
         angles.append(jnp.repeat(pos.reshape(-1)[:, None] * omega[None], 2, axis=-1))
     angle = jnp.concatenate(angles, axis=-1)
     return jnp.cos(angle), jnp.sin(angle)

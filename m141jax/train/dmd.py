@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from m141jax import sampling
 from m141jax.config import DistillConfig, DMDConfig, dtype_of
 from m141jax.models.layers import LayerNorm, dense
-from m141jax.train.flow import (Velocity, dit_velocity, drop_text, euler_sample, flow_loss, inference_sigmas,
+from m141jax.train.flow import (Velocity, dit_velocity, drop_text, euler_sample, flow_loss,
                                 interpolate, predict_x0, shift_sigma, split_batch)
 from m141jax.train.optim import make_optimizer
 
@@ -87,13 +88,13 @@ def init_dmd_state(cfg: DistillConfig, teacher, rng, features: int | None = None
 # ------------------------------------------------------------------ pieces (pure, model passed in)
 
 def cfg_velocity(velocity: Velocity, params, x, sigma, cond, uncond, scale: float):
-    """Classifier-free guidance v_u + s·(v_c − v_u); one conditional pass when s == 1."""
-    if scale == 1.0:
+    """Classifier-free guidance v_u + s·(v_c − v_u) as one forward of batch 2B; one conditional pass when
+    the release would skip CFG (s ≤ 1)."""
+    if not sampling.uses_cfg(scale):
         return velocity(params, x, sigma, cond)
     both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
     v = velocity(params, jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]), both)
-    v_u, v_c = jnp.split(v, 2)
-    return v_u + scale * (v_c - v_u)
+    return sampling.guide(*jnp.split(v, 2), scale)
 
 
 def backward_simulate(velocity: Velocity, params, noise, cond, sigmas, k):
@@ -137,7 +138,7 @@ class DMD:
         self.cfg, self.dmd = cfg, cfg.dmd
         self.velocity = velocity or dit_velocity(cfg.model)
         self.head = head or DiscriminatorHead(head_width(cfg))
-        self.sigmas = jnp.asarray(inference_sigmas(cfg.dmd.student_steps, cfg.dmd.shift))
+        self.sigmas = jnp.asarray(sampling.schedule(cfg.dmd.student_steps, cfg.dmd.shift))
 
     def logits(self, critic, x0, cond, rng):
         """D(x): the head on fake-score features of x noised to σ ~ U[0, gan_sigma_max)."""

@@ -18,9 +18,9 @@ from typing import Any, Callable
 import flax.struct as struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from m141jax import sampling
 from m141jax.config import DiTConfig, FlowConfig, TrainConfig
 from m141jax.models.dit import dit_forward
 from m141jax.train.optim import ema_init, ema_update, make_optimizer
@@ -32,31 +32,22 @@ NULL_KEYS = ("null_text_states", "null_text_mask", "null_text_states_2")
 Velocity = Callable[..., Any]
 
 
-# ------------------------------------------------------------------ schedule math (spec C.1, C.3)
+# ------------------------------------------------------------------ σ's (spec C.1, C.3)
 
 def shift_sigma(sigma, shift: float):
-    """The SD3 time shift σ' = s·σ / (1 + (s−1)·σ)."""
+    """The SD3 time shift σ' = s·σ / (1 + (s−1)·σ) (of the inference schedule, `sampling.schedule`),
+    applied to training σ's."""
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-def inference_sigmas(steps: int, shift: float) -> np.ndarray:
-    """The release's N+1 sampling σ's: linspace(1, 0, N+1) time-shifted (fp32; the last is 0)."""
-    return shift_sigma(np.linspace(1.0, 0.0, steps + 1, dtype=np.float64), shift).astype(np.float32)
-
-
-def euler_step(x, v, sigma, sigma_next):
-    """x + v·(σ_next − σ) with per-sample σ [B] (the release's Euler update)."""
-    return x + v * _bcast(sigma_next - sigma, x)
-
-
 def euler_sample(velocity: Velocity, params, noise, cond, sigmas, steps=None):
-    """The release's Euler sampler from noise over `sigmas` (N+1 values), or over its first `steps`
-    (may be traced) steps; returns the latent reached."""
+    """The release's Euler sampler (`sampling.euler_step`) from noise over `sigmas` (N+1 values), or over
+    its first `steps` (may be traced) steps, for any velocity function; returns the latent reached."""
     b = noise.shape[0]
 
     def body(i, x):
-        s, s_next = jnp.full((b,), sigmas[i]), jnp.full((b,), sigmas[i + 1])
-        return euler_step(x, velocity(params, x, s, cond), s, s_next)
+        v = velocity(params, x, jnp.full((b,), sigmas[i]), cond)
+        return sampling.euler_step(x, v, sigmas[i], sigmas[i + 1])
 
     return jax.lax.fori_loop(0, len(sigmas) - 1 if steps is None else steps, body, noise)
 

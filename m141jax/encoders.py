@@ -1,0 +1,200 @@
+"""Everything the DiT receives as conditioning, computed in JAX (spec A.3 step 2, E).
+
+    enc = Encoders.load(llm, clip, tokenizer, clip_tokenizer)      # checkpoints + tokenizer folders
+    cond = encode(enc, prompts, images)                           # Conditioning for the DiT
+    cond, uncond = encode_with_negative(enc, prompts, images)     # CFG: NEGATIVE_PROMPT, same image tokens
+    empty = encode_empty(enc, images)                             # the "" prompt (training's CFG dropout)
+
+- `llm`: a `vlm` checkpoint (LLaVA; its language model also encodes the prompts: one copy of the 8B
+  weights) or an `llm` checkpoint (prompts only, no image tokens), made by
+  `tools/convert_torch_weights.py`. `clip`: a `clip` checkpoint.
+- `tokenizer`: the LLaVA / Llama-3 tokenizer folder (xtuner/llava-llama-3-8b-v1_1-transformers, which
+  also holds the image processor's preprocessor_config.json); `clip_tokenizer`: the CLIP-L tokenizer.
+
+Conditioning (release shapes): `text_states` [B, 402, 4096] float32 = 146 VLM tokens ‖ 256 prompt tokens,
+`text_mask` [B, 402] int32 (ones for the VLM tokens, then the prompt's mask), `text_states_2`
+[B, 768] float32 (CLIP-L pooled). Without a VLM: 256 prompt tokens. Model dims follow the configs.
+
+The prompt states are the LLM's layer 30 of 32 without the final norm (hidden_states[-3]), cropped
+after the template; the VLM tokens are its last layer after the final norm at the selected positions
+of the image-only VLM prompt. The empty prompt is allowed (training's CFG dropout uses it, `encode`
+with ""), long prompts are truncated with a warning, unreadable images are refused with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from m141jax import checkpoint
+from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig, dtype_of, from_json_dict
+from m141jax.models import clip, llama, llava
+from m141jax.prompts import (MAX_LENGTH, NEGATIVE_PROMPT, VLMPrompt, clip_tokens, llm_tokens, template_crop,
+                             vlm_prompt)
+from m141jax.vision_input import ImageProcessing, preprocess
+
+SKIP_LAYER = 2  # the release's hidden_state_skip_layer: hidden_states[-3]
+
+
+@flax.struct.dataclass
+class Conditioning:
+    """The DiT's text conditioning (a pytree): the arguments text_states, text_mask, text_states_2 of `dit_forward`."""
+
+    text_states: jax.Array  # [B, L, D] float32
+    text_mask: jax.Array  # [B, L] int32
+    text_states_2: jax.Array  # [B, D2] float32
+
+
+@dataclasses.dataclass
+class Encoders:
+    """Configs, parameters (on device) and tokenizers of the three encoders; build it with `Encoders.load`."""
+
+    llm: LlamaConfig
+    clip: CLIPTextConfig
+    vlm: LlavaConfig | None  # None: prompts only
+    params: dict  # {"language_model", "clip"} (+ {"vision_tower", "projector"} with a VLM)
+    tokenizer: object
+    clip_tokenizer: object
+    crop: int  # template tokens before the prompt (95 for Llama-3)
+    max_length: int = MAX_LENGTH
+    vlm_prompt: VLMPrompt | None = None
+    image_processing: ImageProcessing | None = None
+
+    @classmethod
+    def load(cls, llm: str | Path, clip: str | Path, tokenizer: str | Path, clip_tokenizer: str | Path,
+             dtype: str = "bf16", max_length: int = MAX_LENGTH) -> "Encoders":
+        """Read the checkpoints (`vlm` or `llm`, and `clip`) in `dtype` and the two tokenizer folders."""
+        from transformers import AutoTokenizer
+
+        kind, llm_cfg, llm_params = load_checkpoint(llm, ("vlm", "llm"), dtype)
+        _, clip_cfg, clip_params = load_checkpoint(clip, ("clip",), dtype)
+        tok = AutoTokenizer.from_pretrained(str(tokenizer), padding_side="right")
+        if tok.pad_token is None:  # Meta's Llama-3 tokenizer has none; padded positions are masked anyway
+            tok.pad_token = tok.eos_token
+        clip_tok = AutoTokenizer.from_pretrained(str(clip_tokenizer))
+        enc = cls(llm=llm_cfg.text if kind == "vlm" else llm_cfg, clip=clip_cfg, vlm=llm_cfg if kind == "vlm" else None,
+                  params={**(llm_params if kind == "vlm" else {"language_model": llm_params}), "clip": clip_params},
+                  tokenizer=tok, clip_tokenizer=clip_tok, crop=template_crop(tok), max_length=max_length)
+        if enc.vlm is not None:
+            enc.vlm_prompt = vlm_prompt(tok, enc.vlm.image_token_id, enc.vlm.image_seq_length)
+            enc.image_processing = ImageProcessing.from_folder(tokenizer, enc.vlm.vision.image_size)
+        return enc
+
+    @property
+    def text_length(self) -> int:
+        """Tokens of text_states: the selected VLM tokens (146) + the prompt window (256)."""
+        return (len(self.vlm_prompt.keep) if self.vlm is not None else 0) + self.max_length
+
+
+def load_checkpoint(path, components: tuple[str, ...], dtype: str):
+    """(component, config, params) of an encoder checkpoint of one of `components`, all in `dtype`."""
+    classes = {"llm": LlamaConfig, "clip": CLIPTextConfig, "vlm": LlavaConfig}
+    meta = checkpoint.read_meta(path)
+    if meta["component"] not in components:
+        raise ValueError(f"{path} holds a {meta['component']!r} checkpoint; accepted: {components}")
+    cfg = runtime_dtypes(from_json_dict(classes[meta["component"]], meta["config"]), dtype)
+    return meta["component"], cfg, checkpoint.load_params(path, dtype=dtype_of(dtype))
+
+
+def runtime_dtypes(cfg, dtype: str):
+    """The config with parameters and activations in `dtype` (fp32 | bf16), nested configs included."""
+    if isinstance(cfg, LlavaConfig):
+        return dataclasses.replace(cfg, text=runtime_dtypes(cfg.text, dtype), vision=runtime_dtypes(cfg.vision, dtype))
+    return dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------- jitted forwards
+
+@functools.partial(jax.jit, static_argnames=("cfg", "crop"))
+def _prompt_states(params, cfg: LlamaConfig, input_ids, attention_mask, crop: int):
+    h = llama.hidden_states(params, cfg, input_ids, attention_mask, skip_layer=SKIP_LAYER)
+    return h[:, crop:], attention_mask[:, crop:]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _pooled(params, cfg: CLIPTextConfig, input_ids, attention_mask):
+    return clip.text_forward(params, cfg, input_ids, attention_mask)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _image_tokens(params, cfg: LlavaConfig, input_ids, pixels, keep):
+    ids = jnp.broadcast_to(input_ids, (pixels.shape[0], input_ids.shape[0]))
+    return llava.llava_forward(params, cfg, ids, jnp.ones_like(ids), pixels)[:, keep]
+
+
+# ---------------------------------------------------------------------------------- public API
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+    return list(prompts)
+
+
+def text_conditioning(enc: Encoders, prompts: list[str]):
+    """(prompt states [B, 256, D], mask [B, 256] int32, CLIP pooled [B, D2]) for the prompts."""
+    prompts = _check_prompts(prompts)
+    ids, mask = llm_tokens(enc.tokenizer, prompts, enc.crop, enc.max_length)
+    states, mask = _prompt_states(enc.params["language_model"], enc.llm, ids, mask, enc.crop)
+    pooled = _pooled(enc.params["clip"], enc.clip, *clip_tokens(enc.clip_tokenizer, prompts, enc.clip.max_positions))
+    return states, mask, pooled
+
+
+def image_tokens(enc: Encoders, images) -> jax.Array:
+    """The VLM tokens [N, 146, D] float32 of N images (PIL images or file paths)."""
+    if enc.vlm is None:
+        raise ValueError("these encoders have no VLM (an 'llm' checkpoint was loaded): load a 'vlm' checkpoint "
+                         "to condition on images")
+    if isinstance(images, (str, Path)) or not len(images):
+        raise ValueError(f"images must be a non-empty list of PIL images or paths, got {images!r:.80}")
+    pixels = preprocess(images, enc.image_processing)
+    return _image_tokens(enc.params, enc.vlm, enc.vlm_prompt.input_ids, pixels, enc.vlm_prompt.keep)
+
+
+def _assemble(text, vlm_tokens) -> Conditioning:
+    states, mask, pooled = text
+    if vlm_tokens is not None:
+        states = jnp.concatenate([vlm_tokens, states], axis=1)
+        mask = jnp.concatenate([jnp.ones(vlm_tokens.shape[:2], mask.dtype), mask], axis=1)
+    return Conditioning(states, mask.astype(jnp.int32), pooled)
+
+
+def _vlm_tokens(enc: Encoders, prompts: list[str], images):
+    if enc.vlm is None and images is None:
+        return None
+    if enc.vlm is not None and (images is None or len(images) != len(prompts)):
+        raise ValueError(f"these encoders condition on images: pass one image per prompt ({len(prompts)}), "
+                         f"got {'none' if images is None else len(images)}")
+    return image_tokens(enc, images)
+
+
+def encode(enc: Encoders, prompts: list[str], images=None) -> Conditioning:
+    """The conditioning of each (prompt, image) pair: VLM tokens ‖ prompt tokens, mask, CLIP pooled.
+
+    images: one PIL image (or path) per prompt when the encoders have a VLM, else None. An empty
+    prompt "" gives the empty-prompt conditioning (training's CFG dropout).
+    """
+    prompts = _check_prompts(prompts)
+    return _assemble(text_conditioning(enc, prompts), _vlm_tokens(enc, prompts, images))
+
+
+def encode_with_negative(enc: Encoders, prompts: list[str], images=None,
+                         negative_prompt: str = NEGATIVE_PROMPT) -> tuple[Conditioning, Conditioning]:
+    """(conditional, unconditional) for CFG: the unconditional branch has `negative_prompt` (the release's
+    NEGATIVE_PROMPT) for the LLM and CLIP and keeps the same VLM image tokens (spec A.3 step 5)."""
+    prompts = _check_prompts(prompts)
+    vlm_tokens = _vlm_tokens(enc, prompts, images)
+    negative = [negative_prompt] * len(prompts)
+    return (_assemble(text_conditioning(enc, prompts), vlm_tokens),
+            _assemble(text_conditioning(enc, negative), vlm_tokens))
+
+
+
+def encode_empty(enc: Encoders, images=None) -> Conditioning:
+    """The empty-prompt conditioning (training's CFG dropout): `encode` with "" for each image (one row
+    when the encoders have no VLM)."""
+    return encode(enc, [""] * (1 if images is None else len(images)), images)

@@ -1,0 +1,103 @@
+"""`m141jax generate`: prompts (+ an optional first frame) -> MP4 videos, clip by clip.
+
+Everything that can be checked without the models (frame counts, sizes, the image, the prompts, the
+checkpoint folder's components) is checked before any weights are read.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from m141jax import components, media, pipeline
+
+
+def read_prompts(args) -> list[str]:
+    """The --prompt, or the lines of --prompts-file (blank lines and lines starting with '#' skipped)."""
+    if args.prompts_file is None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+        return [args.prompt]
+    try:
+        lines = Path(args.prompts_file).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"prompts file {args.prompts_file} cannot be read ({e.strerror})") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {args.prompts_file} holds no prompt (one per line)")
+    return prompts
+
+
+def output_paths(out: str, n: int) -> list[Path]:
+    """--out for one prompt; OUT_000.mp4, OUT_001.mp4, ... for a batch."""
+    path = Path(out)
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"--out {out} must end in .mp4")
+    return [path] if n == 1 else [path.with_name(f"{path.stem}_{i:03d}{path.suffix}") for i in range(n)]
+
+
+def settings_from(args) -> pipeline.Settings:
+    frames = pipeline.frames_for_seconds(args.seconds, args.fps) if args.seconds is not None else args.frames
+    return pipeline.Settings(
+        frames=frames, clip_frames=args.clip_frames, steps=args.steps, shift=args.shift, guidance=args.guidance,
+        seed=args.seed, size=media.parse_size(args.size) if args.size else None, fps=args.fps,
+        reference_mean=args.reference_mean, t2i_steps=args.t2i_steps, t2i_shift=args.t2i_shift,
+        t2i_guidance=args.t2i_guidance)
+
+
+def main(args) -> int:
+    settings = settings_from(args)
+    prompts = read_prompts(args)
+    outputs = output_paths(args.out, len(prompts))
+    images = vlm_images = None
+    if args.image is not None:
+        original = media.open_image(args.image)
+        first = media.fit_image(original, settings.size)
+        images, vlm_images = [first] * len(prompts), [original] * len(prompts)
+    models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype)
+    timings = pipeline.Timings()
+    clips = len(settings.clips())
+    print(f"{len(prompts)} prompt(s), {settings.frames} frames in {clips} clip(s) of {settings.clip_frames}, "
+          f"{settings.steps} steps", file=sys.stderr)
+    try:
+        paths = pipeline.generate(models, prompts, outputs, images=images, vlm_images=vlm_images, settings=settings,
+                                  timings=timings, progress=not args.quiet)
+    except pipeline.ClipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(timings.summary(), file=sys.stderr)
+        return 1
+    print(timings.summary(), file=sys.stderr)
+    for p in paths:
+        print(f"wrote {p}: {settings.frames} frames at {settings.fps} fps")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="text (+ first frame) -> MP4 video; long videos by a sliding window",
+                       description="Generate videos with the 4-step image-to-video DiT. Without --image the first "
+                                   "frame comes from the text-to-image stage.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the text prompt")
+    src.add_argument("--prompts-file", help="a text file with one prompt per line: one batch, one compiled program")
+    p.add_argument("--image", help="the first frame (any size: fitted to its 540p aspect bucket or --size)")
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (default 81 = 21 latent frames)")
+    n.add_argument("--seconds", type=float, help="video length in seconds (rounded up to 4k+1 frames at --fps)")
+    p.add_argument("--clip-frames", type=int, default=81, help="frames per sliding-window clip, 4k+1 (default 81)")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps of the video stage (default 4)")
+    p.add_argument("--shift", type=float, default=5.0, help="flow-matching time shift of the video stage")
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale of the video stage (> 1 runs a negative "
+                                                               "branch; default 1.0, CFG is distilled)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", help="HxW, multiples of 16 (default: the image's 540p bucket; 544x960 without image)")
+    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--reference-mean", action="store_true",
+                   help="encode the first frame with the VAE posterior mean instead of a sample")
+    p.add_argument("--t2i-steps", type=int, default=50, help="sampling steps of the text-to-image stage")
+    p.add_argument("--t2i-shift", type=float, default=7.0, help="time shift of the text-to-image stage")
+    p.add_argument("--t2i-guidance", type=float, default=6.0, help="embedded guidance scale of the text-to-image stage")
+    p.add_argument("--checkpoints", default="checkpoints", help="folder of converted checkpoints (see README)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter and activation dtype")
+    p.add_argument("--out", default="video.mp4", help="output MP4 (a batch writes OUT_000.mp4, OUT_001.mp4, ...)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)

@@ -1,0 +1,249 @@
+"""Text → image → video (spec A) and minute-long videos by a sliding window (spec H).
+
+Each stage is a function of one component's (config, params) and its inputs:
+
+- `condition`: the encoders turn prompts (+ the first frames, for the VLM image tokens) into the
+  DiT's text inputs, and the negative prompt into the unconditional branch (same image tokens).
+- `text_to_image`: without a given image, the T2V DiT (`hunyuan-t2v-13b`) at one latent frame with
+  embedded guidance, decoded by the VAE, makes the first frames.
+- `reference_latents`: the VAE encodes the first frames (posterior sample with a seed, or the mean)
+  and scales them by the VAE's scaling factor.
+- `image_to_video`: noise from the seed, the compiled sampler with the I2V DiT, the tiled VAE decode,
+  frames to uint8.
+
+`generate` runs clips one after another. Chaining rule (the paper does not give one): clip k+1 takes
+the last decoded frame of clip k (uint8, exactly as written to the file) as its first frame; it is
+encoded again by the VAE and the VLM; the prompt stays; the noise comes from the seed and the clip
+index; clip k+1's first decoded frame, the model's copy of that reference, is dropped when joining.
+Only the reference frames are carried from clip to clip, so memory does not grow with the number of
+clips, and each clip's frames are appended to the output files as soon as it is decoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from m141jax import encoders, media, sampling
+from m141jax.components import Component, Models
+from m141jax.models import vae as vae_lib
+
+# random streams folded into each prompt's key: which draw a key is for
+_NOISE, _POSTERIOR, _T2I = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Generation settings; defaults are the release's (4 steps, shift 5, no CFG, 81 frames, 24 fps)."""
+
+    frames: int = 81  # video frames in all (4k+1)
+    clip_frames: int = 81  # frames per sliding-window clip (4k+1)
+    steps: int = 4
+    shift: float = 5.0
+    guidance: float = 1.0  # CFG scale of the I2V stage (the distilled model needs none)
+    seed: int = 0
+    size: tuple[int, int] | None = None  # (H, W); None: the image's 540p bucket, 544x960 for text-only
+    fps: int = 24
+    reference_mean: bool = False  # the posterior mean instead of a sample for the reference latent
+    t2i_steps: int = 50  # text-to-image stage (HunyuanVideo's sampling defaults)
+    t2i_shift: float = 7.0
+    t2i_guidance: float = 6.0  # embedded guidance scale
+
+    def __post_init__(self):
+        for name in ("frames", "clip_frames"):
+            n = getattr(self, name)
+            if n < 1 or (n - 1) % 4:
+                raise ValueError(f"{name.replace('_', ' ')} {n} must be 4k+1 (e.g. 1, 5, ..., 81, 121)")
+        if self.clip_frames < 5 and self.frames > self.clip_frames:
+            raise ValueError(f"clips of {self.clip_frames} frame cannot chain: a sliding window needs clips of >= 5")
+        if self.steps < 1 or self.t2i_steps < 1:
+            raise ValueError(f"steps {self.steps} and T2I steps {self.t2i_steps} must be positive")
+        if self.size is not None:
+            media.check_size(self.size)
+
+    def clips(self) -> list[tuple[int, int, int]]:
+        """(frames generated, first kept, end kept) per clip: one clip of `frames`, or clips of
+        `clip_frames` whose first frame is dropped after the first clip, the last one cut short."""
+        if self.frames <= self.clip_frames:
+            return [(self.frames, 0, self.frames)]
+        plan, left = [(self.clip_frames, 0, self.clip_frames)], self.frames - self.clip_frames
+        while left:
+            n = min(left, self.clip_frames - 1)
+            plan.append((self.clip_frames, 1, 1 + n))
+            left -= n
+        return plan
+
+
+def frames_for_seconds(seconds: float, fps: int = 24) -> int:
+    """The smallest 4k+1 frame count lasting at least `seconds` at `fps`."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds}")
+    return 4 * math.ceil((math.ceil(seconds * fps - 1e-9) - 1) / 4) + 1
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // 4 + 1
+
+
+class Timings:
+    """Wall time per stage, blocking on each stage's result so asynchronous dispatch is counted."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.bar = None  # a tqdm bar whose postfix shows the running stage
+
+    def run(self, stage: str, fn: Callable, *args, **kwargs):
+        if self.bar is not None:
+            self.bar.set_postfix_str(stage)
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, **kwargs))
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        self.calls[stage] = self.calls.get(stage, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        rows = [f"{'stage':<12} {'seconds':>9} {'calls':>6}"]
+        rows += [f"{k:<12} {v:9.2f} {self.calls[k]:6d}" for k, v in self.seconds.items()]
+        rows.append(f"{'total':<12} {sum(self.seconds.values()):9.2f}")
+        return "\n".join(rows)
+
+
+def prompt_keys(seed: int, n: int):
+    """One key per prompt, so a prompt's video does not depend on the rest of its batch."""
+    base = jax.random.key(seed)
+    return jnp.stack([jax.random.fold_in(base, i) for i in range(n)])
+
+
+def _key(key, stream: int, clip: int):
+    """The key of one draw (`stream`: noise, posterior or T2I noise) for one clip of one prompt."""
+    return jax.random.fold_in(jax.random.fold_in(key, stream), clip)
+
+
+def noise(keys, stream: int, clip: int, shape: tuple[int, ...]):
+    """Standard normal noise [B, *shape] in float32, one independent draw per prompt key."""
+    return jax.vmap(lambda k: jax.random.normal(_key(k, stream, clip), shape, jnp.float32))(keys)
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+def condition(models: Models, prompts: list[str], images: list[Image.Image], guidance: float):
+    """(text, neg_text) DiT text inputs of the prompts and first frames (VLM image tokens ‖ prompt tokens);
+    neg_text, the negative prompt with the same image tokens, only when guidance > 1 (CFG)."""
+    as_text = lambda c: sampling.Text(c.text_states, c.text_mask, c.text_states_2)
+    if sampling.uses_cfg(guidance):
+        cond, uncond = encoders.encode_with_negative(models.encoders, prompts, images)
+        return as_text(cond), as_text(uncond)
+    return as_text(encoders.encode(models.encoders, prompts, images)), None
+
+
+def decode_frames(vae: Component, latents) -> jax.Array:
+    """Scaled latents [B, f, h, w, C] -> uint8 frames [B, 4(f-1)+1, 8h, 8w, 3] (tiled decode)."""
+    video = vae_lib.decode(vae.params, vae.cfg, latents / vae.cfg.scaling_factor, tiling=True)
+    return media.to_uint8(video)
+
+
+def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], keys, settings: Settings,
+                  timings: Timings) -> np.ndarray:
+    """First frames uint8 [B, H, W, 3] from the prompts: the T2V DiT at one latent frame, conditioned on
+    the prompt tokens and CLIP vector alone (no image tokens)."""
+    if models.t2i is None:
+        raise ValueError("no image given and no text-to-image DiT loaded: pass --image or provide a t2i/ checkpoint")
+    t2i = models.t2i
+    text = sampling.Text(*timings.run("encoders", encoders.text_conditioning, models.encoders, prompts))
+    shape = (1, size[0] // 8, size[1] // 8, t2i.cfg.out_channels)
+    z = timings.run("t2i", lambda: sampling.sample(
+        t2i.params, t2i.cfg, noise(keys, _T2I, 0, shape), text,
+        sigmas=sampling.schedule(settings.t2i_steps, settings.t2i_shift), embedded_guidance=settings.t2i_guidance))
+    return np.asarray(timings.run("decode", decode_frames, models.vae, z))[:, 0]
+
+
+def reference_latents(vae: Component, frames, keys, clip: int, use_mean: bool) -> jax.Array:
+    """The scaled reference latent [B, 1, h, w, C] of first frames uint8 [B, H, W, 3] (spec A.3 step 3)."""
+    video = jnp.asarray(frames, jnp.float32)[:, None] / 255.0 * 2.0 - 1.0
+    mean, logvar = vae_lib.encode(vae.params, vae.cfg, video, tiling=True)
+    if not use_mean:
+        draw = lambda m, lv, k: vae_lib.sample_posterior(m, lv, _key(k, _POSTERIOR, clip))
+        mean = jax.vmap(draw)(mean, logvar, keys)
+    return mean * vae.cfg.scaling_factor
+
+
+def image_to_video(models: Models, prompts: list[str], frames: np.ndarray, vlm_images: list[Image.Image], n_frames: int,
+                   keys, clip: int, settings: Settings, timings: Timings) -> np.ndarray:
+    """One clip: uint8 video [B, n_frames, H, W, 3] whose first frames are `frames` uint8 [B, H, W, 3]
+    (vlm_images: what the VLM sees of them: the unfitted image for a user's image, as in the release)."""
+    text, neg = timings.run("encoders", condition, models, prompts, vlm_images, settings.guidance)
+    ref = timings.run("vae-encode", reference_latents, models.vae, frames, keys, clip, settings.reference_mean)
+    dit = models.dit
+    shape = (latent_frames(n_frames), *ref.shape[2:4], dit.cfg.out_channels)
+    z = timings.run("sampling", lambda: sampling.sample(
+        dit.params, dit.cfg, noise(keys, _NOISE, clip, shape), text, sigmas=sampling.schedule(settings.steps, settings.shift),
+        ref_latents=ref, neg_text=neg, guidance_scale=settings.guidance))
+    return np.asarray(timings.run("decode", decode_frames, models.vae, z))
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+def _append(writers: list[media.VideoWriter], videos: np.ndarray) -> None:
+    for writer, frames in zip(writers, videos):
+        writer.append(frames)
+
+
+class ClipError(RuntimeError):
+    """A clip failed; the message says which and what the output files hold."""
+
+
+def generate(models: Models, prompts: list[str], outputs: list[str | Path], images: list[np.ndarray] | None = None,
+             vlm_images: list[Image.Image] | None = None, settings: Settings = Settings(),
+             timings: Timings | None = None, progress: bool = True) -> list[Path]:
+    """Write one MP4 per prompt (`outputs`), `settings.frames` frames each, by clips of `settings.clip_frames`.
+
+    images: one first frame per prompt (uint8 [H, W, 3], already fitted by `media.fit_image`), or None
+    to make them with the text-to-image stage; vlm_images: what the VLM sees of them in the first clip
+    (the release gives it the original image file; default: images). All prompts run as one batch.
+    """
+    if not prompts or len(outputs) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts need as many outputs, got {len(outputs)}")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts need as many images, got {len(images)}")
+    timings = timings if timings is not None else Timings()
+    keys = prompt_keys(settings.seed, len(prompts))
+    plan = settings.clips()
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(plan) + (images is None), desc="video", unit="stage", disable=not progress))
+        timings.bar = bar
+        stack.callback(setattr, timings, "bar", None)
+        if images is None:
+            refs = text_to_image(models, prompts, settings.size or media.DEFAULT_SIZE, keys, settings, timings)
+            bar.update()
+        else:
+            if len({im.shape for im in images}) != 1:
+                raise ValueError(f"the first frames of a batch must share one size, got {sorted({im.shape for im in images})}")
+            refs = np.stack(images)
+            media.check_size(refs.shape[1:3])
+        vlm = [Image.fromarray(f) for f in refs] if vlm_images is None else vlm_images
+        writers = [stack.enter_context(media.VideoWriter(p, settings.fps)) for p in outputs]
+        for k, (n, first, end) in enumerate(plan):
+            bar.set_description(f"clip {k + 1}/{len(plan)}")
+            try:
+                video = image_to_video(models, prompts, refs, vlm, n, keys, k, settings, timings)
+                timings.run("write", _append, writers, video[:, first:end])
+            except Exception as e:
+                held = (f"{', '.join(str(w.path) for w in writers)} {'holds' if len(writers) == 1 else 'hold'} "
+                        f"clips 1-{k} ({writers[0].frames} frames each, playable)" if k else "no video was written")
+                raise ClipError(f"clip {k + 1} of {len(plan)} failed ({type(e).__name__}: {e}); {held}") from e
+            refs = video[:, -1]
+            vlm = [Image.fromarray(f) for f in refs]
+            del video
+            bar.update()
+    return [w.path for w in writers]

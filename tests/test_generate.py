@@ -1,0 +1,196 @@
+"""`m141jax generate` end to end on tiny random models: the checkpoint folder, MP4 output, the
+text-to-image stage, the sliding window, batches, and the errors for broken checkpoint folders."""
+
+import re
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+from PIL import Image
+
+from m141jax import checkpoint, components, media, pipeline
+from m141jax.cli import main
+from m141jax.config import preset
+from m141jax.models import dit, vae
+
+from tiny_checkpoints import save_random, write_tiny_checkpoints
+
+# reading MP4s back starts ffmpeg by fork + exec, which JAX warns about needlessly
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork")
+
+SIZE = (64, 64)
+
+
+def read_video(path):
+    with imageio.get_reader(path, format="FFMPEG") as r:
+        return np.stack([f for f in r.iter_data()]), r.get_meta_data()["fps"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def models(ckpt):
+    return components.load_models(ckpt, with_t2i=True, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "first.png"
+    y, x = np.mgrid[0:90, 0:120]
+    Image.fromarray(np.stack([x * 2, y * 2, (x + y)], -1).astype(np.uint8)).save(path)
+    return path
+
+
+def _generate(ckpt, tmp_path, *argv):
+    return main(["generate", "--checkpoints", str(ckpt), "--dtype", "fp32", "--size", "64x64", "--quiet", *argv])
+
+
+def test_image_to_video_mp4(ckpt, image, tmp_path, capsys):
+    out = tmp_path / "cat.mp4"
+    assert _generate(ckpt, tmp_path, "--prompt", "a cat walks on the grass", "--image", str(image), "--frames", "9",
+                     "--out", str(out)) == 0
+    video, fps = read_video(out)
+    assert video.shape == (9, 64, 64, 3) and fps == 24
+    err = capsys.readouterr().err
+    assert re.search(r"sampling\s+\d", err) and re.search(r"decode\s+\d", err) and "total" in err
+
+
+class Spy:
+    """Records every clip (its first frames, VLM images, output) and every frame appended to a writer."""
+
+    def __init__(self, monkeypatch, fail_at=None):
+        self.clips, self.written, self.t2i = [], [], []
+        clip_fn, t2i_fn, append = pipeline.image_to_video, pipeline.text_to_image, media.VideoWriter.append
+
+        def image_to_video(models, prompts, frames, vlm_images, n, keys, k, *a):
+            if k == fail_at:
+                raise RuntimeError("out of memory")
+            out = clip_fn(models, prompts, frames, vlm_images, n, keys, k, *a)
+            self.clips.append((np.array(frames), [np.asarray(i) for i in vlm_images], out))
+            return out
+
+        def text_to_image(*a):
+            self.t2i.append(t2i_fn(*a))
+            return self.t2i[-1]
+
+        def record(writer, frames):
+            self.written.append((writer.path.name, np.array(frames)))
+            append(writer, frames)
+
+        monkeypatch.setattr(pipeline, "image_to_video", image_to_video)
+        monkeypatch.setattr(pipeline, "text_to_image", text_to_image)
+        monkeypatch.setattr(media.VideoWriter, "append", record)
+
+
+def test_sliding_window_chains_clips(models, tmp_path, monkeypatch):
+    """Clip k+1 starts from the last decoded frame of clip k (also what its VLM sees); its first frame is
+    dropped when joining; frames stream out clip by clip; the count is exact."""
+    spy = Spy(monkeypatch)
+    first = media.fit_image(Image.fromarray(np.full((80, 80, 3), 90, np.uint8)), SIZE)
+    settings = pipeline.Settings(frames=21, clip_frames=9, size=SIZE)
+    timings = pipeline.Timings()
+    pipeline.generate(models, ["a red car at night"], [tmp_path / "long.mp4"], images=[first], settings=settings,
+                      timings=timings, progress=False)
+    assert [c[2].shape for c in spy.clips] == [(1, 9, 64, 64, 3)] * 3
+    np.testing.assert_array_equal(spy.clips[0][0][0], first)
+    for (_, _, prev), (frames, vlm, _) in zip(spy.clips, spy.clips[1:]):
+        np.testing.assert_array_equal(frames, prev[:, -1])
+        np.testing.assert_array_equal(vlm[0], prev[0, -1])
+    joined = np.concatenate([spy.clips[0][2][0], spy.clips[1][2][0, 1:], spy.clips[2][2][0, 1:5]])
+    assert [f.shape[0] for _, f in spy.written] == [9, 8, 4]
+    np.testing.assert_array_equal(np.concatenate([f for _, f in spy.written]), joined)
+    video, _ = read_video(tmp_path / "long.mp4")
+    assert video.shape == (21, 64, 64, 3)
+    # H.264 is lossy (and random weights draw noise): each frame read back is closest to the one written there
+    dist = np.abs(video[:, None].astype(np.float32) - joined[None].astype(np.float32)).mean((2, 3, 4))
+    np.testing.assert_array_equal(dist.argmin(1), np.arange(21))
+    assert timings.calls["sampling"] == 3 and timings.calls["vae-encode"] == 3
+
+
+def test_text_to_image_then_video_batch(ckpt, tmp_path, monkeypatch):
+    """Without --image the T2I DiT makes the first frames; a prompts file is one batch (one sampling call
+    per clip) and writes one video per prompt."""
+    spy = Spy(monkeypatch)
+    (tmp_path / "prompts.txt").write_text("a cat walks on the grass\n# skipped\n\na red car at night\n")
+    assert _generate(ckpt, tmp_path, "--prompts-file", str(tmp_path / "prompts.txt"), "--frames", "9", "--t2i-steps",
+                     "2", "--out", str(tmp_path / "batch.mp4")) == 0
+    assert len(spy.t2i) == 1 and spy.t2i[0].shape == (2, 64, 64, 3)
+    assert len(spy.clips) == 1 and spy.clips[0][2].shape == (2, 9, 64, 64, 3)
+    np.testing.assert_array_equal(spy.clips[0][0], spy.t2i[0])  # the T2I frames are the video's references
+    for i in range(2):
+        video, fps = read_video(tmp_path / f"batch_{i:03d}.mp4")
+        assert video.shape == (9, 64, 64, 3) and fps == 24
+    assert not np.array_equal(spy.clips[0][2][0], spy.clips[0][2][1])  # two prompts, two seeds: two videos
+
+
+def test_failure_keeps_finished_clips(ckpt, image, tmp_path, monkeypatch, capsys):
+    Spy(monkeypatch, fail_at=2)
+    out = tmp_path / "partial.mp4"
+    assert _generate(ckpt, tmp_path, "--prompt", "a cat", "--image", str(image), "--frames", "25", "--clip-frames", "9",
+                     "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    assert f"clip 3 of 3 failed (RuntimeError: out of memory); {out} holds clips 1-2 (17 frames each, playable)" in err
+    video, _ = read_video(out)
+    assert video.shape == (17, 64, 64, 3)
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".mp4"] == ["partial.mp4"]
+
+
+def test_reference_latent_sample_or_mean(models):
+    frames = np.random.default_rng(0).integers(0, 255, (2, *SIZE, 3), np.uint8)
+    keys = pipeline.prompt_keys(0, 2)
+    mean = pipeline.reference_latents(models.vae, frames, keys, 0, use_mean=True)
+    m, logvar = vae.encode(models.vae.params, models.vae.cfg, np.asarray(frames, np.float32)[:, None] / 255 * 2 - 1)
+    np.testing.assert_allclose(mean, m * models.vae.cfg.scaling_factor, rtol=1e-5, atol=1e-5)
+    a, b = (pipeline.reference_latents(models.vae, frames, keys, c, use_mean=False) for c in (0, 1))
+    z = (np.asarray(a) / models.vae.cfg.scaling_factor - np.asarray(m)) / np.exp(0.5 * np.asarray(logvar))
+    assert abs(z.mean()) < 0.2 and abs(z.std() - 1) < 0.2  # a posterior draw: mean + σ·ε with ε ~ N(0, 1)
+    assert not np.allclose(a, b)  # each clip draws anew
+
+
+def _broken(ckpt, tmp_path, **swap):
+    """A copy of the checkpoint folder (by links) with some entries replaced or removed (None)."""
+    root = tmp_path / "broken"
+    root.mkdir()
+    for name in components.LAYOUT:
+        target = swap.get(name, ckpt / name)
+        if target is not None:
+            (root / name).symlink_to(target)
+    return root
+
+
+@pytest.mark.parametrize("swap, message", [
+    (dict(t2i=None), "t2i is missing: the text-to-image DiT"),
+    (dict(clip_tokenizer=None), "clip_tokenizer is missing: the CLIP tokenizer folder"),
+    (dict(vae="dit"), "vae holds a 'dit' checkpoint, not 'vae'"),
+    (dict(t2i="dit"), "t2i/ must be the text-to-image DiT"),
+    (dict(dit="t2i"), "dit/ must be the image-to-video DiT"),
+])
+def test_broken_checkpoint_folders(ckpt, tmp_path, capsys, swap, message):
+    root = _broken(ckpt, tmp_path, **{k: None if v is None else ckpt / v for k, v in swap.items()})
+    assert main(["generate", "--prompt", "a cat", "--checkpoints", str(root), "--size", "64x64", "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_parameters_that_do_not_fit_the_config(ckpt, tmp_path, capsys):
+    """A checkpoint whose config says one architecture and whose parameters are another's."""
+    meta = checkpoint.read_meta(ckpt / "dit")
+    bad = tmp_path / "bad_dit"
+    params = checkpoint.load_params(ckpt / "t2i")
+    checkpoint.save(bad, "dit", meta["config"], params)
+    root = _broken(ckpt, tmp_path, dit=bad)
+    assert main(["generate", "--prompt", "a cat", "--checkpoints", str(root), "--size", "64x64", "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'dit'} (the image-to-video DiT" in err and "do not match its config" in err
+
+
+def test_dit_that_does_not_fit_the_encoders(ckpt, tmp_path, capsys):
+    cfg = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")  # text dims 32 / 16, the encoders give 64 / 32
+    save_random(tmp_path / "small_dit", "dit", dit, cfg, 5)
+    root = _broken(ckpt, tmp_path, dit=tmp_path / "small_dit")
+    assert main(["generate", "--prompt", "a cat", "--checkpoints", str(root)]) == 2
+    assert "dit/ takes text states of 32 and pooled states of 16, the encoders give 64 (vlm/) and 32 (clip/)" in \
+        capsys.readouterr().err

@@ -1,0 +1,286 @@
+"""The causal 3D VAE against diffusers' AutoencoderKLHunyuanVideo (random weights, converted by our
+converter, fp32), untiled and with the release's tiling on tiles that really overlap.
+
+Where diffusers differs from the release (spec D.5b), the release wins:
+- diffusers always tiles in time ("framewise" encoding/decoding, on even with tiling off) with its own
+  16-frame tiles at a 12-frame stride; the release tiles in time only when tiling is on, with
+  `sample_tsize` (64) frames at 3/4 of that stride. The untiled references below switch framewise
+  off; the tiled references pass the release's tile sizes and strides to `enable_tiling`, under
+  which diffusers' rules coincide with the release's (tile + 1 inputs, first output dropped, blend
+  extents, kept lengths, raster-order blending with already blended neighbours).
+- diffusers crops the joined result to the untiled size; the release does not, which never matters
+  because the kept lengths always add up to it (checked by the geometry tests).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from m141jax.config import VAE_PRESETS, preset  # noqa: E402
+from m141jax.convert import vae as convert_vae  # noqa: E402
+from m141jax.models import vae, vae_tiling  # noqa: E402
+
+TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, latent_channels=16, layers_per_block=2)
+# small release-style tiles so that tiles overlap on small inputs: 64 px (8 latents) at a 48 px
+# stride, blend 2 latents / 16 px; 32 frames (8 latents) at a 24-frame stride, blend 2 latents / 8 frames
+TILES = dict(sample_size=64, sample_tsize=32)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def to_torch(x):
+    return torch.from_numpy(np.moveaxis(np.asarray(x, np.float32), -1, 1).copy())
+
+
+def from_torch(t):
+    return np.moveaxis(t.detach().numpy(), 1, -1)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(diffusers model, our config with small tiles, converted params) from one random tiny VAE."""
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKLHunyuanVideo(**TINY).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random norms and biases too, so that no parameter is an identity
+        for name, p in ref.named_parameters():
+            if p.ndim == 1:
+                p.copy_((0.0 if name.endswith("bias") else 1.0) + 0.2 * torch.randn(p.shape, generator=g))
+    folder = tmp_path_factory.mktemp("vae") / "diffusers"
+    ref.save_pretrained(folder)
+    cfg, params = convert_vae.convert(str(folder), None, np.float32, progress=False)
+    assert cfg.block_out_channels == TINY["block_out_channels"] and cfg.param_dtype == "fp32"
+    cfg = dataclasses.replace(cfg, dtype="fp32", **TILES)
+    return ref, cfg, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def untiled(ref):
+    ref.use_tiling = False
+    ref.use_framewise_encoding = ref.use_framewise_decoding = False  # diffusers' default differs (see top)
+    return ref
+
+
+def release_tiled(ref, cfg):
+    stride, tstride = int(cfg.sample_size * 0.75), int(cfg.sample_tsize * 0.75)
+    ref.use_framewise_encoding = ref.use_framewise_decoding = True
+    ref.enable_tiling(cfg.sample_size, cfg.sample_size, cfg.sample_tsize, stride, stride, tstride)
+    return ref
+
+
+def encode_both(models, video, tiling):
+    ref, cfg, params = models
+    ref = release_tiled(ref, cfg) if tiling else untiled(ref)
+    with torch.no_grad():
+        dist = ref.encode(to_torch(video)).latent_dist
+    mean, logvar = vae.encode(params, cfg, jnp.asarray(video), tiling=tiling)
+    return (mean, logvar), (from_torch(dist.mean), from_torch(dist.logvar))
+
+
+def decode_both(models, latents, tiling):
+    ref, cfg, params = models
+    ref = release_tiled(ref, cfg) if tiling else untiled(ref)
+    with torch.no_grad():
+        want = from_torch(ref.decode(to_torch(latents)).sample)
+    return vae.decode(params, cfg, jnp.asarray(latents), tiling=tiling), want
+
+
+def video(shape, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+
+
+def latents(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ untiled parity
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 24, 3), (1, 9, 32, 32, 3)], ids=["image-batch2", "video-9f"])
+def test_encode_matches_diffusers(models, shape):
+    (mean, logvar), (want_mean, want_logvar) = encode_both(models, video(shape), tiling=False)
+    f = (shape[1] - 1) // 4 + 1
+    assert mean.shape == (shape[0], f, shape[2] // 8, shape[3] // 8, 16) and mean.dtype == jnp.float32
+    assert rel_err(mean, want_mean) < 1e-5
+    assert rel_err(logvar, want_logvar) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4, 3, 16), (1, 3, 4, 4, 16)], ids=["image", "video-3lat"])
+def test_decode_matches_diffusers(models, shape):
+    got, want = decode_both(models, latents(shape), tiling=False)
+    assert got.shape == (shape[0], 4 * (shape[1] - 1) + 1, 8 * shape[2], 8 * shape[3], 3)
+    assert rel_err(got, want) < 5e-5
+
+
+def test_bf16_runtime_stays_close_to_fp32(models):
+    """The release runs the VAE in bf16: same weights cast to bf16, output within bf16 rounding
+    (on this random model diffusers in bf16 is 7% off its fp32 output; this port is ~7% off too)."""
+    _, cfg, params = models
+    z = latents((1, 1, 4, 3, 16), seed=4)
+    want = vae.decode(params, cfg, jnp.asarray(z), tiling=False)
+    cfg16 = dataclasses.replace(cfg, dtype="bf16", param_dtype="bf16")
+    got = vae.decode(jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params), cfg16, jnp.asarray(z), tiling=False)
+    assert got.dtype == jnp.float32 and 1e-3 < rel_err(got, want) < 0.15
+
+
+def test_frame_by_frame_attention_equals_dense():
+    """Full-size tiles use the frame-by-frame online softmax; it must equal the masked dense form."""
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 3 * 6, 8)) for i in range(3))
+    dense = vae.frame_causal_attention(q, k, v, frames=3)
+    looped = vae.frame_causal_attention(q, k, v, frames=3, max_dense=0)
+    np.testing.assert_allclose(looped, dense, rtol=1e-5, atol=1e-6)
+    # frame 0 sees only itself: its output does not move when later frames change
+    moved = vae.frame_causal_attention(q, k.at[:, 6:].mul(-2.0), v.at[:, 6:].add(1.0), frames=3, max_dense=0)
+    np.testing.assert_allclose(moved[:, :6], dense[:, :6], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(moved[:, 6:], dense[:, 6:])
+
+
+# ------------------------------------------------------------------------------ release tiling parity
+
+def test_tiled_encode_image_matches_release_rules(models):
+    """96×96 px with 64 px tiles at 48: a 2×2 grid whose tiles overlap by 16 px, blended at the corner."""
+    x = video((1, 1, 96, 96, 3), seed=1)
+    (mean, logvar), (want_mean, want_logvar) = encode_both(models, x, tiling=True)
+    assert rel_err(mean, want_mean) < 1e-5 and rel_err(logvar, want_logvar) < 1e-5
+    with torch.no_grad():
+        plain = from_torch(untiled(models[0]).encode(to_torch(x)).latent_dist.mean)
+    assert rel_err(mean, plain) > 1e-3  # tiling really happened: GroupNorm sees each tile alone
+
+
+def test_tiled_encode_video_matches_release_rules(models):
+    """41 frames with 33-frame tiles at 24: the second tile drops its first latent and blends 2 latents."""
+    x = video((1, 41, 16, 16, 3), seed=2)
+    (mean, logvar), (want_mean, want_logvar) = encode_both(models, x, tiling=True)
+    assert mean.shape[1] == 11
+    assert rel_err(mean, want_mean) < 1e-5 and rel_err(logvar, want_logvar) < 1e-5
+
+
+def test_tiled_decode_matches_release_rules_and_reuses_compilations(models):
+    """11 latent frames (tiles z[0:9], z[6:11]) × 12 latent rows (tiles 0:8, 6:12): temporal tiles
+    nest spatial ones; the 4 tiles of 4 shapes compile 4 times, and decoding again compiles nothing."""
+    z = latents((1, 11, 12, 4, 16), seed=3)
+    before = vae.decode_tile._cache_size()
+    got, want = decode_both(models, z, tiling=True)
+    assert got.shape == (1, 41, 96, 32, 3)
+    assert rel_err(got, want) < 5e-5
+    assert vae.decode_tile._cache_size() - before == 4
+    vae.decode(models[2], models[1], jnp.asarray(z))
+    assert vae.decode_tile._cache_size() - before == 4
+
+
+# --------------------------------------------------------------- tiling rules on the real configuration
+
+def _zeros(shape):
+    return np.broadcast_to(np.zeros((), np.float32), shape)  # no memory: the fakes read shapes only
+
+
+def _fake_encoder(calls):
+    """Stands in for the encoder: latent shape of a tile, filled with the tile's call number."""
+    def fn(x):
+        calls.append(x.shape[1:4])
+        b, f, h, w, _ = x.shape
+        return jnp.full((b, (f - 1) // 4 + 1, h // 8, w // 8, 2), float(len(calls) - 1))
+    return fn
+
+
+def test_release_tile_geometry_544x960x81():
+    """Spec D.5: 3 rows × 5 columns of 256 px tiles at 192 px (the last row 160 px, the last column
+    192 px), kept 24+24+20 rows and 5×24 columns; in time 65-frame tiles at 48, giving 21 latents."""
+    cfg = preset("hunyuan-vae", VAE_PRESETS)
+    calls = []
+    out = vae_tiling.encode(cfg, _fake_encoder(calls), _zeros((1, 81, 544, 960, 3)))
+    assert out.shape == (1, 21, 68, 120, 2)
+    assert calls[:15] == [(65, h, w) for h in (256, 256, 160) for w in (256, 256, 256, 256, 192)]
+    assert calls[15:] == [(33, h, w) for h in (256, 256, 160) for w in (256, 256, 256, 256, 192)]
+    calls = []
+    assert vae_tiling.encode(cfg, _fake_encoder(calls), _zeros((1, 1, 256, 264, 3))).shape == (1, 1, 32, 33, 2)
+    # 264 > 256 tiles both axes: tiles start at 0 and 192 in each, the second row 64 px, column 72 px
+    assert calls == [(1, 256, 256), (1, 256, 72), (1, 64, 256), (1, 64, 72)]
+
+
+def test_release_temporal_decode_blend_and_kept_frames():
+    """T_lat = 21: tile 0 decodes z[0:17] -> 65 frames and keeps 49; tile 1 decodes z[12:21] -> 33
+    frames, drops its first, blends its first 16 with tile 0's last 16 by weight k/16, keeps 32."""
+    cfg = preset("hunyuan-vae", VAE_PRESETS)
+    calls = []
+
+    def fake_decoder(z):  # frame k of a tile starting at latent i is global frame 4i + k; + 1000 per tile
+        calls.append(z.shape[1])
+        i, n = int(z[0, 0, 0, 0, 0]), z.shape[1]
+        frames = 4 * i + jnp.arange(4 * (n - 1) + 1, dtype=jnp.float32) + 1000.0 * (len(calls) - 1)
+        return jnp.broadcast_to(frames[None, :, None, None, None], (1, len(frames), 8, 8, 1))
+
+    z = jnp.broadcast_to(jnp.arange(21.0)[None, :, None, None, None], (1, 21, 1, 1, 16))
+    out = np.asarray(vae_tiling.decode(cfg, fake_decoder, z))[0, :, 0, 0, 0]
+    assert calls == [17, 9] and out.shape == (81,)
+    k = np.arange(16)
+    np.testing.assert_allclose(out[:49], np.arange(49))
+    np.testing.assert_allclose(out[49:65], 49 + k + 1000 * k / 16, rtol=1e-6)
+    np.testing.assert_allclose(out[65:], np.arange(65, 81) + 1000)
+
+
+def test_blend_follows_release_formula():
+    a = jnp.arange(10.0).reshape(1, 10, 1, 1, 1)
+    b = jnp.full((1, 3, 1, 1, 1), 100.0)  # shorter than the extent: e = min(10, 3, 4) = 3
+    got = np.asarray(vae_tiling.blend(a, b, 1, 4))[0, :, 0, 0, 0]
+    np.testing.assert_allclose(got, [7 * 1 + 100 * 0, 8 * (2 / 3) + 100 / 3, 9 * (1 / 3) + 200 / 3], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- posterior, errors
+
+def test_sample_posterior_uses_the_key():
+    mean, logvar = jnp.zeros((1, 1, 64, 64, 16)), jnp.full((1, 1, 64, 64, 16), np.log(4.0))
+    a = vae.sample_posterior(mean, logvar, jax.random.PRNGKey(0))
+    b = vae.sample_posterior(mean, logvar, jax.random.PRNGKey(0))
+    c = vae.sample_posterior(mean, logvar, jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c) and abs(float(a.std()) - 2.0) < 0.1
+
+
+def test_logvar_is_clamped(models):
+    _, cfg, params = models
+    big = jax.tree_util.tree_map(lambda x: x, params)
+    big["quant_conv"] = dict(big["quant_conv"], bias=params["quant_conv"]["bias"].at[16:].set(1e3))
+    _, logvar = vae.encode(big, cfg, jnp.asarray(video((2, 1, 32, 24, 3))), tiling=False)
+    assert float(logvar.max()) == 20.0
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((1, 8, 32, 32, 3), "8 frames; accepted: 1 or 4k\\+1"),
+    ((1, 5, 36, 32, 3), "36x32 .* not a multiple of 8"),
+    ((1, 5, 32, 32, 4), "must be \\[B, F, H, W, 3\\]"),
+])
+def test_bad_videos_get_clear_errors(shape, match):
+    cfg = preset("tiny-vae", VAE_PRESETS)
+    with pytest.raises(ValueError, match=match):
+        vae.encode({}, cfg, jnp.zeros(shape))
+
+
+def test_bad_latents_and_configs_get_clear_errors():
+    with pytest.raises(ValueError, match="latents must be"):
+        vae.decode({}, preset("tiny-vae", VAE_PRESETS), jnp.zeros((1, 2, 4, 4, 4)))
+    with pytest.raises(ValueError, match="not divisible by norm_num_groups"):
+        preset("tiny-vae", VAE_PRESETS, norm_num_groups=32)
+    with pytest.raises(ValueError, match="time_compression_ratio 8"):
+        preset("tiny-vae", VAE_PRESETS, time_compression_ratio=8)
+    with pytest.raises(ValueError, match="sample_size 48"):
+        preset("tiny-vae", VAE_PRESETS, sample_size=48)
+
+
+def test_real_config_shapes_without_running():
+    """The released VAE: 246M parameters; a 544×960 decode tile traced with abstract values only."""
+    cfg = preset("hunyuan-vae", VAE_PRESETS)
+    params = vae.abstract_params(cfg)
+    assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == 246_478_803
+    assert params["encoder"]["conv_in"]["conv"]["kernel"].shape == (3, 3, 3, 3, 128)
+    assert params["decoder"]["up_blocks_3"]["resnets_0"]["conv_shortcut"]["conv"]["kernel"].shape == (1, 1, 1, 256, 128)
+    out = jax.eval_shape(lambda p, z: vae.decode_tile(p, cfg, z), params,
+                         jax.ShapeDtypeStruct((1, 17, 32, 32, 16), jnp.bfloat16))
+    assert out.shape == (1, 65, 256, 256, 3)
