@@ -21,6 +21,7 @@ from m141jax.config import (DISTILL_PRESETS, TRAIN_PRESETS, DiTConfig, dtype_of,
                             to_json_dict)
 from m141jax.models.dit import abstract_params, init_params
 from m141jax.train import data as data_lib
+from m141jax.train import prepare
 from m141jax.train.checkpointing import RunCheckpoints
 from m141jax.train.dmd import generator_turn, init_dmd_state, make_dmd_step
 from m141jax.train.flow import init_train_state, make_train_step
@@ -139,6 +140,7 @@ def _add(sub, name: str, help_: str, func, presets) -> None:
 
 
 def add_parser(sub) -> None:
+    prepare.add_parser(sub)
     _add(sub, "train", "flow-matching training of the DiT", train_main, TRAIN_PRESETS)
     _add(sub, "distill", "DMD2 step distillation of a teacher DiT into a few-step generator", distill_main,
          DISTILL_PRESETS)
