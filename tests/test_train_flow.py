@@ -9,7 +9,9 @@ import pytest
 
 from m141jax import sampling
 from m141jax.config import FlowConfig, OptimizerConfig
+from m141jax.models.dit import abstract_params
 from m141jax.train import flow
+from m141jax.train.data import SyntheticSource
 from m141jax.train.optim import ema_init, ema_update, lr_schedule, make_optimizer
 from train_helpers import pixel_params, pixel_velocity, tiny_train_config
 
@@ -145,3 +147,16 @@ def test_train_step_updates_params_ema_and_counts():
     for e, w in zip(jax.tree.leaves(s2.ema), jax.tree.leaves(want)):
         np.testing.assert_allclose(e, w, rtol=1e-6)
     assert not np.allclose(jax.tree.leaves(s2.params)[0], jax.tree.leaves(params)[0])
+
+
+def test_remat_policy_comes_from_the_model_config():
+    cfg = tiny_train_config()
+    src = SyntheticSource(cfg.model, cfg.data, cfg.flow.n_image_tokens)
+    batch = {k: np.stack([src[i][k] for i in range(2)]) for k in src[0]}
+    batch.update({f"null_{k}": v for k, v in src.null().items()})
+    counts = {}
+    for remat in ("none", "full"):
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
+        state = jax.eval_shape(lambda c=c: flow.init_train_state(c, abstract_params(c.model)))
+        counts[remat] = str(jax.make_jaxpr(flow.make_train_step(c))(state, batch, jax.random.PRNGKey(0))).count("remat")
+    assert counts == {"none": 0, "full": 3}  # refiner, double-stream and single-stream stacks

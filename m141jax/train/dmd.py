@@ -134,10 +134,10 @@ def discriminator_loss(logits_fake, logits_real):
 class DMD:
     """The DMD2 losses for one configuration; `velocity` is the DiT (or a stand-in for tests)."""
 
-    def __init__(self, cfg: DistillConfig, velocity: Velocity | None = None, head: nn.Module | None = None):
+    def __init__(self, cfg: DistillConfig, velocity: Velocity | None = None):
         self.cfg, self.dmd = cfg, cfg.dmd
         self.velocity = velocity or dit_velocity(cfg.model)
-        self.head = head or DiscriminatorHead(head_width(cfg))
+        self.head = DiscriminatorHead(head_width(cfg))
         self.sigmas = jnp.asarray(sampling.schedule(cfg.dmd.student_steps, cfg.dmd.shift))
 
     def logits(self, critic, x0, cond, rng):
@@ -188,12 +188,12 @@ def generator_turn(step: int, dmd: DMDConfig) -> bool:
     return step % dmd.critic_steps == 0
 
 
-def make_dmd_step(cfg: DistillConfig, velocity: Velocity | None = None, head: nn.Module | None = None):
+def make_dmd_step(cfg: DistillConfig, velocity: Velocity | None = None):
     """dmd_step(state, teacher, batch, rng, update_generator) -> (state, metrics): one DMD2 iteration.
 
     update_generator is static (jit it with static_argnums=4); take it from `generator_turn(step)`.
     """
-    losses = DMD(cfg, velocity, head)
+    losses = DMD(cfg, velocity)
     (gen_tx, gen_schedule), (critic_tx, critic_schedule) = _optimizers(cfg)
     n_img = cfg.n_image_tokens
 
