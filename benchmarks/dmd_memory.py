@@ -10,7 +10,9 @@ small clip (a 13B program with a short sequence) and XLA's per-device memory ana
 arguments are the state above; the temporaries are the step's activations at that sequence length.
 
     python benchmarks/dmd_memory.py [--compile]
-    RESULT dmd_memory devices=N generator_gib=… generator_opt_gib=… critic_gib=… critic_opt_gib=… teacher_gib=… total_gib=…
+    RESULT dmd_memory devices=N generator_gib=… generator_opt_gib=… critic_gib=… critic_opt_gib=…
+           teacher_gib=… total_gib=…   (one line)
+    RESULT dmd_memory_aot devices=8 tokens=… argument_gib=… output_gib=… temp_gib=… alias_gib=…   (--compile)
 """
 
 from __future__ import annotations
