@@ -202,8 +202,9 @@ def from_json_dict(cls, d: dict[str, Any]):
     hints = typing.get_type_hints(cls)
     kw = {}
     for k, v in d.items():
-        if isinstance(v, dict) and dataclasses.is_dataclass(hints[k]):
-            v = from_json_dict(hints[k], v)
+        nested = [t for t in (hints[k], *typing.get_args(hints[k])) if dataclasses.is_dataclass(t)]
+        if isinstance(v, dict) and nested:
+            v = from_json_dict(nested[0], v)
         kw[k] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
 
@@ -627,6 +628,7 @@ class TrainConfig:
     flow: FlowConfig = FlowConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     ema_decay: float = 0.0  # 0 disables the EMA of the parameters
+    sparsity: SparsityConfig | None = None  # N:M-sparse fine-tuning of the DiT (schedule in optimizer updates)
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
 
@@ -668,6 +670,7 @@ class DistillConfig:
     dmd: DMDConfig = DMDConfig()
     generator_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=5e-7, clip_norm=10.0)
     critic_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=5e-7, clip_norm=10.0)
+    sparsity: SparsityConfig | None = None  # keeps the generator N:M sparse (schedule in generator updates)
     n_image_tokens: int = 146  # leading VLM image tokens kept by the real score's unconditional branch
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
@@ -718,8 +721,8 @@ def _coerce(hint, value, where: str):
 
 def merge_config(cfg, updates: dict[str, Any], where: str = ""):
     """cfg (a config dataclass) with the fields of a nested dict replaced. A `model` given as a string is
-    a DiT preset name; a dict with a 'preset' key starts from that preset."""
-    import typing
+    a DiT preset name; a dict with a 'preset' key starts from that preset. An optional nested config
+    (`sparsity`) set while None starts from its defaults; null switches it off."""
     hints = typing.get_type_hints(type(cfg))
     kw = {}
     for key, value in updates.items():
@@ -727,6 +730,11 @@ def merge_config(cfg, updates: dict[str, Any], where: str = ""):
         if key not in hints:
             raise ValueError(f"unknown config field {name!r}; accepted: {sorted(hints)}")
         current = getattr(cfg, key)
+        if current is None and isinstance(value, dict):  # an optional nested config, off so far: its defaults
+            current = next(t for t in typing.get_args(hints[key]) if dataclasses.is_dataclass(t))()
+        if value is None and type(None) in typing.get_args(hints[key]):
+            kw[key] = None
+            continue
         if isinstance(current, DiTConfig) and isinstance(value, str):
             value = {"preset": value}
         if dataclasses.is_dataclass(current):

@@ -209,3 +209,42 @@ def test_13b_dit_sparse_sizes():
     sparse8 = size(lambda p: quant.quantize_dit(sparsity.compress(p, chosen, values="int8"), cfg, "int8"))
     int8 = size(lambda p: quant.quantize_dit(p, cfg, "int8"))
     assert sparse < 0.75 * dense and sparse8 < int8
+
+
+def test_train_and_distill_configs_keep_the_dit_sparse():
+    """`sparsity` in TrainConfig / DistillConfig wraps the flow step's and the generator's optimizers."""
+    import dataclasses
+
+    from m141jax.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
+    from m141jax.train import dmd, flow
+
+    assert load_run_config(TRAIN_PRESETS, None, ["preset=tiny-i2v"]).sparsity is None
+    cfg = load_run_config(TRAIN_PRESETS, None, ["preset=tiny-i2v", "sparsity.end_step=0", "run.steps=3"])
+    assert cfg.sparsity == SparsityConfig()
+    assert load_run_config(TRAIN_PRESETS, None, ["sparsity.n=1", "sparsity=null"]).sparsity is None
+    model = cfg.model
+    params = dit.init_params(model, jax.random.PRNGKey(0))
+    chosen = sparsity.select_dit(params, model, cfg.sparsity)
+    b, g = 2, np.random.default_rng(0)
+    batch = {"latents": g.standard_normal((b, 2, 4, 4, model.out_channels)),
+             "ref_latents": g.standard_normal((b, 1, 4, 4, model.out_channels)),
+             "text_states": g.standard_normal((b, 6, model.text_dim)), "text_mask": np.ones((b, 6), np.int32),
+             "text_states_2": g.standard_normal((b, model.pooled_dim)),
+             "null_text_states": np.zeros((4, model.text_dim)), "null_text_mask": np.array([1, 0, 0, 0]),
+             "null_text_states_2": np.zeros(model.pooled_dim)}
+    batch = {k: jnp.asarray(v, jnp.int32 if "mask" in k else jnp.float32) for k, v in batch.items()}
+    state = flow.init_train_state(cfg, params)
+    step = jax.jit(flow.make_train_step(cfg))
+    for i in range(2):
+        state, _ = step(state, batch, jax.random.PRNGKey(i))
+    for path, lay in chosen.items():
+        w = _kernel(state.params, path)
+        assert (_groups_np(w != 0, lay, 4).sum(axis=-2) == 2).all(), path
+        np.testing.assert_array_equal(w != 0, _kernel(state.opt_state.masks, path))
+
+    dcfg = dataclasses.replace(DISTILL_PRESETS["tiny-i2v"], sparsity=SparsityConfig())
+    dstate = dmd.init_dmd_state(dcfg, params, jax.random.PRNGKey(1))
+    assert isinstance(dstate.generator_opt, sparsity.SparseState)
+    assert not isinstance(dstate.critic_opt, sparsity.SparseState)  # the fake score stays dense
+    path = next(iter(chosen))
+    assert (_groups_np(_kernel(dstate.generator_opt.masks, path), chosen[path], 4).sum(axis=-2) == 2).all()

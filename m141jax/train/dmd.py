@@ -65,7 +65,8 @@ class DMDState:
 
 def _optimizers(cfg: DistillConfig):
     gen_updates = math.ceil(cfg.run.steps / cfg.dmd.critic_steps)
-    return make_optimizer(cfg.generator_optimizer, gen_updates), make_optimizer(cfg.critic_optimizer, cfg.run.steps)
+    return (make_optimizer(cfg.generator_optimizer, gen_updates, cfg.sparsity, cfg.model),
+            make_optimizer(cfg.critic_optimizer, cfg.run.steps))
 
 
 def head_width(cfg: DistillConfig) -> int:

@@ -156,14 +156,14 @@ class TrainState:
 
 
 def init_train_state(cfg: TrainConfig, params) -> TrainState:
-    tx, _ = make_optimizer(cfg.optimizer, cfg.run.steps)
+    tx, _ = make_optimizer(cfg.optimizer, cfg.run.steps, cfg.sparsity, cfg.model)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), ema_init(params, cfg.ema_decay))
 
 
 def make_train_step(cfg: TrainConfig, velocity: Velocity | None = None):
     """train_step(state, batch, rng) -> (state, metrics): one AdamW update on the flow-matching loss."""
     velocity = velocity or dit_velocity(cfg.model)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.run.steps)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.run.steps, cfg.sparsity, cfg.model)
 
     def train_step(state: TrainState, batch: dict, rng):
         x0, cond, null = split_batch(batch)

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from m141jax.config import OptimizerConfig
+from m141jax.config import DiTConfig, OptimizerConfig, SparsityConfig
+from m141jax.models.dit import abstract_params
+from m141jax.train import sparsity as nm
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -25,13 +27,17 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, its learning-rate schedule) for a run of total_steps updates."""
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, sparsity: SparsityConfig | None = None,
+                   model: DiTConfig | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, its learning-rate schedule) for a run of total_steps updates. With `sparsity` the
+    optimizer keeps the DiT (`model`) N:M sparse (`sparsity.sparse_training`: masks in its state)."""
     schedule = lr_schedule(cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw), schedule
-    return adamw, schedule
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    if sparsity is not None:
+        tx = nm.sparse_training(tx, sparsity, nm.select_dit(abstract_params(model), model, sparsity))
+    return tx, schedule
 
 
 def ema_init(params, decay: float):
