@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from m141jax import checkpoint, config, sharding
+from m141jax import checkpoint, config, kernels, sharding
 from m141jax.checkpoint import CheckpointError
 from m141jax.encoders import Encoders
 from m141jax.models import dit as dit_model
@@ -76,15 +76,25 @@ def read_config(root: str | Path, name: str, dtype: str = "bf16"):
 def load_component(root: str | Path, name: str, dtype: str = "bf16", mesh=None,
                    sequence_parallel: str = "auto") -> Component:
     """The DiT or VAE in root/name, in `dtype`, its stored parameter shapes checked against its config;
-    a DiT with a `mesh` is restored straight onto it (each device reads its own shards)."""
+    a DiT with a `mesh` is restored straight onto it (each device reads its own shards). A DiT written by
+    `m141jax quantize` / `m141jax sparsify` is kept compressed (its layers rebuild dense kernels as they
+    run), so it is read at its compressed size."""
     component, what = LAYOUT[name]
     cfg, path = read_config(root, name, dtype), Path(root) / name
+    compressed = bool(checkpoint.read_meta(path, component).get("compressed"))
+    if compressed and mesh is not None:
+        raise ValueError(f"{name}/ holds compressed (quantized or N:M sparse) kernels, which are not sharded yet: "
+                         f"run without --mesh or use a dense checkpoint")
+    params = kernels.load(path, config.dtype_of(dtype), component)[1] if compressed else None
     shapes = lambda t: {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(t)}
-    want, have = shapes(_model_module(component).abstract_params(cfg)), shapes(checkpoint.abstract_tree(path))
+    stored = jax.eval_shape(kernels.densify_traced, params) if compressed else checkpoint.abstract_tree(path)
+    want, have = shapes(_model_module(component).abstract_params(cfg)), shapes(stored)
     if want != have:
         bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         raise CheckpointError(f"{path} ({what}): its parameters do not match its config at {len(bad)} entries, "
                               f"e.g. {bad[0]}: stored {have.get(bad[0])}, config {want.get(bad[0])}")
+    if compressed:
+        return Component(cfg, params)
     shardings = None
     if mesh is not None:
         if component != "dit":

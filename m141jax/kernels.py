@@ -179,6 +179,11 @@ def is_box(x) -> bool:
     return isinstance(x, Box)
 
 
+def densify_traced(tree):
+    """The tree with every compressed kernel rebuilt as a dense array, inside a trace (jit, eval_shape)."""
+    return jax.tree_util.tree_map(lambda x: x.unbox() if is_box(x) else x, tree, is_leaf=is_box)
+
+
 def densify(tree):
     """The tree with every compressed kernel rebuilt as a dense array (in one jitted program per kernel)."""
     rebuild = jax.jit(lambda b: b.unbox())

@@ -160,6 +160,20 @@ def test_quantize_command(tmp_path):
                      "--mode", "int8"]) == 2  # exists
 
 
+def test_checkpoint_folder_with_a_quantized_dit(tmp_path):
+    """A dit/ written by `m141jax quantize` loads compressed into generation (no dense copy)."""
+    from m141jax import components
+
+    checkpoint.save(tmp_path / "dense", "dit", to_json_dict(CFG), tiny_params())
+    assert cli.main(["quantize", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "root" / "dit"),
+                     "--mode", "int4"]) == 0
+    c = components.load_component(tmp_path / "root", "dit", dtype="fp32")
+    assert c.cfg == CFG and c.params["double_blocks"]["img_mlp"]["fc1"]["kernel"].bits == 4
+    np.testing.assert_array_equal(sample(c.params), sample(kernels.load(tmp_path / "root" / "dit")[1]))
+    with pytest.raises(ValueError, match="not sharded yet"):
+        components.load_component(tmp_path / "root", "dit", dtype="fp32", mesh=object())
+
+
 def _llama_cfg():
     return LlamaConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                        mlp_hidden=96, param_dtype="fp32", dtype="fp32")
