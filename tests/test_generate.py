@@ -4,6 +4,7 @@ text-to-image stage, the sliding window, batches, and the errors for broken chec
 import re
 
 import imageio.v2 as imageio
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -194,6 +195,23 @@ def test_dit_that_does_not_fit_the_encoders(ckpt, tmp_path, capsys):
     assert main(["generate", "--prompt", "a cat", "--checkpoints", str(root)]) == 2
     assert "dit/ takes text states of 32 and pooled states of 16, the encoders give 64 (vlm/) and 32 (clip/)" in \
         capsys.readouterr().err
+
+
+def test_sharded_encoders_equal_one_device(ckpt, models, image):
+    """Encoders restored on a mesh: the weights are split over its devices, the conditioning is unchanged."""
+    from m141jax import sharding
+    from m141jax.encoders import Encoders, encode
+
+    mesh = sharding.make_mesh("fsdp=2,tensor=4")
+    enc = Encoders.load(ckpt / "vlm", ckpt / "clip", ckpt / "tokenizer", ckpt / "clip_tokenizer", "fp32", mesh=mesh)
+    split = [a for a in jax.tree.leaves(enc.params) if not a.sharding.is_fully_replicated]
+    assert len(split) > len(jax.tree.leaves(enc.params)) // 2
+    assert all(len(a.sharding.device_set) == 8 for a in jax.tree.leaves(enc.params))
+    prompts, images = ["a cat walks on the grass", ""], [Image.open(image)] * 2
+    got, want = encode(enc, prompts, images), encode(models.encoders, prompts, images)
+    for name in ("text_states", "text_mask", "text_states_2"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), rtol=2e-5,
+                                   atol=2e-5, err_msg=name)
 
 
 def test_generate_on_a_mesh(ckpt, image, tmp_path, monkeypatch):
