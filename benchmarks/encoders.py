@@ -50,15 +50,11 @@ from m141jax.convert.clip import _plan_for as clip_plan_for  # noqa: E402
 from m141jax.convert.llava import _plan_for as llava_plan_for  # noqa: E402
 from m141jax.convert.plan import execute  # noqa: E402
 from m141jax.models import clip, llama, llava  # noqa: E402
+from common import result  # noqa: E402
 
 SMALL_LLAMA = LlamaConfig(vocab_size=32000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
                           mlp_hidden=1536)
 SMALL_VISION = CLIPVisionConfig(hidden_size=256, num_layers=4, num_heads=4, mlp_hidden=1024)
-
-
-def result(name: str, **kv) -> None:
-    print(f"RESULT {name} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()),
-          flush=True)
 
 
 def gb(nbytes: float) -> float:

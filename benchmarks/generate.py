@@ -31,28 +31,11 @@ import numpy as np
 from m141jax import pipeline, sampling
 from m141jax.config import preset
 from m141jax.models import dit as dit_lib
+from common import best_of, result
 
 PAPER_SECONDS_PER_VIDEO_SECOND = 3.0 / 5.0  # "5-second video clips within 3 seconds"
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "v5e": 197.0, "v5 lite": 197.0, "v5p": 459.0,
                     "v6e": 918.0, "v6 lite": 918.0}
-
-
-def result(name: str, **kv) -> None:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    print(f"RESULT {name} " + " ".join(f"{k}={fmt(v)}" for k, v in kv.items()), flush=True)
-
-
-def best_of(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds, including compilation; best of `repeats` later calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, min(times)
 
 
 def dit_flops(cfg, image_tokens: int, text_tokens: int) -> float:

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from m141jax.config import VAE_PRESETS, preset  # noqa: E402
 from m141jax.convert import vae as convert_vae  # noqa: E402
 from m141jax.models import vae  # noqa: E402
+from common import best_of, result  # noqa: E402
 
 # name -> (preset, video [B, F, H, W, 3] to encode, latents [B, f, h, w, C] to decode)
 CPU_SIZES = {"tiny": ("tiny-vae", (1, 9, 64, 64, 3), (1, 3, 8, 8, 16)),
@@ -43,24 +44,6 @@ CPU_SIZES = {"tiny": ("tiny-vae", (1, 9, 64, 64, 3), (1, 3, 8, 8, 16)),
 REAL_LATENTS = (1, 21, 68, 120, 16)  # 544×960×81
 REAL_IMAGE = (1, 1, 544, 960, 3)
 DECODE_TILE, ENCODE_TILE = (1, 17, 32, 32, 16), (1, 65, 256, 256, 3)
-
-
-def result(name: str, **kv) -> None:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    print(f"RESULT {name} " + " ".join(f"{k}={fmt(v)}" for k, v in kv.items()), flush=True)
-
-
-def best_of(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds, including compilation; best of `repeats` later calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, min(times)
 
 
 def diffusers_vae(cfg, seed: int = 0):
