@@ -78,14 +78,24 @@ def load_component(root: str | Path, name: str, dtype: str = "bf16", mesh=None,
     """The DiT or VAE in root/name, in `dtype`, its stored parameter shapes checked against its config;
     a DiT with a `mesh` is restored straight onto it (each device reads its own shards). A DiT written by
     `m141jax quantize` / `m141jax sparsify` is kept compressed (its layers rebuild dense kernels as they
-    run), so it is read at its compressed size."""
+    run), so it is read at its compressed size; on a mesh its compressed arrays are split along their
+    output channels."""
     component, what = LAYOUT[name]
     cfg, path = read_config(root, name, dtype), Path(root) / name
     compressed = bool(checkpoint.read_meta(path, component).get("compressed"))
-    if compressed and mesh is not None:
-        raise ValueError(f"{name}/ holds compressed (quantized or N:M sparse) kernels, which are not sharded yet: "
-                         f"run without --mesh or use a dense checkpoint")
-    params = kernels.load(path, config.dtype_of(dtype), component)[1] if compressed else None
+    shardings = None
+    if mesh is not None:
+        if component != "dit":
+            raise ValueError(f"{name}/ cannot be placed on a mesh; only the DiTs are sharded")
+        cfg, shardings = sharding.dit_on_mesh(cfg, mesh, sequence_parallel)
+    params = None
+    if compressed:
+        dense = {kernels.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings or {})}
+
+        def place(key, a, boxed):  # compressed arrays split along their output channels, the rest as dense
+            return dense.get(key) if not boxed and key in dense else sharding.storage_sharding(a.shape, mesh)
+
+        params = kernels.load(path, config.dtype_of(dtype), component, None if mesh is None else place)[1]
     shapes = lambda t: {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(t)}
     stored = jax.eval_shape(kernels.densify_traced, params) if compressed else checkpoint.abstract_tree(path)
     want, have = shapes(_model_module(component).abstract_params(cfg)), shapes(stored)
@@ -93,14 +103,9 @@ def load_component(root: str | Path, name: str, dtype: str = "bf16", mesh=None,
         bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         raise CheckpointError(f"{path} ({what}): its parameters do not match its config at {len(bad)} entries, "
                               f"e.g. {bad[0]}: stored {have.get(bad[0])}, config {want.get(bad[0])}")
-    if compressed:
-        return Component(cfg, params)
-    shardings = None
-    if mesh is not None:
-        if component != "dit":
-            raise ValueError(f"{name}/ cannot be placed on a mesh; only the DiTs are sharded")
-        cfg, shardings = sharding.dit_on_mesh(cfg, mesh, sequence_parallel)
-    return Component(cfg, checkpoint.load_params(path, dtype=config.dtype_of(dtype), shardings=shardings), mesh)
+    if not compressed:
+        params = checkpoint.load_params(path, dtype=config.dtype_of(dtype), shardings=shardings)
+    return Component(cfg, params, mesh)
 
 
 def check_configs(dit, vae, vlm, clip, t2i=None) -> None:

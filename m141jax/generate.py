@@ -55,8 +55,6 @@ def main(args) -> int:
         first = media.fit_image(original, settings.size)
         images, vlm_images = [first] * len(prompts), [original] * len(prompts)
     mesh = sharding.mesh_from_args(args)
-    if mesh is not None and args.quantize:
-        raise ValueError("--quantize and --mesh cannot be combined yet: quantized kernels are not sharded")
     models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype, mesh=mesh,
                                     sequence_parallel=args.sequence_parallel)
     if args.quantize:

@@ -190,6 +190,17 @@ def densify(tree):
     return jax.tree_util.tree_map(lambda x: rebuild(x) if is_box(x) else x, tree, is_leaf=is_box)
 
 
+def split_boxes(tree, mesh):
+    """The tree with the arrays of every compressed kernel split along their output channels over `mesh`
+    (`sharding.storage_sharding`); other leaves unchanged."""
+    from m141jax.sharding import storage_sharding
+
+    def split(box):
+        return jax.tree_util.tree_map(lambda a: jax.device_put(a, storage_sharding(a.shape, mesh)), box)
+
+    return jax.tree_util.tree_map(lambda x: split(x) if is_box(x) else x, tree, is_leaf=is_box)
+
+
 def nbytes(tree) -> int:
     """Bytes of every array in the tree (jax/numpy arrays or ShapeDtypeStructs), boxes included."""
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
@@ -258,16 +269,23 @@ def add_rewrite_arguments(parser, src_help: str, dst_help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
 
-def load(path: str | Path, dtype=None, component: str | None = None):
+def load(path: str | Path, dtype=None, component: str | None = None,
+         place: Callable[[str, Any, bool], Any] | None = None):
     """(metadata, tree) of a checkpoint written by `save` (or a plain one): the compressed kernels as
     boxes. `dtype`: floating-point parameters and the kernels' dense dtype become `dtype`; integer codes
-    and quantization scales keep theirs."""
+    and quantization scales keep theirs. `place(path, stored array shape/dtype, inside a box)`: the
+    sharding each stored array is restored onto (default: the first device)."""
     from m141jax import quant  # noqa: F401  (registers the box types)
     from m141jax.train import sparsity  # noqa: F401
 
     info = checkpoint.read_meta(path, component)
     formats = info.get("compressed", {})
-    tree = checkpoint.load_params(path)
+    shardings = None
+    if place is not None:
+        boxed = lambda key: any(key.startswith(k + "/") for k in formats)  # noqa: E731
+        shardings = jax.tree_util.tree_map_with_path(lambda p, a: place(path_str(p), a, boxed(path_str(p))),
+                                                     checkpoint.abstract_tree(path))
+    tree = checkpoint.load_params(path, shardings=shardings)
     missing = set(formats)
 
     def rebuild(p, x):

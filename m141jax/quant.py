@@ -164,13 +164,18 @@ def quantize_encoders(enc, mode: str, group: int = GROUP, free: bool = False):
     return dataclasses.replace(enc, params=quantize(enc.params, chosen, mode, group, free))
 
 
+def quantize_component(c, mode: str):
+    """A loaded DiT (`components.Component`) quantized by `quantize_dit`, its dense weights freed; on a mesh
+    the codes and scales are split along their output channels."""
+    q = quantize_dit(c.params, c.cfg, mode, free=True)
+    return dataclasses.replace(c, params=q if c.mesh is None else kernels.split_boxes(q, c.mesh))
+
+
 def quantize_models(models, mode: str):
     """The generation models (`components.Models`) as the release quantizes them (spec G.2): both DiTs
     in `mode` (their blocks; other kernels int8), the encoders in int8; the VAE unchanged. The loaded
-    dense weights are freed as they are quantized."""
-    def dit(c):
-        return None if c is None else dataclasses.replace(c, params=quantize_dit(c.params, c.cfg, mode, free=True))
-
+    dense weights are freed as they are quantized; DiTs on a mesh keep their codes split over it."""
+    dit = lambda c: None if c is None else quantize_component(c, mode)  # noqa: E731
     return dataclasses.replace(models, dit=dit(models.dit), t2i=dit(models.t2i),
                                encoders=quantize_encoders(models.encoders, "int8", free=True))
 

@@ -143,6 +143,13 @@ def tree_shardings(logical_axes, abstract, mesh: Mesh, rules=RULES):
                         logical_axes, abstract, is_leaf=lambda x: isinstance(x, P))
 
 
+def storage_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """An array split along its last axis over every mesh axis that divides it (the arrays of compressed
+    kernels, [*lead, K or K/g, N]: their output channels N; the layer that reads one rebuilds its dense
+    kernel and XLA moves it to where the matmul needs it)."""
+    return NamedSharding(mesh, P(*([None] * (len(shape) - 1)), fit_axes(MESH_AXES, shape[-1], mesh)))
+
+
 def batch_axes(mesh: Mesh, batch: int):
     """The batch mesh axes (data, then fsdp) that split `batch` rows evenly."""
     return fit_axes(BATCH_AXES, batch, mesh)

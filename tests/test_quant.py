@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compress_helpers import CFG, rel_l2, sample, tiny_params
-from m141jax import checkpoint, cli, kernels, quant
+from compress_helpers import CFG, inputs, rel_l2, sample, tiny_params
+from m141jax import checkpoint, cli, kernels, quant, sampling, sharding
 from m141jax.config import CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, preset, to_json_dict
 from m141jax.models import clip, dit, llama, llava
 
@@ -161,7 +161,8 @@ def test_quantize_command(tmp_path):
 
 
 def test_checkpoint_folder_with_a_quantized_dit(tmp_path):
-    """A dit/ written by `m141jax quantize` loads compressed into generation (no dense copy)."""
+    """A dit/ written by `m141jax quantize` loads compressed into generation (no dense copy), also split
+    over a mesh, where sampling gives the one-device result."""
     from m141jax import components
 
     checkpoint.save(tmp_path / "dense", "dit", to_json_dict(CFG), tiny_params())
@@ -170,8 +171,22 @@ def test_checkpoint_folder_with_a_quantized_dit(tmp_path):
     c = components.load_component(tmp_path / "root", "dit", dtype="fp32")
     assert c.cfg == CFG and c.params["double_blocks"]["img_mlp"]["fc1"]["kernel"].bits == 4
     np.testing.assert_array_equal(sample(c.params), sample(kernels.load(tmp_path / "root" / "dit")[1]))
-    with pytest.raises(ValueError, match="not sharded yet"):
-        components.load_component(tmp_path / "root", "dit", dtype="fp32", mesh=object())
+
+    mesh = sharding.make_mesh("fsdp=2,tensor=4")
+    m = components.load_component(tmp_path / "root", "dit", dtype="fp32", mesh=mesh)
+    box = m.params["double_blocks"]["img_mlp"]["fc1"]["kernel"]
+    assert box.codes.sharding.spec[-1] == ("fsdp", "tensor") and len(box.codes.sharding.device_set) == 8
+    assert m.params["img_in"]["bias"].sharding.device_set == set(mesh.devices.flat)
+    latents, ref, _, states, mask, pooled = inputs(batch=2)
+    on_mesh = sampling.sample(m.params, m.cfg, latents, (states, mask, pooled), sigmas=sampling.schedule(4),
+                              ref_latents=ref, mesh=mesh)
+    np.testing.assert_allclose(on_mesh, sample(c.params), rtol=1e-5, atol=1e-5)
+
+    # `generate --quantize` on a mesh: the DiT quantized after loading keeps its codes split
+    checkpoint.save(tmp_path / "dense_root" / "dit", "dit", to_json_dict(CFG), tiny_params())
+    dense = components.load_component(tmp_path / "dense_root", "dit", dtype="fp32", mesh=mesh)
+    box = quant.quantize_component(dense, "int4").params["single_blocks"]["linear1_mlp"]["kernel"]
+    assert box.bits == 4 and box.codes.sharding.spec[-1] == ("fsdp", "tensor")
 
 
 def _llama_cfg():
