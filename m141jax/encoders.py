@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from m141jax import checkpoint
 from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig, dtype_of
 from m141jax.models import clip, llama, llava
-from m141jax.prompts import (MAX_LENGTH, NEGATIVE_PROMPT, VLMPrompt, clip_tokens, llm_tokens, template_crop,
+from m141jax.prompts import (MAX_LENGTH, NEGATIVE_PROMPT, TEMPLATES, VLMPrompt, clip_tokens, llm_tokens, template_crop,
                              vlm_prompt)
 from m141jax.vision_input import ImageProcessing, preprocess
 
@@ -132,11 +132,15 @@ def _check_prompts(prompts) -> list[str]:
     return list(prompts)
 
 
-def text_conditioning(enc: Encoders, prompts: list[str]):
-    """(prompt states [B, 256, D], mask [B, 256] int32, CLIP pooled [B, D2]) for the prompts."""
+def text_conditioning(enc: Encoders, prompts: list[str], template: str = "video"):
+    """(prompt states [B, 256, D], mask [B, 256] int32, CLIP pooled [B, D2]) for the prompts, put in
+    HunyuanVideo's 'video' template (the release's) or its one-frame 'image' template."""
     prompts = _check_prompts(prompts)
-    ids, mask = llm_tokens(enc.tokenizer, prompts, enc.crop, enc.max_length)
-    states, mask = _prompt_states(enc.params["language_model"], enc.llm, ids, mask, enc.crop)
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; accepted: {sorted(TEMPLATES)}")
+    crop = enc.crop if template == "video" else template_crop(enc.tokenizer, TEMPLATES[template])
+    ids, mask = llm_tokens(enc.tokenizer, prompts, crop, enc.max_length, TEMPLATES[template])
+    states, mask = _prompt_states(enc.params["language_model"], enc.llm, ids, mask, crop)
     pooled = _pooled(enc.params["clip"], enc.clip, *clip_tokens(enc.clip_tokenizer, prompts, enc.clip.max_positions))
     return states, mask, pooled
 

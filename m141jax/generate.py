@@ -42,7 +42,7 @@ def settings_from(args) -> pipeline.Settings:
         frames=frames, clip_frames=args.clip_frames, steps=args.steps, shift=args.shift, guidance=args.guidance,
         seed=args.seed, size=media.parse_size(args.size) if args.size else None, fps=args.fps,
         reference_mean=args.reference_mean, t2i_steps=args.t2i_steps, t2i_shift=args.t2i_shift,
-        t2i_guidance=args.t2i_guidance)
+        t2i_guidance=args.t2i_guidance, t2i_template=args.t2i_template)
 
 
 def main(args) -> int:
@@ -100,6 +100,9 @@ def add_parser(sub) -> None:
     p.add_argument("--t2i-steps", type=int, default=50, help="sampling steps of the text-to-image stage")
     p.add_argument("--t2i-shift", type=float, default=7.0, help="time shift of the text-to-image stage")
     p.add_argument("--t2i-guidance", type=float, default=6.0, help="embedded guidance scale of the text-to-image stage")
+    p.add_argument("--t2i-template", choices=("video", "image"), default="video",
+                   help="HunyuanVideo prompt template of the text-to-image stage: 'video' (as the video stage) or "
+                        "'image' (what HunyuanVideo uses for one frame)")
     p.add_argument("--checkpoints", default="checkpoints", help="folder of converted checkpoints (see README)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter and activation dtype")
     p.add_argument("--quantize", choices=quant.MODES,

@@ -58,6 +58,7 @@ class Settings:
     t2i_steps: int = 50  # text-to-image stage (HunyuanVideo's sampling defaults)
     t2i_shift: float = 7.0
     t2i_guidance: float = 6.0  # embedded guidance scale
+    t2i_template: str = "video"  # HunyuanVideo prompt template of the text-to-image stage: video | image
 
     def __post_init__(self):
         for name in ("frames", "clip_frames"):
@@ -156,11 +157,12 @@ def decode_frames(vae: Component, latents) -> jax.Array:
 def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], keys, settings: Settings,
                   timings: Timings) -> np.ndarray:
     """First frames uint8 [B, H, W, 3] from the prompts: the T2V DiT at one latent frame, conditioned on
-    the prompt tokens and CLIP vector alone (no image tokens)."""
+    the prompt tokens (in `settings.t2i_template`) and CLIP vector alone (no image tokens)."""
     if models.t2i is None:
         raise ValueError("no image given and no text-to-image DiT loaded: pass --image or provide a t2i/ checkpoint")
     t2i = models.t2i
-    text = sampling.Text(*timings.run("encoders", encoders.text_conditioning, models.encoders, prompts))
+    text = sampling.Text(*timings.run("encoders", encoders.text_conditioning, models.encoders, prompts,
+                                      settings.t2i_template))
     shape = (1, size[0] // 8, size[1] // 8, t2i.cfg.out_channels)
     z = timings.run("t2i", lambda: sampling.sample(
         t2i.params, t2i.cfg, noise(keys, _T2I, 0, shape), text,

@@ -27,6 +27,14 @@ PROMPT_TEMPLATE_VIDEO = (
     "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
 )
+# HunyuanVideo constants.py, PROMPT_TEMPLATE["dit-llm-encode"]: what HunyuanVideo encodes a one-frame
+# prompt with (crop 36 for Llama-3); the release never uses it, our text-to-image stage may (--t2i-template)
+PROMPT_TEMPLATE_IMAGE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the image by detailing the color, shape, size, texture, "
+    "quantity, text, spatial relationships of the objects and background:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+TEMPLATES = {"video": PROMPT_TEMPLATE_VIDEO, "image": PROMPT_TEMPLATE_IMAGE}
 # Magic 1-For-1 text_encoder_vlm.py, LLAVA_LLAMA_3_8B_PROMPT_TEMPLATE_LI_DIT_ENCODE_VIDEO
 VLM_TEMPLATE = (
     "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
@@ -62,13 +70,14 @@ def _warn_truncated(lengths, limit: int, what: str) -> None:
                           stacklevel=3)
 
 
-def llm_tokens(tokenizer, prompts: list[str], crop: int, max_length: int = MAX_LENGTH):
+def llm_tokens(tokenizer, prompts: list[str], crop: int, max_length: int = MAX_LENGTH,
+               template: str = PROMPT_TEMPLATE_VIDEO):
     """(input_ids, attention_mask) [B, crop + max_length] int32 of the templated prompts, right-padded.
 
     The window after the crop holds the prompt and its closing `<|eot_id|>`; longer prompts are
-    truncated (as the release does) with a warning.
+    truncated (as the release does) with a warning. `crop` must be `template_crop` of `template`.
     """
-    texts = [PROMPT_TEMPLATE_VIDEO.format(p) for p in prompts]
+    texts = [template.format(p) for p in prompts]
     _warn_truncated([len(x) - crop for x in tokenizer(texts)["input_ids"]], max_length,
                     "text encoder's window (prompt + closing <|eot_id|>)")
     enc = tokenizer(texts, max_length=crop + max_length, padding="max_length", truncation=True, return_tensors="np")

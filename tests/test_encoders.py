@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from m141jax import prompts as P
-from m141jax.encoders import Encoders, encode, encode_empty, encode_with_negative
+from m141jax.encoders import Encoders, encode, encode_empty, encode_with_negative, text_conditioning
 from m141jax.vision_input import ImageProcessing, preprocess
 
 from hf_encoders import clip_tokenizer, convert, llama3_tokenizer, randomize, save_hf
@@ -124,6 +124,24 @@ def test_crop_is_the_template_prefix(setup):
     assert ids[:enc.crop] == prefix and ids[enc.crop:] != prefix[-1:]
 
 
+def test_image_template_for_one_frame(setup):
+    """text_conditioning(template='image'): HunyuanVideo's one-frame template, cropped after its own prefix."""
+    enc, vlm, _, tok, _, _ = setup
+    prompts = ["A red car"]
+    crop = P.template_crop(tok, P.PROMPT_TEMPLATE_IMAGE)
+    assert 0 < crop < enc.crop
+    states, mask, _ = text_conditioning(enc, prompts, template="image")
+    batch = tok([P.PROMPT_TEMPLATE_IMAGE.format(p) for p in prompts], max_length=crop + 256, padding="max_length",
+                truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        h = vlm.model.language_model(**batch, output_hidden_states=True).hidden_states[-3]
+    assert rel_err(states, h[:, crop:].numpy()) <= 1e-5
+    np.testing.assert_array_equal(mask, batch["attention_mask"][:, crop:].numpy())
+    assert not np.allclose(states, text_conditioning(enc, prompts)[0])
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        text_conditioning(enc, prompts, template="audio")
+
+
 def test_vlm_selection(setup):
     """146 positions: the "\\n\\n" after the user header, image positions 0, 4, ..., 572, then <|eot_id|>."""
     enc, vlm, _, tok, _, _ = setup
@@ -223,4 +241,5 @@ def test_real_llama3_tokenizer_layout():
 
     tok = AutoTokenizer.from_pretrained(os.environ["M141JAX_LLAMA3_TOKENIZER"])
     assert P.template_crop(tok) == 95
+    assert P.template_crop(tok, P.PROMPT_TEMPLATE_IMAGE) == 36  # HunyuanVideo's crop_start of its image template
     assert len(P.vlm_prompt(tok, tok.convert_tokens_to_ids("<image>"), 576).keep) == 146

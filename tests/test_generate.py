@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m141jax import checkpoint, components, media, pipeline
+from m141jax import checkpoint, components, encoders, media, pipeline
 from m141jax.cli import main
 from m141jax.config import preset
 from m141jax.models import dit, vae
@@ -115,9 +115,13 @@ def test_text_to_image_then_video_batch(ckpt, tmp_path, monkeypatch):
     """Without --image the T2I DiT makes the first frames; a prompts file is one batch (one sampling call
     per clip) and writes one video per prompt."""
     spy = Spy(monkeypatch)
+    templates, conditioning = [], encoders.text_conditioning
+    monkeypatch.setattr(encoders, "text_conditioning",
+                        lambda enc, p, template="video": templates.append(template) or conditioning(enc, p, template))
     (tmp_path / "prompts.txt").write_text("a cat walks on the grass\n# skipped\n\na red car at night\n")
     assert _generate(ckpt, tmp_path, "--prompts-file", str(tmp_path / "prompts.txt"), "--frames", "9", "--t2i-steps",
-                     "2", "--out", str(tmp_path / "batch.mp4")) == 0
+                     "2", "--t2i-template", "image", "--out", str(tmp_path / "batch.mp4")) == 0
+    assert templates == ["image", "video"]  # the T2I stage, then the video stage's conditioning
     assert len(spy.t2i) == 1 and spy.t2i[0].shape == (2, 64, 64, 3)
     assert len(spy.clips) == 1 and spy.clips[0][2].shape == (2, 9, 64, 64, 3)
     np.testing.assert_array_equal(spy.clips[0][0], spy.t2i[0])  # the T2I frames are the video's references
