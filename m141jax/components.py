@@ -19,6 +19,7 @@ from m141jax.checkpoint import CheckpointError
 from m141jax.encoders import Encoders
 from m141jax.models import dit as dit_model
 from m141jax.models import vae as vae_model
+from m141jax.prompts import MAX_LENGTH
 
 # folder -> (component of its m141jax checkpoint, or None for a tokenizer folder; what it is)
 LAYOUT = {
@@ -101,15 +102,17 @@ def check_configs(dit, vae, vlm, clip, t2i=None) -> None:
                               f"embedding, got in_channels {t2i.in_channels}, guidance_embed {t2i.guidance_embed}")
 
 
-def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16") -> Models:
+def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16", max_length: int = MAX_LENGTH) -> Models:
     """Everything in the checkpoint folder `root` that generation needs (t2i/ only `with_t2i`): every
-    folder and config is checked before any weights are read."""
+    folder and config is checked before any weights are read. max_length: the prompt window of the
+    text encoder (tokens after the template)."""
     names = [n for n in LAYOUT if n != "t2i" or with_t2i]
     for name in names:
         locate(root, name)
     check_configs(*(read_config(root, n) for n in ("dit", "vae", "vlm", "clip")),
                   t2i=read_config(root, "t2i") if with_t2i else None)
     root = Path(root)
-    encoders = Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", dtype)
+    encoders = Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", dtype,
+                             max_length)
     return Models(dit=load_component(root, "dit", dtype), vae=load_component(root, "vae", dtype), encoders=encoders,
                   t2i=load_component(root, "t2i", dtype) if with_t2i else None)
