@@ -5,7 +5,8 @@ Layout of a checkpoint directory:
     params/        an Orbax (OCDBT) pytree checkpoint, restorable onto any device mesh
 
 `save` writes into a hidden sibling directory and renames it into place, so the destination is
-complete or absent. `load` restores onto given shardings (default: the first device) in a given dtype.
+complete or absent; in a multi-process run every process writes its own shards. `load_params`
+restores onto given shardings (default: the first device) in a given dtype.
 """
 
 from __future__ import annotations
@@ -21,50 +22,68 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from m141jax.sharding import shared_token, sync
+
 FORMAT = 1
 META = "m141jax.json"
+CHUNK_BYTES = 32 << 20  # storage chunk size: restoring a shard reads little beyond it
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, of the wrong component, or unreadable."""
 
 
-def partial_dir(dst: Path) -> Path:
-    """A fresh hidden sibling of dst to write into before the atomic rename."""
-    return dst.parent / f".{dst.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def partial_dir(dst: Path, token: str | None = None) -> Path:
+    """A fresh hidden sibling of dst to write into before the atomic rename (`token`: the same name on
+    every process of a multi-process run)."""
+    return dst.parent / f".{dst.name}.partial-{token or f'{os.getpid()}-{uuid.uuid4().hex[:8]}'}"
 
 
 def atomic_dir(dst: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Run write(tmp) on a fresh sibling directory, then rename it to dst: dst is complete or absent."""
+    """Run write(tmp) on a fresh sibling directory, then rename it to dst: dst is complete or absent.
+
+    In a multi-process run every process calls this: process 0 makes and renames the directory and
+    `write` runs on all of them (Orbax writes each process's shards), with barriers in between."""
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_dir(dst)
+    primary = jax.process_index() == 0
+    tmp = partial_dir(dst, shared_token() if jax.process_count() > 1 else None)
     try:
-        tmp.mkdir()
+        if primary:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        sync(f"m141jax mkdir {tmp.name}")
         write(tmp)
-        if dst.exists():
+        sync(f"m141jax written {tmp.name}")
+        if primary and dst.exists():
             old = partial_dir(dst)
             dst.rename(old)
             tmp.rename(dst)
             shutil.rmtree(old, ignore_errors=True)
-        else:
+        elif primary:
             tmp.rename(dst)
+        sync(f"m141jax renamed {tmp.name}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
 
 
-def save(dst: str | Path, component: str, config: dict[str, Any], params, overwrite: bool = False) -> Path:
-    """Write params (a pytree of numpy or jax arrays) and config to dst atomically.
+def save(dst: str | Path, component: str, config: dict[str, Any], params, overwrite: bool = False,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write params (a pytree of numpy or jax arrays) and config to dst atomically; `extra`: more
+    metadata entries (e.g. the formats of compressed kernels, `m141jax.kernels`).
 
     numpy leaves are moved to the host CPU device first: Orbax saves jax arrays without another
-    full copy, which keeps the converter's peak memory near the checkpoint size.
+    full copy, which keeps the converter's peak memory near the checkpoint size. Arrays are stored
+    in chunks of at most CHUNK_BYTES, so a host restoring onto a mesh reads about its own shards,
+    never a whole tensor. Sharded (global) arrays are saved by every process of a multi-process run.
     """
     cpu = jax.devices("cpu")[0]
     params = jax.tree_util.tree_map(lambda a: jax.device_put(a, cpu) if isinstance(a, np.ndarray) else a, params)
+    save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
 
     def write(tmp: Path):
         # Uncompressed: compressing bf16 weights saves ~25% of disk but keeps compressed copies of the
@@ -72,8 +91,10 @@ def save(dst: str | Path, component: str, config: dict[str, Any], params, overwr
         # then add one leaf, not the whole tree, to peak memory.
         in_flight = 1.01 * max(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 1e9 + 1e-3
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, save_concurrent_gb=in_flight))
-        ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(params))
-        (tmp / META).write_text(json.dumps({"format": FORMAT, "component": component, "config": config}, indent=1))
+        ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(params, save_args=save_args))
+        if jax.process_index() == 0:
+            meta = {"format": FORMAT, "component": component, "config": config, **(extra or {})}
+            (tmp / META).write_text(json.dumps(meta, indent=1))
 
     return atomic_dir(dst, write, overwrite)
 

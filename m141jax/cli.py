@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from m141jax import generate, parity
+from m141jax import generate, parity, quant
+from m141jax.train import sparsity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     parity.add_parser(sub)
     generate.add_parser(sub)
+    quant.add_parser(sub)
+    sparsity.add_parser(sub)
     return p
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from m141jax import checkpoint, config
+from m141jax import checkpoint, config, sharding
 from m141jax.checkpoint import CheckpointError
 from m141jax.encoders import Encoders
 from m141jax.models import dit as dit_model
@@ -39,6 +39,7 @@ class Component:
 
     cfg: Any
     params: Any
+    mesh: Any = None  # the jax.sharding.Mesh the parameters are placed on (None: one device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +74,10 @@ def read_config(root: str | Path, name: str, dtype: str = "bf16"):
     return checkpoint.read_config(locate(root, name), (LAYOUT[name][0],), dtype)[1]
 
 
-def load_component(root: str | Path, name: str, dtype: str = "bf16") -> Component:
-    """The DiT or VAE in root/name, in `dtype`, its stored parameter shapes checked against its config."""
+def load_component(root: str | Path, name: str, dtype: str = "bf16", mesh=None,
+                   sequence_parallel: str = "auto") -> Component:
+    """The DiT or VAE in root/name, in `dtype`, its stored parameter shapes checked against its config;
+    a DiT with a `mesh` is restored straight onto it (each device reads its own shards)."""
     component, what = LAYOUT[name]
     cfg, path = read_config(root, name, dtype), Path(root) / name
     shapes = lambda t: {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(t)}
@@ -83,7 +86,12 @@ def load_component(root: str | Path, name: str, dtype: str = "bf16") -> Componen
         bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         raise CheckpointError(f"{path} ({what}): its parameters do not match its config at {len(bad)} entries, "
                               f"e.g. {bad[0]}: stored {have.get(bad[0])}, config {want.get(bad[0])}")
-    return Component(cfg, checkpoint.load_params(path, dtype=config.dtype_of(dtype)))
+    shardings = None
+    if mesh is not None:
+        if component != "dit":
+            raise ValueError(f"{name}/ cannot be placed on a mesh; only the DiTs are sharded")
+        cfg, shardings = sharding.dit_on_mesh(cfg, mesh, sequence_parallel)
+    return Component(cfg, checkpoint.load_params(path, dtype=config.dtype_of(dtype), shardings=shardings), mesh)
 
 
 def check_configs(dit, vae, vlm, clip, t2i=None) -> None:
@@ -102,10 +110,12 @@ def check_configs(dit, vae, vlm, clip, t2i=None) -> None:
                               f"embedding, got in_channels {t2i.in_channels}, guidance_embed {t2i.guidance_embed}")
 
 
-def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16", max_length: int = MAX_LENGTH) -> Models:
+def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16", mesh=None,
+                sequence_parallel: str = "auto", max_length: int = MAX_LENGTH) -> Models:
     """Everything in the checkpoint folder `root` that generation needs (t2i/ only `with_t2i`): every
-    folder and config is checked before any weights are read. max_length: the prompt window of the
-    text encoder (tokens after the template)."""
+    folder and config is checked before any weights are read. With a `mesh` the DiTs are sharded on it
+    (the VAE and encoders stay on one device). max_length: the text encoder's prompt window (tokens
+    after the template)."""
     names = [n for n in LAYOUT if n != "t2i" or with_t2i]
     for name in names:
         locate(root, name)
@@ -114,5 +124,6 @@ def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16", max_lengt
     root = Path(root)
     encoders = Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", dtype,
                              max_length)
-    return Models(dit=load_component(root, "dit", dtype), vae=load_component(root, "vae", dtype), encoders=encoders,
-                  t2i=load_component(root, "t2i", dtype) if with_t2i else None)
+    dit = lambda name: load_component(root, name, dtype, mesh, sequence_parallel)  # noqa: E731
+    return Models(dit=dit("dit"), vae=load_component(root, "vae", dtype), encoders=encoders,
+                  t2i=dit("t2i") if with_t2i else None)

@@ -53,6 +53,7 @@ class DiTConfig:
     attention: str = "auto"  # auto | xla | blockwise | cudnn (see models/attention.py)
     attention_block: int | None = None  # block length of the blockwise backend (None: per platform)
     remat: str = "none"  # none | full | dots (see models/dit.py)
+    sequence_parallel: str = "none"  # none | ulysses | ring over a mesh's `sequence` axis (models/sequence_parallel.py)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -84,7 +85,7 @@ class DiTConfig:
 
     def architecture(self) -> dict[str, Any]:
         """Architecture fields only (what a checkpoint must match)."""
-        skip = {"param_dtype", "dtype", "attention", "attention_block", "remat"}
+        skip = {"param_dtype", "dtype", "attention", "attention_block", "remat", "sequence_parallel"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -505,3 +506,41 @@ def llava_config_from_hf(d: dict[str, Any]) -> LlavaConfig:
     return LlavaConfig(text=_llama_from_hf(hf.text_config), vision=vision, image_token_id=hf.image_token_id,
                        feature_layer=layer, feature_select=hf.vision_feature_select_strategy,
                        projector_act=hf.projector_hidden_act, projector_bias=hf.multimodal_projector_bias)
+
+
+# ------------------------------------------------------------------ compression: quantization, N:M sparsity (spec G)
+
+# Parameter-path patterns (regular expressions searched in 'double_blocks/img_attn/qkv/kernel'-style paths)
+EMBEDDINGS = (r"(^|/)(img_in|time_in|vector_in|guidance_in|input_embedder|t_embedder|c_embedder|patch_embedding"
+              r"|embed_tokens|token_embedding|position_embedding)/")
+NORMS = r"norm"
+MODULATION = r"(_mod|modulation)/"
+FINAL_LAYER = r"(^|/)final_layer/"
+QUANT_EXCLUDE = (EMBEDDINGS, NORMS, FINAL_LAYER)
+SPARSITY_EXCLUDE = (EMBEDDINGS, NORMS, MODULATION, FINAL_LAYER)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """N:M structured sparsity of dense kernels: in every group of m consecutive inputs of an output
+    channel, the n largest-magnitude weights are kept.
+
+    Schedule: dense before begin_step; from begin_step to end_step the kept weights per group fall from
+    m to n along the cubic sparsity ramp of Zhu & Gupta (2017), masks recomputed every `frequency`
+    steps; n:m from end_step on. begin_step == end_step prunes once (one-shot).
+    """
+
+    n: int = 2
+    m: int = 4
+    include: tuple[str, ...] = (r"(^|/)kernel$",)
+    exclude: tuple[str, ...] = SPARSITY_EXCLUDE
+    begin_step: int = 0
+    end_step: int = 0
+    frequency: int = 100
+
+    def __post_init__(self):
+        if not 0 < self.n <= self.m <= 256:
+            raise ValueError(f"N:M sparsity {self.n}:{self.m} must have 0 < N <= M <= 256")
+        if not 0 <= self.begin_step <= self.end_step or self.frequency < 1:
+            raise ValueError(f"sparsity schedule begin_step {self.begin_step}, end_step {self.end_step}, frequency "
+                             f"{self.frequency}: need 0 <= begin_step <= end_step and frequency >= 1")

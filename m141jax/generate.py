@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from m141jax import components, demo, media, pipeline
+from m141jax import components, demo, media, pipeline, quant, sharding
 from m141jax.prompts import MAX_LENGTH
 
 # defaults of the flags below per --preset: the release's full-size models, or the demo shipped in the
@@ -71,8 +71,14 @@ def main(args) -> int:
         original = media.open_image(args.image)
         first = media.fit_image(original, settings.size)
         images, vlm_images = [first] * len(prompts), [original] * len(prompts)
-    models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype,
+    mesh = sharding.mesh_from_args(args)
+    if mesh is not None and args.quantize:
+        raise ValueError("--quantize and --mesh cannot be combined yet: quantized kernels are not sharded")
+    models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype, mesh=mesh,
+                                    sequence_parallel=args.sequence_parallel,
                                     max_length=args.text_length)
+    if args.quantize:
+        models = quant.quantize_models(models, args.quantize)
     timings = pipeline.Timings()
     clips = len(settings.clips())
     print(f"{len(prompts)} prompt(s), {settings.frames} frames in {clips} clip(s) of {settings.clip_frames}, "
@@ -124,6 +130,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="parameter and activation dtype [preset: release bf16]")
     p.add_argument("--text-length", type=int, help="prompt tokens the text encoder keeps after its template "
                                                    f"[preset: release {MAX_LENGTH}]")
+    p.add_argument("--quantize", choices=quant.MODES,
+                   help="weight-only quantization after loading, as the release: the DiTs' blocks in int8 or int4 "
+                        "(other DiT kernels int8), the text encoders int8")
     p.add_argument("--out", default="video.mp4", help="output MP4 (a batch writes OUT_000.mp4, OUT_001.mp4, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sharding.add_mesh_args(p)
     p.set_defaults(func=main)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m141jax import checkpoint
+from m141jax import checkpoint, sharding
+from m141jax.config import dtype_of
 from m141jax.io import load_npz, save_npz
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray]]] = {}
@@ -41,20 +42,36 @@ def load_component(args, *components: str):
     return checkpoint.load(args.checkpoint, components, args.dtype)[1:]
 
 
+def load_dit(args):
+    """(config, params) of the DiT checkpoint, placed on args.device_mesh when given (with the
+    --sequence-parallel method for that mesh)."""
+    _, cfg = checkpoint.read_config(args.checkpoint, ("dit",), args.dtype)
+    shardings = None
+    if args.device_mesh is not None:
+        cfg, shardings = sharding.dit_on_mesh(cfg, args.device_mesh, args.sequence_parallel)
+    return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype), shardings=shardings)
+
+
 @runner("dit")
 def run_dit(args) -> dict[str, np.ndarray]:
     from m141jax.models.dit import dit_forward
 
-    cfg, params = load_component(args, "dit")
+    mesh = args.device_mesh
     z = load_npz(args.inputs, ("latents", "timestep", "text_states", "text_mask", "text_states_2"),
                  ("ref_latents", "guidance"))
-    ref = to_channels_last(z["ref_latents"]) if "ref_latents" in z else None
-    fwd = jax.jit(lambda p, *a: dit_forward(p, cfg, *a))
-    v = fwd(params, to_channels_last(z["latents"]), ref, jnp.asarray(z["timestep"], jnp.float32),
-            jnp.asarray(z["text_states"], jnp.float32), jnp.asarray(z["text_mask"], jnp.int32),
-            jnp.asarray(z["text_states_2"], jnp.float32),
-            jnp.asarray(z["guidance"], jnp.float32) if "guidance" in z else None)
-    return {"velocity": to_channels_first(v)}
+    inputs = (to_channels_last(z["latents"]), to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
+              jnp.asarray(z["timestep"], jnp.float32), jnp.asarray(z["text_states"], jnp.float32),
+              jnp.asarray(z["text_mask"], jnp.int32), jnp.asarray(z["text_states_2"], jnp.float32),
+              jnp.asarray(z["guidance"], jnp.float32) if "guidance" in z else None)
+    cfg, params = load_dit(args)
+    if mesh is None:
+        return {"velocity": to_channels_first(jax.jit(lambda p, *a: dit_forward(p, cfg, *a))(params, *inputs))}
+    batch = inputs[0].shape[0]
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    fwd = sharding.dit_forward_fn(cfg, mesh, batch, shardings)
+    rows = lambda x: None if x is None else sharding.put(x, sharding.batch_sharding(mesh, x.ndim, batch))
+    v = fwd(params, *map(rows, inputs))
+    return {"velocity": to_channels_first(sharding.gather(v))}
 
 
 @runner("sample")
@@ -63,7 +80,7 @@ def run_sample(args) -> dict[str, np.ndarray]:
     when > 1) or, for a DiT with a guidance embedding, as its embedded guidance scale."""
     from m141jax import sampling
 
-    cfg, params = load_component(args, "dit")
+    cfg, params = load_dit(args)
     text = ("text_states", "text_mask", "text_states_2")
     cfg_on = not cfg.guidance_embed and sampling.uses_cfg(args.guidance)
     neg = tuple(f"neg_{k}" for k in text) if cfg_on else ()
@@ -74,7 +91,7 @@ def run_sample(args) -> dict[str, np.ndarray]:
         ref_latents=to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
         neg_text=tuple(z[k] for k in neg) if cfg_on else None,
         guidance_scale=1.0 if cfg.guidance_embed else args.guidance,
-        embedded_guidance=args.guidance if cfg.guidance_embed else None)
+        embedded_guidance=args.guidance if cfg.guidance_embed else None, mesh=args.device_mesh)
     return {"latents": to_channels_first(latents), "timesteps": sampling.timesteps(sigmas), "sigmas": sigmas}
 
 
@@ -152,11 +169,20 @@ def add_parser(sub) -> None:
                    help="vae-encode / vae-decode: the release's spatial and temporal tiling (default on, as released)")
     p.add_argument("--skip-layer", type=int, default=2,
                    help="llm: output hidden_states[-(K+1)] (0: last layer after the final norm; default 2, the release's)")
+    sharding.add_mesh_args(p)
     p.set_defaults(func=main)
 
 
+SHARDED = ("dit", "sample")  # the runners that take --mesh
+
+
 def main(args) -> int:
+    if args.mesh is not None and args.component not in SHARDED:
+        raise ValueError(f"--mesh is supported for {', '.join(SHARDED)}, not {args.component!r}")
+    args.device_mesh = sharding.mesh_from_args(args)  # first: multi-host set-up precedes any JAX work
     out = RUNNERS[args.component](args)
+    if jax.process_index() != 0:  # every process computes, process 0 writes
+        return 0
     save_npz(args.output, out)
     print(f"wrote {args.output}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in out.items()))
     return 0

@@ -165,7 +165,8 @@ def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], key
     shape = (1, size[0] // ratio, size[1] // ratio, t2i.cfg.out_channels)
     z = timings.run("t2i", lambda: sampling.sample(
         t2i.params, t2i.cfg, noise(keys, _T2I, 0, shape), text,
-        sigmas=sampling.schedule(settings.t2i_steps, settings.t2i_shift), embedded_guidance=settings.t2i_guidance))
+        sigmas=sampling.schedule(settings.t2i_steps, settings.t2i_shift), embedded_guidance=settings.t2i_guidance,
+        mesh=t2i.mesh))
     return np.asarray(timings.run("decode", decode_frames, models.vae, z))[:, 0]
 
 
@@ -189,7 +190,7 @@ def image_to_video(models: Models, prompts: list[str], frames: np.ndarray, vlm_i
     shape = (latent_frames(n_frames), *ref.shape[2:4], dit.cfg.out_channels)
     z = timings.run("sampling", lambda: sampling.sample(
         dit.params, dit.cfg, noise(keys, _NOISE, clip, shape), text, sigmas=sampling.schedule(settings.steps, settings.shift),
-        ref_latents=ref, neg_text=neg, guidance_scale=settings.guidance))
+        ref_latents=ref, neg_text=neg, guidance_scale=settings.guidance, mesh=dit.mesh))
     return np.asarray(timings.run("decode", decode_frames, models.vae, z))
 
 

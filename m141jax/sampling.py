@@ -108,13 +108,15 @@ def _as_text(text, name: str) -> Text:
 
 
 def sample(params, cfg: DiTConfig, noise, text, *, sigmas, ref_latents=None, neg_text=None,
-           guidance_scale: float = 1.0, embedded_guidance: float | None = None) -> jax.Array:
+           guidance_scale: float = 1.0, embedded_guidance: float | None = None, mesh=None) -> jax.Array:
     """Denoise `noise` [B, F, H, W, C] (channels-last) along `sigmas` (from `schedule`); float32 latents.
 
     text / neg_text: (text_states [B, L, D], text_mask [B, L], text_states_2 [B, D2]); neg_text is the
     unconditional branch, needed when guidance_scale > 1 (the release's CFG) and ignored otherwise.
     ref_latents [B, 1, H, W, C]: the scaled reference latent of the image-to-video model.
     embedded_guidance: the scale fed (× 1000) to models with a guidance embedding (required there).
+    mesh: the device mesh `params` are placed on (`sharding.dit_on_mesh`); the inputs are split over
+    its batch axes, the loop runs under its rules, and the latents come back whole on one device.
     """
     text = _as_text(text, "text")
     b = noise.shape[0]
@@ -134,5 +136,17 @@ def sample(params, cfg: DiTConfig, noise, text, *, sigmas, ref_latents=None, neg
                          f"this DiT has no guidance embedding: embedded_guidance {embedded_guidance} cannot apply")
     g = None if embedded_guidance is None else jnp.full((b,), embedded_guidance * 1000.0, jnp.float32)
     ref = None if ref_latents is None else jnp.asarray(ref_latents, jnp.float32)
-    return denoise(params, cfg, jnp.asarray(noise, jnp.float32), jnp.asarray(sigmas, jnp.float32), ref, text,
-                    neg_text, jnp.float32(guidance_scale), g)
+    args = (jnp.asarray(noise, jnp.float32), jnp.asarray(sigmas, jnp.float32), ref, text, neg_text,
+            jnp.float32(guidance_scale), g)
+    if mesh is None:
+        return denoise(params, cfg, *args)
+    from m141jax import sharding
+
+    rows = lambda x: sharding.put(x, sharding.batch_sharding(mesh, x.ndim, b))  # noqa: E731
+    whole = sharding.NamedSharding(mesh, sharding.P())
+    noise, sigmas, ref, text, neg_text, scale, g = args
+    args = (rows(noise), sharding.put(sigmas, whole), jax.tree.map(rows, ref), jax.tree.map(rows, text),
+            jax.tree.map(rows, neg_text), sharding.put(scale, whole), jax.tree.map(rows, g))
+    with sharding.activate(mesh, 2 * b if neg_text is not None else b):
+        latents = denoise(params, cfg, *args)
+    return jnp.asarray(sharding.gather(latents))

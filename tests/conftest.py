@@ -1,8 +1,17 @@
-import numpy as np
-import pytest
+"""Test set-up: eight simulated CPU devices (set before JAX starts, so the sharding tests can build
+real meshes; every other test runs on the first of them), and in-process CLI runners."""
 
-from m141jax import cli
-from m141jax.convert import main as convert_main
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from m141jax import cli  # noqa: E402
+from m141jax.convert import main as convert_main  # noqa: E402
 
 
 @pytest.fixture

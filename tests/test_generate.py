@@ -194,3 +194,15 @@ def test_dit_that_does_not_fit_the_encoders(ckpt, tmp_path, capsys):
     assert main(["generate", "--prompt", "a cat", "--checkpoints", str(root)]) == 2
     assert "dit/ takes text states of 32 and pooled states of 16, the encoders give 64 (vlm/) and 32 (clip/)" in \
         capsys.readouterr().err
+
+
+def test_generate_on_a_mesh(ckpt, image, tmp_path, monkeypatch):
+    """`generate --mesh`: the DiTs are restored sharded (sequence-parallel attention, fsdp, tensor) and
+    the video equals the one-device video up to uint8 truncation of float rounding."""
+    spy = Spy(monkeypatch)
+    args = ["--prompt", "a cat walks on the grass", "--image", str(image), "--frames", "9"]
+    assert _generate(ckpt, tmp_path, *args, "--out", str(tmp_path / "one.mp4")) == 0
+    assert _generate(ckpt, tmp_path, *args, "--mesh", "fsdp=2,sequence=2,tensor=2",
+                     "--out", str(tmp_path / "mesh.mp4")) == 0
+    one, mesh = (np.asarray(c[2], np.int16) for c in spy.clips)
+    assert np.abs(one - mesh).max() <= 1 and (one != mesh).mean() < 0.01

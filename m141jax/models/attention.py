@@ -14,6 +14,10 @@ Backends:
   mask. Valid tokens get exactly the release's result; padding rows attend to the valid tokens instead
   of to each other, which the release's outputs never see.
 - ``auto``: cudnn on a GPU with half-precision inputs, else blockwise for long sequences, else xla.
+
+`sequence_parallel` ("ulysses" | "ring") hands the call to `m141jax.models.sequence_parallel` when a
+mesh with a `sequence` axis larger than one is in context (`jax.set_mesh`); the backend above then
+runs on each device's share.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import jax
 import jax.numpy as jnp
 
 BACKENDS = ("auto", "xla", "blockwise", "cudnn")
+SEQUENCE_PARALLEL = ("none", "ulysses", "ring")
 _NEG = -1e30  # finite "minus infinity" so fully masked rows stay NaN-free
 
 
-def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: int | None = None):
+def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: int | None = None,
+              sequence_parallel: str = "none"):
     """Softmax attention with scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
     block: the blockwise backend's block length (default 256 on CPU, where blocks must stay in cache,
@@ -36,10 +42,17 @@ def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: 
     """
     if impl not in BACKENDS:
         raise ValueError(f"unknown attention backend {impl!r}; accepted: {BACKENDS}")
+    if sequence_parallel not in SEQUENCE_PARALLEL:
+        raise ValueError(f"unknown sequence-parallel method {sequence_parallel!r}; accepted: {SEQUENCE_PARALLEL}")
     if mask is not None:
         if impl not in ("auto", "xla"):
             raise ValueError(f"a dense attention mask needs the 'xla' backend, not {impl!r}")
         return _xla(q, k, v, _segments(q, k, None), mask)
+    if sequence_parallel != "none":
+        from m141jax.models import sequence_parallel as sp  # builds on this module's blockwise pieces
+        if sp.sequence_shards() > 1:
+            return sp.sequence_parallel_attention(q, k, v, valid_len=valid_len, method=sequence_parallel,
+                                                  impl=impl, block=block)
     if impl == "auto":
         impl = _auto(q, k)
     if impl == "cudnn":
@@ -47,7 +60,12 @@ def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: 
     seg_q, seg_k = _segments(q, k, valid_len)
     if impl == "xla":
         return _xla(q, k, v, (seg_q, seg_k), None)
-    return blockwise_attention(q, k, v, seg_q, seg_k, block or (256 if jax.default_backend() == "cpu" else 512))
+    return blockwise_attention(q, k, v, seg_q, seg_k, block or default_block())
+
+
+def default_block() -> int:
+    """The blockwise block length: 256 on CPU, where blocks must stay in cache, 512 on accelerators."""
+    return 256 if jax.default_backend() == "cpu" else 512
 
 
 def _auto(q, k) -> str:
@@ -136,6 +154,13 @@ def _scores(qb, kb, sq, sk):
 
 
 def _flash_fwd(q, k, v, seg_q, seg_k, block):
+    out, lse = _flash_partial(q, k, v, seg_q, seg_k, block)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, seg_q, seg_k, out, lse)
+
+
+def _flash_partial(q, k, v, seg_q, seg_k, block):
+    """The forward pass before the cast: out fp32 [B, Lq, H, D], logsumexp fp32 [nq, B, H, bq]."""
     qs, ks, vs, sqs, sks = _layout(q, k, v, seg_q, seg_k, block)
 
     def q_block(args):
@@ -158,11 +183,20 @@ def _flash_fwd(q, k, v, seg_q, seg_k, block):
         return acc / l[..., None], m + jnp.log(l)  # out [B, H, bq, D], logsumexp [B, H, bq]
 
     out, lse = jax.lax.map(q_block, (qs, sqs))
-    out = _from_blocks(out, q.shape[1]).astype(q.dtype)
-    return out, (q, k, v, seg_q, seg_k, out, lse)
+    return _from_blocks(out, q.shape[1]), lse
 
 
 def _flash_bwd(block, res, dout):
+    q, k, v = res[:3]
+    dq, dk, dv = _flash_grads(block, res, dout)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+def _flash_grads(block, res, dout):
+    """fp32 (dq, dk, dv) given the residuals (q, k, v, seg_q, seg_k, out, lse) of the full softmax.
+
+    With `lse` of the full softmax and `k`/`v` one block of the keys, this is that block's share of
+    the gradients (what ring attention sums over the ring)."""
     q, k, v, seg_q, seg_k, out, lse = res
     scale = 1.0 / math.sqrt(q.shape[-1])
     qs, ks, vs, sqs, sks = _layout(q, k, v, seg_q, seg_k, block)
@@ -201,9 +235,9 @@ def _flash_bwd(block, res, dout):
         (dk, dv), _ = jax.lax.scan(step, (zeros, zeros), (qs, sqs, dos, lse, delta))
         return dk, dv  # qb is pre-scaled, so dk already carries the scale
 
-    dq = _from_blocks(jax.lax.map(dq_block, (qs, sqs, dos, lse, delta)), q.shape[1]).astype(q.dtype)
+    dq = _from_blocks(jax.lax.map(dq_block, (qs, sqs, dos, lse, delta)), q.shape[1])
     dk, dv = jax.lax.map(dkv_block, (ks, vs, sks))
-    return dq, _from_blocks(dk, k.shape[1]).astype(k.dtype), _from_blocks(dv, v.shape[1]).astype(v.dtype), None, None
+    return dq, _from_blocks(dk, k.shape[1]), _from_blocks(dv, v.shape[1])
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -53,7 +53,8 @@ class _Attention(nn.Module):
 
 
 def _attend(cfg: DiTConfig, q, k, v, **mask):
-    return attention(q, k, v, impl=cfg.attention, block=cfg.attention_block, **mask)
+    return attention(q, k, v, impl=cfg.attention, block=cfg.attention_block,
+                     sequence_parallel=cfg.sequence_parallel, **mask)
 
 
 def _out_proj(cfg: DiTConfig, name: str, use_bias: bool = True):

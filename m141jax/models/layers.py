@@ -17,6 +17,18 @@ import numpy as np
 Dtype = jnp.dtype
 
 
+class _LogicalKernel(nn.LogicallyPartitioned):
+    """Logical names of a DenseGeneral parameter. DenseGeneral creates multi-axis kernels flat and then
+    reshapes them, so the sharding constraint waits until the value has one dimension per name."""
+
+    def unbox(self, apply_constraint=True):
+        return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
+def _logical(init, names):
+    return lambda *args, **kwargs: _LogicalKernel(init(*args, **kwargs), tuple(names))
+
+
 def dense(features, names: Sequence[str | None], *, axis=-1, use_bias: bool = True, dtype=jnp.float32,
           param_dtype=jnp.float32, precision=None, name: str | None = None) -> nn.DenseGeneral:
     """A DenseGeneral whose kernel carries the logical axis names `names` (input axes, then output axes).
@@ -27,8 +39,8 @@ def dense(features, names: Sequence[str | None], *, axis=-1, use_bias: bool = Tr
     return nn.DenseGeneral(
         features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
         name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), tuple(names)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names[-n_out:])))
+        kernel_init=_logical(nn.initializers.lecun_normal(), names),
+        bias_init=_logical(nn.initializers.zeros_init(), names[-n_out:]))
 
 
 class LayerNorm(nn.Module):
