@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from m141jax import generate, parity, quant
+from m141jax.train import cli as train_cli
 from m141jax.train import sparsity
 
 
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     quant.add_parser(sub)
     sparsity.add_parser(sub)
+    train_cli.add_parser(sub)
     return p
 
 

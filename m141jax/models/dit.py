@@ -185,7 +185,7 @@ class MMDiT(nn.Module):
     cfg: DiTConfig
 
     @nn.compact
-    def __call__(self, x, t, text_states, text_mask, text_states_2, guidance=None):
+    def __call__(self, x, t, text_states, text_mask, text_states_2, guidance=None, return_features=False):
         c, kw = self.cfg, _kw(self.cfg)
         b, f, hh, ww, _ = x.shape
         pt, ph, pw = c.patch_size
@@ -207,6 +207,7 @@ class MMDiT(nn.Module):
         cos, sin = rope_tables(grid, c.rope_axes, c.rope_theta)
         (img, txt), _ = _stack(DoubleStreamBlock, c, c.double_blocks, 4, "double_blocks")(
             (img, txt), vec, cos, sin, valid_len)
+        features = img
 
         # text tokens carry no position: identity rotation (cos 1, sin 0) is exact
         n_txt = txt.shape[1]
@@ -217,7 +218,8 @@ class MMDiT(nn.Module):
 
         out = FinalLayer(c, name="final_layer")(xs[:, :n_img], vec)
         out = out.reshape(b, *grid, pt, ph, pw, c.out_channels).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-        return out.reshape(b, f, hh, ww, c.out_channels)
+        out = out.reshape(b, f, hh, ww, c.out_channels)
+        return (out, features) if return_features else out
 
 
 def assemble_input(cfg: DiTConfig, latents, ref_latents):
@@ -254,16 +256,21 @@ def check_shapes(cfg: DiTConfig, latents, text_states, text_mask, text_states_2)
 
 
 def dit_forward(params, cfg: DiTConfig, latents, ref_latents, timestep, text_states, text_mask, text_states_2,
-                guidance=None):
+                guidance=None, return_features=False):
     """Velocity v ≈ ε − x₀ [B, F, H, W, C] in fp32 for latents [B, F, H, W, C] (channels-last).
 
     ref_latents: [B, 1, H, W, C] for the I2V model, None for the plain form. timestep: [B] raw values
     (0..1000). text_states [B, L, text_dim], text_mask [B, L] (valid tokens a prefix), text_states_2
     [B, pooled_dim]. guidance: [B] (embedded CFG scale × 1000) for models with a guidance embedding.
+    return_features: also return the image tokens after the double-stream blocks [B, N_img, hidden] in
+    fp32 (the features a discriminator head reads; unused layers are pruned by XLA when only these are used).
     """
     check_shapes(cfg, latents, text_states, text_mask, text_states_2)
     x = assemble_input(cfg, latents, ref_latents)
-    out = MMDiT(cfg).apply({"params": params}, x, timestep, text_states, text_mask, text_states_2, guidance)
+    out = MMDiT(cfg).apply({"params": params}, x, timestep, text_states, text_mask, text_states_2, guidance,
+                           return_features)
+    if return_features:
+        return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
     return out.astype(jnp.float32)
 
 

@@ -1,0 +1,147 @@
+"""`m141jax train` (flow matching) and `m141jax distill` (DMD2) from a config file with overrides.
+
+    m141jax train   --config CFG.yaml --output RUN [--mesh data=1,fsdp=8] [--quiet] [field.sub=value ...]
+    m141jax distill --config CFG.yaml --output RUN [--mesh ...] [--quiet] [field.sub=value ...]
+
+RUN receives config.json, checkpoints/ (Orbax, resumed from automatically), metrics.csv and, at the end,
+the trained DiT as an m141jax checkpoint: RUN/dit (the EMA when enabled) or RUN/generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import jax
+
+from m141jax import checkpoint
+from m141jax.config import (DISTILL_PRESETS, TRAIN_PRESETS, DiTConfig, dtype_of, from_json_dict, load_run_config,
+                            to_json_dict)
+from m141jax.models.dit import abstract_params, init_params
+from m141jax.train import data as data_lib
+from m141jax.train import prepare
+from m141jax.train.checkpointing import RunCheckpoints
+from m141jax.train.dmd import generator_turn, init_dmd_state, make_dmd_step
+from m141jax.train.flow import init_train_state, make_train_step
+from m141jax.train.loop import MetricsLog, run_loop
+from m141jax.train.placement import batch_shardings, check_batch, make_mesh, state_shardings
+
+
+def _record_config(out: Path, cfg) -> None:
+    """Write RUN/config.json; when resuming with a changed config, say which fields changed."""
+    new = to_json_dict(cfg)
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            print(f"note: config fields changed since the run started: {', '.join(changed)}")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(new, indent=1))
+    tmp.replace(path)
+
+
+def _load_dit(path: str, model: DiTConfig, dtype: str, shardings):
+    """A DiT checkpoint's parameters in `dtype`, checked to match the model's architecture."""
+    meta = checkpoint.read_meta(path, "dit")
+    stored = from_json_dict(DiTConfig, meta["config"]).architecture()
+    if stored != model.architecture():
+        diff = sorted(k for k in stored if stored[k] != model.architecture()[k])
+        raise ValueError(f"{path} holds a DiT whose {', '.join(diff)} differ from the configured model")
+    return checkpoint.load_params(path, dtype=dtype_of(dtype), shardings=shardings)
+
+
+class _Run:
+    """What both commands share: output dir, mesh, data iterator, checkpoints, metrics, the loop."""
+
+    def __init__(self, args, cfg, n_image_tokens: int):
+        self.cfg, self.out = cfg, Path(args.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        _record_config(self.out, cfg)
+        self.mesh = make_mesh(args.mesh)
+        check_batch(cfg.data.batch_size, self.mesh)
+        self.batch_sharding = batch_shardings(self.mesh)
+        source = data_lib.open_source(cfg.data, cfg.model, n_image_tokens)
+        self.data_iter = data_lib.make_iterator(source, cfg.data)
+        self.ckpt = RunCheckpoints(self.out / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints,
+                                   cfg.run.async_checkpoints)
+        self.console = not args.quiet
+        self.param_shardings = state_shardings(abstract_params(cfg.model), self.mesh)
+
+    def place(self, make_state, *inputs):
+        """make_state(*inputs) evaluated under jit straight into its fsdp shardings."""
+        shapes = jax.eval_shape(make_state, *inputs)
+        return jax.jit(make_state, out_shardings=state_shardings(shapes, self.mesh))(*inputs)
+
+    def resume(self, state):
+        """(state, first step): the latest checkpoint's when there is one."""
+        start = self.ckpt.latest_step()
+        if start is None:
+            return state, 0
+        print(f"resuming from step {start} ({self.ckpt.manager.directory})")
+        return self.ckpt.restore(state, self.data_iter, start), start
+
+    def loop(self, step_fn, state, start: int, desc: str):
+        to_device = functools.partial(data_lib.global_batch, sharding=self.batch_sharding)
+        try:
+            return run_loop(step_fn, state, self.data_iter, to_device, self.cfg.run, self.ckpt,
+                            MetricsLog(self.out / "metrics.csv", start), start, self.cfg.data.batch_size, desc,
+                            self.console)
+        finally:
+            self.ckpt.close()
+
+    def export(self, name: str, params) -> None:
+        dst = checkpoint.save(self.out / name, "dit", to_json_dict(self.cfg.model), params, overwrite=True)
+        print(f"wrote {dst}")
+
+
+def train_main(args) -> int:
+    cfg = load_run_config(TRAIN_PRESETS, args.config, args.overrides)
+    run = _Run(args, cfg, cfg.flow.n_image_tokens)
+    if cfg.init:
+        params = _load_dit(cfg.init, cfg.model, cfg.model.param_dtype, run.param_shardings)
+        state = run.place(functools.partial(init_train_state, cfg), params)
+    else:
+        state = run.place(lambda key: init_train_state(cfg, init_params(cfg.model, key)),
+                          jax.random.PRNGKey(cfg.run.seed))
+    state, start = run.resume(state)
+    step = jax.jit(make_train_step(cfg), donate_argnums=0)
+    state = run.loop(lambda s, b, r, i: step(s, b, r), state, start, "train")
+    run.export("dit", state.params if state.ema is None else state.ema)
+    return 0
+
+
+def distill_main(args) -> int:
+    cfg = load_run_config(DISTILL_PRESETS, args.config, args.overrides)
+    run = _Run(args, cfg, cfg.n_image_tokens)
+    if cfg.teacher:
+        teacher = _load_dit(cfg.teacher, cfg.model, cfg.teacher_dtype, run.param_shardings)
+    else:
+        print("note: no teacher checkpoint given; distilling a randomly initialised teacher")
+        model = dataclasses.replace(cfg.model, param_dtype=cfg.teacher_dtype)
+        teacher = run.place(functools.partial(init_params, model), jax.random.PRNGKey(cfg.run.seed))
+    state = run.place(functools.partial(init_dmd_state, cfg), teacher, jax.random.PRNGKey(cfg.run.seed + 1))
+    state, start = run.resume(state)
+    step = jax.jit(make_dmd_step(cfg), static_argnums=4, donate_argnums=0)
+    state = run.loop(lambda s, b, r, i: step(s, teacher, b, r, generator_turn(i, cfg.dmd)), state, start, "distill")
+    run.export("generator", state.generator)
+    return 0
+
+
+def _add(sub, name: str, help_: str, func, presets) -> None:
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("--config", help=f"a JSON/YAML file: 'preset' ({', '.join(presets)}) plus fields to override")
+    p.add_argument("--output", required=True, help="run directory (resumed from its latest checkpoint)")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: every device on fsdp)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or console metrics")
+    p.add_argument("overrides", nargs="*", help="config overrides field.sub=value, e.g. optimizer.learning_rate=1e-4")
+    p.set_defaults(func=func)
+
+
+def add_parser(sub) -> None:
+    prepare.add_parser(sub)
+    _add(sub, "train", "flow-matching training of the DiT", train_main, TRAIN_PRESETS)
+    _add(sub, "distill", "DMD2 step distillation of a teacher DiT into a few-step generator", distill_main,
+         DISTILL_PRESETS)

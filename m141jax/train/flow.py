@@ -1,0 +1,177 @@
+"""Flow-matching training of the DiT (spec C.2, C.3, F).
+
+x_σ = (1−σ)·x₀ + σ·ε and the DiT predicts v = ε − x₀ at timestep 1000·σ. σ is drawn logit-normal,
+uniform or with the release's "mode" density, optionally time-shifted; the loss is a (weighted) MSE.
+CFG dropout is prepared as the release does: a dropped sample's LLM text tokens, their mask and the
+pooled CLIP vector become the empty prompt's, while the leading VLM image tokens and the reference
+latent stay, so the model learns a text-unconditional but image-conditional branch.
+
+A batch is a dict (channels-last, fp32): `latents` x₀ [B,F,H,W,C], `ref_latents` [B,1,H,W,C] (I2V
+models), `text_states` [B,L,D], `text_mask` [B,L], `text_states_2` [B,D2], and the empty prompt
+`null_text_states` [L−n_image_tokens, D], `null_text_mask` [L−n_image_tokens], `null_text_states_2` [D2].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct as struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from m141jax import sampling
+from m141jax.config import DiTConfig, FlowConfig, TrainConfig
+from m141jax.models.dit import dit_forward
+from m141jax.train.optim import ema_init, ema_update, make_optimizer
+
+COND_KEYS = ("ref_latents", "text_states", "text_mask", "text_states_2", "guidance")
+NULL_KEYS = ("null_text_states", "null_text_mask", "null_text_states_2")
+
+# velocity(params, x, sigma [B], cond) -> v [B,F,H,W,C] fp32; with features=True also the DiT features
+Velocity = Callable[..., Any]
+
+
+# ------------------------------------------------------------------ σ's (spec C.1, C.3)
+
+def shift_sigma(sigma, shift: float):
+    """The SD3 time shift σ' = s·σ / (1 + (s−1)·σ) (of the inference schedule, `sampling.schedule`),
+    applied to training σ's."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def euler_sample(velocity: Velocity, params, noise, cond, sigmas, steps=None):
+    """The release's Euler sampler (`sampling.euler_step`) from noise over `sigmas` (N+1 values), or over
+    its first `steps` (may be traced) steps, for any velocity function; returns the latent reached."""
+    b = noise.shape[0]
+
+    def body(i, x):
+        v = velocity(params, x, jnp.full((b,), sigmas[i]), cond)
+        return sampling.euler_step(x, v, sigmas[i], sigmas[i + 1])
+
+    return jax.lax.fori_loop(0, len(sigmas) - 1 if steps is None else steps, body, noise)
+
+
+def sample_sigmas(rng, n: int, cfg: FlowConfig):
+    """n training σ's in (0, 1): u from the configured density, then the time shift."""
+    if cfg.sigma_sampling == "logit_normal":
+        u = jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * jax.random.normal(rng, (n,)))
+    else:
+        u = jax.random.uniform(rng, (n,))
+        if cfg.sigma_sampling == "mode":
+            u = 1.0 - u - cfg.mode_scale * (jnp.cos(jnp.pi * u / 2) ** 2 - 1.0 + u)
+    return shift_sigma(u, cfg.shift)
+
+
+def loss_weight(sigma, weighting: str):
+    """Per-sample loss weights: 1, σ⁻² (sigma_sqrt) or 2/(π(1−2σ+2σ²)) (cosmap)."""
+    if weighting == "sigma_sqrt":
+        return sigma ** -2.0
+    if weighting == "cosmap":
+        return 2.0 / (jnp.pi * (1.0 - 2.0 * sigma + 2.0 * sigma ** 2))
+    return jnp.ones_like(sigma)
+
+
+def _bcast(s, x):
+    return s.reshape(s.shape + (1,) * (x.ndim - s.ndim))
+
+
+def interpolate(x0, eps, sigma):
+    """x_σ = (1−σ)·x₀ + σ·ε with per-sample σ [B]."""
+    s = _bcast(sigma, x0)
+    return (1.0 - s) * x0 + s * eps
+
+
+def predict_x0(x, v, sigma):
+    """x̂₀ = x_σ − σ·v."""
+    return x - _bcast(sigma, x) * v
+
+
+# ------------------------------------------------------------------ conditioning
+
+def split_batch(batch: dict) -> tuple[Any, dict, dict]:
+    """(x₀, conditioning, empty-prompt conditioning) of a batch."""
+    cond = {k: batch[k] for k in COND_KEYS if k in batch}
+    null = {k[len("null_"):]: batch[k] for k in NULL_KEYS}
+    return batch["latents"].astype(jnp.float32), cond, null
+
+
+def drop_text(cond: dict, drop, null: dict, n_image_tokens: int) -> dict:
+    """cond with the text of the samples where drop [B] is True replaced by the empty prompt: the tokens
+    after the first n_image_tokens, their mask, and the pooled vector. Image tokens and reference stay."""
+    ts, mask = cond["text_states"], cond["text_mask"]
+    n_text = ts.shape[1] - n_image_tokens
+    if null["text_states"].shape != (n_text, ts.shape[2]) or null["text_mask"].shape != (n_text,):
+        raise ValueError(f"empty-prompt states {tuple(null['text_states'].shape)} / mask "
+                         f"{tuple(null['text_mask'].shape)} must cover the {n_text} text tokens after the "
+                         f"{n_image_tokens} image tokens of text states {tuple(ts.shape)}")
+    d = drop[:, None]
+    text = jnp.where(d[..., None], null["text_states"][None].astype(ts.dtype), ts[:, n_image_tokens:])
+    text_mask = jnp.where(d, null["text_mask"][None].astype(mask.dtype), mask[:, n_image_tokens:])
+    pooled = jnp.where(d, null["text_states_2"][None].astype(cond["text_states_2"].dtype), cond["text_states_2"])
+    return {**cond, "text_states": jnp.concatenate([ts[:, :n_image_tokens], text], 1),
+            "text_mask": jnp.concatenate([mask[:, :n_image_tokens], text_mask], 1), "text_states_2": pooled}
+
+
+def dit_velocity(cfg: DiTConfig) -> Velocity:
+    """The DiT as velocity(params, x, σ, cond, features=False) at timestep 1000·σ."""
+    def velocity(params, x, sigma, cond, features=False):
+        return dit_forward(params, cfg, x, cond.get("ref_latents"), 1000.0 * sigma, cond["text_states"],
+                           cond["text_mask"], cond["text_states_2"], cond.get("guidance"), return_features=features)
+    return velocity
+
+
+# ------------------------------------------------------------------ loss
+
+def flow_matching_loss(v, x0, eps, sigma, weighting: str = "none", skip_frames: int = 0):
+    """mean_b w(σ_b)·mean((v − (ε − x₀))²) over the frames from skip_frames on."""
+    err = jnp.square(v - (eps - x0))[:, skip_frames:]
+    return jnp.mean(loss_weight(sigma, weighting) * err.mean(axis=tuple(range(1, err.ndim))))
+
+
+def flow_loss(velocity: Velocity, params, cfg: FlowConfig, x0, cond: dict, null: dict, rng):
+    """The flow-matching loss of `params` on clean latents x₀ with CFG dropout; returns (loss, metrics)."""
+    k_sigma, k_eps, k_drop = jax.random.split(rng, 3)
+    b = x0.shape[0]
+    sigma = sample_sigmas(k_sigma, b, cfg)
+    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    if cfg.cfg_dropout > 0:
+        cond = drop_text(cond, jax.random.uniform(k_drop, (b,)) < cfg.cfg_dropout, null, cfg.n_image_tokens)
+    v = velocity(params, interpolate(x0, eps, sigma), sigma, cond)
+    skip = 0 if cfg.ref_frame_loss or "ref_latents" not in cond else cond["ref_latents"].shape[1]
+    loss = flow_matching_loss(v, x0, eps, sigma, cfg.weighting, skip)
+    return loss, {"sigma_mean": sigma.mean()}
+
+
+# ------------------------------------------------------------------ training step
+
+@struct.dataclass
+class TrainState:
+    """Completed steps, parameters, optimizer state and the parameter EMA (None when off)."""
+
+    step: Any
+    params: Any
+    opt_state: Any
+    ema: Any = None
+
+
+def init_train_state(cfg: TrainConfig, params) -> TrainState:
+    tx, _ = make_optimizer(cfg.optimizer, cfg.run.steps)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), ema_init(params, cfg.ema_decay))
+
+
+def make_train_step(cfg: TrainConfig, velocity: Velocity | None = None):
+    """train_step(state, batch, rng) -> (state, metrics): one AdamW update on the flow-matching loss."""
+    velocity = velocity or dit_velocity(cfg.model)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.run.steps)
+
+    def train_step(state: TrainState, batch: dict, rng):
+        x0, cond, null = split_batch(batch)
+        (loss, aux), grads = jax.value_and_grad(
+            lambda p: flow_loss(velocity, p, cfg.flow, x0, cond, null, rng), has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **aux}
+        return TrainState(state.step + 1, params, opt_state, ema_update(state.ema, params, cfg.ema_decay)), metrics
+
+    return train_step

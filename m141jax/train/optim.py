@@ -1,0 +1,46 @@
+"""Optimizers: AdamW after global-norm clipping, with a warm-up + decay schedule; parameter EMA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from m141jax.config import OptimizerConfig
+
+
+def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 over warmup_steps, then constant / cosine / linear decay to
+    final_lr_ratio·learning_rate at total_steps."""
+    lr, warm = cfg.learning_rate, cfg.warmup_steps
+    span = max(total_steps - warm, 1)
+    if cfg.decay == "cosine":
+        main = optax.cosine_decay_schedule(lr, span, alpha=cfg.final_lr_ratio)
+    elif cfg.decay == "linear":
+        main = optax.linear_schedule(lr, lr * cfg.final_lr_ratio, span)
+    else:
+        main = optax.constant_schedule(lr)
+    if warm <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, its learning-rate schedule) for a run of total_steps updates."""
+    schedule = lr_schedule(cfg, total_steps)
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw), schedule
+    return adamw, schedule
+
+
+def ema_init(params, decay: float):
+    """A separate copy of params when the EMA is on (decay > 0), else None."""
+    return jax.tree.map(jnp.copy, params) if decay > 0 else None
+
+
+def ema_update(ema, params, decay: float):
+    """ema ← decay·ema + (1 − decay)·params (None stays None)."""
+    if ema is None:
+        return None
+    return optax.incremental_update(params, ema, 1.0 - decay)
