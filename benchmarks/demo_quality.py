@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from m141jax import checkpoint, components, demo, encoders, pipeline
+from m141jax import checkpoint, components, demo, pipeline
 from m141jax.demo import data as demo_data
+from m141jax.demo import encoders as demo_encoders
 from m141jax.demo import quality, recipe
-from m141jax.demo.encoders import TEXT_LENGTH
 
 
 def main() -> int:
@@ -39,8 +39,7 @@ def main() -> int:
     start = time.perf_counter()
     root = Path(args.checkpoints)
     vae = components.load_component(root, "vae", "fp32")
-    enc = encoders.Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", "fp32",
-                                 TEXT_LENGTH)
+    enc = demo_encoders.load(root)
     student = components.load_component(root, "dit", "fp32")
     _, teacher_cfg, teacher = checkpoint.load(root / "teacher", ("dit",), "fp32")
     videos, captions = quality.eval_clips(args.per_combination)

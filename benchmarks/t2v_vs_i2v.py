@@ -27,17 +27,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a source checkout
 
-from m141jax import components, demo, encoders
+from m141jax import components, demo
 from m141jax.data import shapes
 from m141jax.demo import data as demo_data
+from m141jax.demo import encoders as demo_encoders
 from m141jax.demo import quality, recipe
-from m141jax.demo.encoders import TEXT_LENGTH
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoints", default=str(demo.CHECKPOINTS), help="the folder tools/train_demo.py wrote")
-    p.add_argument("--videos", type=int, default=800, help="training clips")
+    p.add_argument("--videos", type=int, default=600, help="training clips")
     p.add_argument("--teacher-steps", type=int, default=2000)
     p.add_argument("--distill-steps", type=int, default=400)
     p.add_argument("--every", type=int, default=50)
@@ -53,8 +53,7 @@ def main() -> int:
     start, progress = time.perf_counter(), not args.quiet
     root = Path(args.checkpoints)
     vae = components.load_component(root, "vae", "fp32")
-    enc = encoders.Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", "fp32",
-                                 TEXT_LENGTH)
+    enc = demo_encoders.load(root)
     train = shapes.ShapesDataset(args.videos, "train")
     items = [train[i] for i in range(len(train))]
     prepared = demo_data.prepare(vae, enc, np.stack([v for v, _ in items]), [c for _, c in items], progress)

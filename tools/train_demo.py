@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from m141jax import checkpoint, demo, encoders
+from m141jax import checkpoint, demo
 from m141jax.components import Component
 from m141jax.config import to_json_dict
 from m141jax.data import shapes
@@ -57,8 +57,7 @@ def train(root: Path, args, seconds: dict[str, float]) -> None:
 
     progress = not args.quiet
     demo_encoders.write_encoders(root, seed=args.seed)
-    enc = encoders.Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", "fp32",
-                                 demo_encoders.TEXT_LENGTH)
+    enc = demo_encoders.load(root)
     if len(enc.vlm_prompt.keep) != recipe.N_IMAGE_TOKENS:
         raise RuntimeError(f"the demo encoders give {len(enc.vlm_prompt.keep)} image tokens, the recipe expects "
                            f"{recipe.N_IMAGE_TOKENS}")

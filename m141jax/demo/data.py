@@ -40,7 +40,7 @@ class ArraySource:
     def null(self) -> dict[str, np.ndarray]:
         return self._null
 
-    def subset(self, rows) -> "ArraySource":
+    def subset(self, rows) -> ArraySource:
         return ArraySource({k: v[rows] for k, v in self.arrays.items()}, self._null)
 
 

@@ -23,6 +23,7 @@ import jax
 from m141jax import checkpoint
 from m141jax.config import CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, to_json_dict
 from m141jax.data import shapes
+from m141jax.encoders import Encoders
 from m141jax.models import clip, llava
 from m141jax.prompts import NEGATIVE_PROMPT, PROMPT_TEMPLATE_VIDEO, VLM_TEMPLATE
 
@@ -113,3 +114,9 @@ def write_encoders(root: str | Path, seed: int = 0, overwrite: bool = False) -> 
     checkpoint.save(root / "clip", "clip", to_json_dict(clip_cfg), clip.init_params(clip_cfg, k_clip),
                     overwrite=overwrite)
     return root
+
+
+def load(root: str | Path) -> Encoders:
+    """The demo encoders of a checkpoint folder (vlm/, clip/ and the tokenizers), fp32, TEXT_LENGTH prompt tokens."""
+    root = Path(root)
+    return Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", "fp32", TEXT_LENGTH)

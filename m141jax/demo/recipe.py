@@ -18,7 +18,7 @@ the demo benchmarks reuse.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from m141jax import sampling
-from m141jax.config import (DataConfig, DiTConfig, DistillConfig, DMDConfig, FlowConfig, OptimizerConfig, RunConfig,
+from m141jax.config import (DataConfig, DistillConfig, DiTConfig, DMDConfig, FlowConfig, OptimizerConfig, RunConfig,
                             TrainConfig, VAEConfig)
 from m141jax.demo import SHIFT
 from m141jax.models import dit as dit_lib
@@ -131,7 +131,9 @@ def sample(model: DiTConfig, params, cond: dict, null: dict, steps: int, n_image
     """Latents [B, F, h, w, C] from noise by `steps` Euler steps at shift SHIFT for a batch of conditioning
     (`latents` gives the shape; `ref_latents`, `guidance` when the model takes them), with CFG scale
     `guidance` against the empty prompt `null`."""
-    text = lambda c: (c["text_states"], c["text_mask"], c["text_states_2"])  # noqa: E731
+    def text(c):
+        return c["text_states"], c["text_mask"], c["text_states_2"]
+
     cond = {k: jnp.asarray(v) for k, v in cond.items()}
     b = cond["text_states"].shape[0]
     uncond = flow.drop_text(cond, jnp.ones((b,), bool), {k: jnp.asarray(v) for k, v in null.items()}, n_image_tokens)
