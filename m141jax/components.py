@@ -19,6 +19,7 @@ from m141jax.checkpoint import CheckpointError
 from m141jax.encoders import Encoders
 from m141jax.models import dit as dit_model
 from m141jax.models import vae as vae_model
+from m141jax.prompts import MAX_LENGTH
 
 # folder -> (component of its m141jax checkpoint, or None for a tokenizer folder; what it is)
 LAYOUT = {
@@ -125,17 +126,19 @@ def check_configs(dit, vae, vlm, clip, t2i=None) -> None:
 
 
 def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16", mesh=None,
-                sequence_parallel: str = "auto") -> Models:
+                sequence_parallel: str = "auto", max_length: int = MAX_LENGTH) -> Models:
     """Everything in the checkpoint folder `root` that generation needs (t2i/ only `with_t2i`): every
     folder and config is checked before any weights are read. With a `mesh` the DiTs and the encoders
-    are sharded on it (the VAE, 0.5 GB, stays on one device)."""
+    are sharded on it (the VAE, 0.5 GB, stays on one device). max_length: the text encoder's prompt
+    window (tokens after the template)."""
     names = [n for n in LAYOUT if n != "t2i" or with_t2i]
     for name in names:
         locate(root, name)
     check_configs(*(read_config(root, n) for n in ("dit", "vae", "vlm", "clip")),
                   t2i=read_config(root, "t2i") if with_t2i else None)
     root = Path(root)
-    encoders = Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", dtype, mesh=mesh)
+    encoders = Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", dtype,
+                             max_length, mesh=mesh)
     dit = lambda name: load_component(root, name, dtype, mesh, sequence_parallel)  # noqa: E731
     return Models(dit=dit("dit"), vae=load_component(root, "vae", dtype), encoders=encoders,
                   t2i=dit("t2i") if with_t2i else None)

@@ -9,7 +9,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from m141jax import components, media, pipeline, quant, sharding
+from m141jax import components, demo, media, pipeline, quant, sharding
+from m141jax.prompts import MAX_LENGTH
+
+# defaults of the flags below per --preset: the release's full-size models, or the demo shipped in the
+# package (tiny models trained on the shapes dataset by tools/train_demo.py)
+PRESETS = {
+    "release": dict(checkpoints="checkpoints", frames=81, clip_frames=81, fps=24, size=None, steps=4, shift=5.0,
+                    t2i_steps=50, t2i_shift=7.0, t2i_guidance=6.0, dtype="bf16", text_length=MAX_LENGTH),
+    "demo": dict(checkpoints=str(demo.CHECKPOINTS), **demo.GENERATE),
+}
 
 
 def read_prompts(args) -> list[str]:
@@ -45,7 +54,15 @@ def settings_from(args) -> pipeline.Settings:
         t2i_guidance=args.t2i_guidance, t2i_template=args.t2i_template)
 
 
+def apply_preset(args) -> None:
+    """Fill every flag left unset from the --preset's defaults."""
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def main(args) -> int:
+    apply_preset(args)
     settings = settings_from(args)
     prompts = read_prompts(args)
     outputs = output_paths(args.out, len(prompts))
@@ -56,7 +73,8 @@ def main(args) -> int:
         images, vlm_images = [first] * len(prompts), [original] * len(prompts)
     mesh = sharding.mesh_from_args(args)
     models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype, mesh=mesh,
-                                    sequence_parallel=args.sequence_parallel)
+                                    sequence_parallel=args.sequence_parallel,
+                                    max_length=args.text_length)
     if args.quantize:
         models = quant.quantize_models(models, args.quantize)
     timings = pipeline.Timings()
@@ -84,27 +102,35 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt", help="the text prompt")
     src.add_argument("--prompts-file", help="a text file with one prompt per line: one batch, one compiled program")
     p.add_argument("--image", help="the first frame (any size: fitted to its 540p aspect bucket or --size)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="release",
+                   help="defaults of the flags marked [preset]: 'release' (the full-size models in --checkpoints) "
+                        "or 'demo' (the tiny shapes models shipped in the package: 32x32, 17-frame clips, 8 fps)")
     n = p.add_mutually_exclusive_group()
-    n.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (default 81 = 21 latent frames)")
+    n.add_argument("--frames", type=int, help="video frames, 4k+1 [preset: release 81 = 21 latent frames]")
     n.add_argument("--seconds", type=float, help="video length in seconds (rounded up to 4k+1 frames at --fps)")
-    p.add_argument("--clip-frames", type=int, default=81, help="frames per sliding-window clip, 4k+1 (default 81)")
-    p.add_argument("--steps", type=int, default=4, help="sampling steps of the video stage (default 4)")
-    p.add_argument("--shift", type=float, default=5.0, help="flow-matching time shift of the video stage")
+    p.add_argument("--clip-frames", type=int, help="frames per sliding-window clip, 4k+1 [preset: release 81]")
+    p.add_argument("--steps", type=int, help="sampling steps of the video stage [preset: 4]")
+    p.add_argument("--shift", type=float, help="flow-matching time shift of the video stage [preset: release 5.0]")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale of the video stage (> 1 runs a negative "
                                                                "branch; default 1.0, CFG is distilled)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", help="HxW, multiples of 16 (default: the image's 540p bucket; 544x960 without image)")
-    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--size", help="HxW, multiples of 16 [preset: release: the image's 540p bucket, 544x960 "
+                                  "without image]")
+    p.add_argument("--fps", type=int, help="frame rate of the MP4 [preset: release 24]")
     p.add_argument("--reference-mean", action="store_true",
                    help="encode the first frame with the VAE posterior mean instead of a sample")
-    p.add_argument("--t2i-steps", type=int, default=50, help="sampling steps of the text-to-image stage")
-    p.add_argument("--t2i-shift", type=float, default=7.0, help="time shift of the text-to-image stage")
-    p.add_argument("--t2i-guidance", type=float, default=6.0, help="embedded guidance scale of the text-to-image stage")
+    p.add_argument("--t2i-steps", type=int, help="sampling steps of the text-to-image stage [preset: release 50]")
+    p.add_argument("--t2i-shift", type=float, help="time shift of the text-to-image stage [preset: release 7.0]")
+    p.add_argument("--t2i-guidance", type=float,
+                   help="embedded guidance scale of the text-to-image stage [preset: release 6.0]")
     p.add_argument("--t2i-template", choices=("video", "image"), default="video",
                    help="HunyuanVideo prompt template of the text-to-image stage: 'video' (as the video stage) or "
                         "'image' (what HunyuanVideo uses for one frame)")
-    p.add_argument("--checkpoints", default="checkpoints", help="folder of converted checkpoints (see README)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter and activation dtype")
+    p.add_argument("--checkpoints", help="folder of converted checkpoints (see README) [preset: release "
+                                         "'checkpoints', demo: the package's demo folder]")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="parameter and activation dtype [preset: release bf16]")
+    p.add_argument("--text-length", type=int, help="prompt tokens the text encoder keeps after its template "
+                                                   f"[preset: release {MAX_LENGTH}]")
     p.add_argument("--quantize", choices=quant.MODES,
                    help="weight-only quantization after loading, as the release: the DiTs' blocks in int8 or int4 "
                         "(other DiT kernels int8), the text encoders int8")

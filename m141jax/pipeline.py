@@ -163,7 +163,8 @@ def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], key
     t2i = models.t2i
     text = sampling.Text(*timings.run("encoders", encoders.text_conditioning, models.encoders, prompts,
                                       settings.t2i_template))
-    shape = (1, size[0] // 8, size[1] // 8, t2i.cfg.out_channels)
+    ratio = models.vae.cfg.spatial_compression_ratio
+    shape = (1, size[0] // ratio, size[1] // ratio, t2i.cfg.out_channels)
     z = timings.run("t2i", lambda: sampling.sample(
         t2i.params, t2i.cfg, noise(keys, _T2I, 0, shape), text,
         sigmas=sampling.schedule(settings.t2i_steps, settings.t2i_shift), embedded_guidance=settings.t2i_guidance,

@@ -1,0 +1,1 @@
+"""Datasets: `shapes` (procedural captioned videos of moving coloured shapes) and its analyser `analysis`."""

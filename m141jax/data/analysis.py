@@ -1,0 +1,150 @@
+"""A deterministic analyser of shapes videos (`m141jax.data.shapes`): what moves, in which colour and
+shape, in which direction, and whether it stays the same object — the demo's quality metric.
+
+Per video (uint8 [F, H, W, 3]):
+1. background = the per-channel median of all pixels; a pixel belongs to the object when its RGB
+   distance from the background exceeds half of the video's 99th-percentile distance (no object when
+   that percentile is under `MIN_CONTRAST`);
+2. per frame, the frame is rolled so the object's circular (torus) centroid sits in the middle, and
+   the largest connected part of the mask is the object; it must cover 1.5–30 % of the frame;
+3. colour: the palette colour nearest to the object's mean RGB; shape: its fill ratio of its bounding
+   box (triangle ≈ 0.5, circle ≈ π/4, square ≈ 1), the median over frames; direction: the sign of the
+   dominant axis of the mean centroid step (torus-wrapped), at least `MIN_SPEED` px per frame;
+4. temporal consistency: an object in every frame, its area steady (coefficient of variation ≤ 0.25),
+   its colour the same in every frame, and ≥ 75 % of its steps going the mean direction.
+
+`judge(video, caption)` scores one video against its caption; `accuracy` averages over videos, with
+`correct` = every attribute right and the video consistent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+
+from m141jax.data.shapes import COLOURS, DIRECTIONS, parse_caption
+
+MIN_CONTRAST = 40.0  # RGB distance from the background that some pixels must reach
+AREA = (0.015, 0.30)  # accepted object area, fraction of the frame
+FILL_TRIANGLE, FILL_CIRCLE = 0.65, 0.88  # fill-ratio boundaries triangle | circle | square
+MIN_SPEED = 0.25  # px per frame
+MAX_AREA_CV = 0.25
+MIN_FORWARD = 0.75  # fraction of steps that go the mean direction
+ATTRIBUTES = ("colour", "shape", "direction", "consistent")
+_PALETTE = np.asarray(list(COLOURS.values()), np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """What the analyser sees in one video; None where it cannot tell."""
+
+    colour: str | None
+    shape: str | None
+    direction: str | None
+    consistent: bool
+    track: np.ndarray  # [F, 2] centroid (y, x) per frame, NaN where no object
+
+
+def _circular_mean(coords, weights, size: int) -> float:
+    angle = 2 * np.pi * coords / size
+    return float(np.arctan2((weights * np.sin(angle)).sum(), (weights * np.cos(angle)).sum()) * size / (2 * np.pi)) % size
+
+
+def _wrap(d, size: int):
+    """A difference of positions on a torus of `size`, mapped into [−size/2, size/2)."""
+    return (d + size / 2) % size - size / 2
+
+
+def _object(mask: np.ndarray):
+    """(rolled mask of the object alone, its (y, x) centroid, the roll) of one frame's mask, or None."""
+    h, w = mask.shape
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    cy, cx = _circular_mean(ys, 1.0, h), _circular_mean(xs, 1.0, w)
+    shift = (int(round(h / 2 - cy)), int(round(w / 2 - cx)))
+    rolled = np.roll(mask, shift, axis=(0, 1))
+    labels, n = ndimage.label(rolled)
+    sizes = ndimage.sum(rolled, labels, range(1, n + 1))
+    part = labels == 1 + int(np.argmax(sizes))
+    if not AREA[0] <= part.mean() <= AREA[1]:
+        return None
+    py, px = np.nonzero(part)
+    # pixel i covers [i, i + 1): its centre is i + 0.5, as in `shapes.render`
+    return part, ((py.mean() + 0.5 - shift[0]) % h, (px.mean() + 0.5 - shift[1]) % w), shift
+
+
+def _fill_shape(part: np.ndarray) -> float:
+    ys, xs = np.nonzero(part)
+    return part.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+
+
+def _nearest_colour(rgb) -> str:
+    return list(COLOURS)[int(np.argmin(np.linalg.norm(_PALETTE - rgb, axis=-1)))]
+
+
+def analyse(video: np.ndarray) -> Analysis:
+    """The object's colour, shape, direction and temporal consistency in a uint8 video [F, H, W, 3]."""
+    video = np.asarray(video)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"video must be [frames, height, width, 3], got {video.shape}")
+    frames, h, w, _ = video.shape
+    x = video.astype(np.float32)
+    background = np.median(x.reshape(-1, 3), axis=0)
+    distance = np.linalg.norm(x - background, axis=-1)
+    peak = np.percentile(distance, 99)
+    track = np.full((frames, 2), np.nan)
+    none = Analysis(None, None, None, False, track)
+    if peak < MIN_CONTRAST:
+        return none
+    masks = distance > peak / 2
+    areas, fills, colours = [], [], []
+    for f in range(frames):
+        found = _object(masks[f])
+        if found is None:
+            continue
+        part, track[f], shift = found
+        pixels = np.roll(x[f], shift, axis=(0, 1))[part]
+        areas.append(part.sum())
+        fills.append(_fill_shape(part))
+        colours.append(_nearest_colour(pixels.mean(axis=0)))
+    if not areas:
+        return none
+    colour = _nearest_colour(np.mean([_PALETTE[list(COLOURS).index(c)] for c in colours], axis=0)) \
+        if len(set(colours)) > 1 else colours[0]
+    fill = float(np.median(fills))
+    shape = "triangle" if fill < FILL_TRIANGLE else "circle" if fill < FILL_CIRCLE else "square"
+    steps = _wrap(np.diff(track, axis=0), np.asarray([h, w]))
+    steps = steps[~np.isnan(steps).any(axis=1)]
+    direction, forward = None, 0.0
+    if len(steps):
+        mean = steps.mean(axis=0)
+        if np.abs(mean).max() >= MIN_SPEED:
+            axis = int(np.argmax(np.abs(mean)))
+            unit = np.zeros(2)
+            unit[axis] = np.sign(mean[axis])
+            direction = next(k for k, v in DIRECTIONS.items() if tuple(v) == tuple(unit))
+            forward = float(np.mean(steps @ unit > 0))
+    consistent = (len(areas) == frames and np.std(areas) <= MAX_AREA_CV * np.mean(areas)
+                  and len(set(colours)) == 1 and forward >= MIN_FORWARD)
+    return Analysis(colour, shape, direction, bool(consistent), track)
+
+
+def judge(video: np.ndarray, caption: str) -> dict[str, bool]:
+    """Per attribute, whether the video shows what its caption says; `correct`: all of them, consistently."""
+    colour, shape, direction = parse_caption(caption)
+    a = analyse(video)
+    out = {"colour": a.colour == colour, "shape": a.shape == shape, "direction": a.direction == direction,
+           "consistent": a.consistent}
+    out["correct"] = all(out.values())
+    return out
+
+
+def accuracy(videos, captions) -> dict[str, float]:
+    """The fraction of videos right per attribute and overall (`correct`)."""
+    if len(videos) != len(captions) or not len(captions):
+        raise ValueError(f"{len(videos)} videos need as many captions (≥ 1), got {len(captions)}")
+    scores = [judge(v, c) for v, c in zip(videos, captions)]
+    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}

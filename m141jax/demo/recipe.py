@@ -1,0 +1,144 @@
+"""How the demo models are made: their configs and the training stages of `tools/train_demo.py`, which
+the demo benchmarks reuse.
+
+- the VAE: the causal 3D VAE at 3 blocks (4× spatial, 4× temporal compression) to 8 latent channels,
+  trained on random 5-frame, 16×16 crops of the shapes clips (rolled on the torus first, so the crops
+  are as varied as the clips), the pixels of the moving object weighted 1 + FOREGROUND_WEIGHT in the
+  reconstruction loss (it covers a few percent of the frame and is otherwise learned last);
+- the DiTs: HunyuanVideo-style MMDiTs of width 64 (2 double-stream, 1 single-stream block) reading the
+  demo encoders' 64-wide text states and 32-wide CLIP vector. `I2V` has the release's 2C+1-channel
+  input (noise ‖ reference ‖ mask); `T2V` is the text-to-video form with the guidance embedding, used
+  at one latent frame as the text-to-image stage and, in `benchmarks/t2v_vs_i2v.py`, on whole clips;
+- `train_flow`: flow matching (`m141jax.train.flow`) with CFG dropout to the empty prompt;
+- `distill`: DMD2 (`m141jax.train.dmd`) into the 4-step generator, CFG distilled from the teacher;
+- `sample`: the release's Euler sampler (`m141jax.sampling`) with the demo's shift, the CFG negative
+  branch being the empty prompt the models were trained to be unconditional on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from m141jax import sampling
+from m141jax.config import (DataConfig, DistillConfig, DiTConfig, DMDConfig, FlowConfig, OptimizerConfig, RunConfig,
+                            TrainConfig, VAEConfig)
+from m141jax.demo import SHIFT
+from m141jax.models import dit as dit_lib
+from m141jax.models import vae as vae_lib
+from m141jax.train import dmd, flow
+from m141jax.train import vae as vae_train
+from m141jax.train.data import make_iterator
+
+LATENT = 8  # latent channels
+VAE = VAEConfig(block_out_channels=(8, 16, 32), spatial_compression_ratio=4, norm_num_groups=4, latent_channels=LATENT,
+                layers_per_block=1, mid_block_add_attention=False, sample_size=32, sample_tsize=32,
+                param_dtype="fp32", dtype="fp32")
+VAE_CROP = (5, 16)  # frames and pixels of a VAE training crop: the first frame + one 4-frame latent step
+KL_WEIGHT = 1e-4
+FOREGROUND_WEIGHT = 10.0
+_DIT = dict(out_channels=LATENT, hidden_size=64, num_heads=4, double_blocks=2, single_blocks=1, refiner_blocks=1,
+            rope_axes=(4, 6, 6), text_dim=64, pooled_dim=32, param_dtype="fp32", dtype="fp32")
+I2V = DiTConfig(in_channels=2 * LATENT + 1, **_DIT)
+T2V = DiTConfig(in_channels=LATENT, guidance_embed=True, **_DIT)
+N_IMAGE_TOKENS = 17  # VLM image tokens ahead of the prompt tokens (the demo encoders keep 17 of 65)
+GUIDANCE = 3.0  # the teacher's CFG scale, distilled into the student
+T2I_GUIDANCE = 1.0  # the embedded guidance the T2V-form models are trained and run with
+
+
+def _optimizer(lr: float, warmup: int = 0) -> OptimizerConfig:
+    return OptimizerConfig(learning_rate=lr, warmup_steps=warmup, decay="cosine", final_lr_ratio=0.1, weight_decay=0.0)
+
+
+def _bar(n: int, desc: str, progress: bool):
+    return tqdm(range(n), desc=desc, disable=not progress, dynamic_ncols=True)
+
+
+def train_vae(videos: np.ndarray, steps: int, batch: int = 4, lr: float = 1e-3, seed: int = 0,
+              progress: bool = True) -> tuple[VAEConfig, dict]:
+    """The demo VAE trained on random crops of uint8 videos [N, F, H, W, 3]; its config carries the
+    scaling factor measured on the posterior means of (up to) 256 whole videos."""
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps - 1), steps, 0.05 * lr), b2=0.99))
+    state = vae_train.init_vae_state(vae_lib.init_params(VAE, jax.random.PRNGKey(seed)), tx)
+    step = jax.jit(vae_train.make_vae_step(VAE, tx, KL_WEIGHT, FOREGROUND_WEIGHT), donate_argnums=0)
+    rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
+    bar = _bar(steps, "vae", progress)
+    for i in bar:
+        (frames, size), start = VAE_CROP, int(rng.integers(0, videos.shape[1] - VAE_CROP[0] + 1))
+        clips = videos[rng.integers(0, len(videos), batch), start:start + frames]
+        clips = np.roll(clips, tuple(int(r) for r in rng.integers(0, videos.shape[2], 2)), axis=(2, 3))
+        x = clips[:, :, :size, :size].astype(np.float32) / 127.5 - 1.0
+        state, m = step(state, x, jax.random.fold_in(base, i))
+        if i % 10 == 0:
+            bar.set_postfix(l1=f"{float(m['l1']):.4f}")
+    sample = videos[:256].astype(np.float32) / 127.5 - 1.0
+    factor = vae_train.scaling_factor(state.params, VAE, (sample[i:i + 16] for i in range(0, len(sample), 16)))
+    return dataclasses.replace(VAE, scaling_factor=factor), jax.device_get(state.params)
+
+
+def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch: int = 16, lr: float = 1e-3,
+               seed: int = 0, desc: str = "flow", progress: bool = True) -> dict:
+    """A DiT trained from scratch by flow matching on a source of latents + conditioning (CFG dropout 0.1)."""
+    cfg = TrainConfig(model=model, flow=FlowConfig(n_image_tokens=n_image_tokens, cfg_dropout=0.1),
+                      optimizer=_optimizer(lr, warmup=100), data=DataConfig(batch_size=batch, seed=seed),
+                      run=RunConfig(steps=steps))
+    state = flow.init_train_state(cfg, dit_lib.init_params(model, jax.random.PRNGKey(seed)))
+    step = jax.jit(flow.make_train_step(cfg), donate_argnums=0)
+    batches, base = make_iterator(source, cfg.data), jax.random.PRNGKey(seed + 1)
+    bar = _bar(steps, desc, progress)
+    for i in bar:
+        state, m = step(state, next(batches), jax.random.fold_in(base, i))
+        if i % 20 == 0:
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+    return jax.device_get(state.params)
+
+
+def distill(model: DiTConfig, teacher: dict, source, steps: int, n_image_tokens: int, batch: int = 16,
+            lr: float = 1e-4, seed: int = 0, desc: str = "dmd2", progress: bool = True,
+            every: int = 0, callback: Callable[[int, dict], None] | None = None) -> dict:
+    """The 4-step DMD2 generator of `teacher` (CFG scale GUIDANCE distilled, shift SHIFT); with `every`,
+    callback(step, generator params) runs before the first step and every `every` steps after it."""
+    fake_flow = FlowConfig(sigma_sampling="uniform", cfg_dropout=0.0, n_image_tokens=n_image_tokens)
+    cfg = DistillConfig(model=model, teacher_dtype="fp32", n_image_tokens=n_image_tokens,
+                        dmd=DMDConfig(shift=SHIFT, real_guidance=GUIDANCE, critic_steps=5, gan_sigma_max=0.5,
+                                      fake_flow=fake_flow),
+                        generator_optimizer=_optimizer(lr), critic_optimizer=_optimizer(lr),
+                        data=DataConfig(batch_size=batch, seed=seed), run=RunConfig(steps=steps))
+    state = dmd.init_dmd_state(cfg, teacher, jax.random.PRNGKey(seed))
+    step = jax.jit(dmd.make_dmd_step(cfg), static_argnums=4, donate_argnums=0)
+    batches, base = make_iterator(source, cfg.data), jax.random.PRNGKey(seed + 1)
+    bar = _bar(steps, desc, progress)
+    for i in bar:
+        if every and i % every == 0:
+            callback(i, state.generator)
+        state, m = step(state, teacher, next(batches), jax.random.fold_in(base, i), dmd.generator_turn(i, cfg.dmd))
+        if i % 20 == 0:
+            bar.set_postfix(dm=f"{float(m['gen_loss_dm']):.4f}", fake=f"{float(m['critic_loss_fake']):.4f}")
+    if every:
+        callback(steps, state.generator)
+    return jax.device_get(state.generator)
+
+
+def sample(model: DiTConfig, params, cond: dict, null: dict, steps: int, n_image_tokens: int,
+           guidance: float = 1.0, seed: int = 0) -> jax.Array:
+    """Latents [B, F, h, w, C] from noise by `steps` Euler steps at shift SHIFT for a batch of conditioning
+    (`latents` gives the shape; `ref_latents`, `guidance` when the model takes them), with CFG scale
+    `guidance` against the empty prompt `null`."""
+    def text(c):
+        return c["text_states"], c["text_mask"], c["text_states_2"]
+
+    cond = {k: jnp.asarray(v) for k, v in cond.items()}
+    b = cond["text_states"].shape[0]
+    uncond = flow.drop_text(cond, jnp.ones((b,), bool), {k: jnp.asarray(v) for k, v in null.items()}, n_image_tokens)
+    noise = jax.random.normal(jax.random.PRNGKey(seed), cond["latents"].shape, jnp.float32)
+    embedded = float(cond["guidance"][0]) / 1000.0 if model.guidance_embed else None
+    return sampling.sample(params, model, noise, text(cond), sigmas=sampling.schedule(steps, SHIFT),
+                           ref_latents=cond.get("ref_latents"), neg_text=text(uncond), guidance_scale=guidance,
+                           embedded_guidance=embedded)

@@ -1,0 +1,84 @@
+"""Training the causal VAE: reconstruction + β·KL to N(0, I) (the demo trains its tiny VAE with it).
+
+    loss = mean w·|x̂ − x| + mean w·(x̂ − x)² + β · mean KL(q(z|x) ‖ N(0, I)),   x̂ = decode(z), z ~ q(z|x)
+
+over videos [B, F, H, W, 3] in [−1, 1] (F = 1 or 4k+1), means over every element. L1 keeps edges sharp,
+the squared error punishes colour shifts, and the small KL keeps the posterior means near unit scale
+so the latents suit flow matching. The per-pixel weight w is 1, or (`foreground_weight`) larger on
+pixels away from the video's background colour: small objects on a plain background are otherwise
+learned long after the background. After training, `scaling_factor` measures 1 / std of the posterior
+means, the factor the release multiplies latents by (0.476986 for HunyuanVideo's VAE).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct as struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from m141jax.config import VAEConfig
+from m141jax.models import vae as vae_lib
+
+
+@struct.dataclass
+class VAEState:
+    step: Any
+    params: Any
+    opt_state: Any
+
+
+def _apply(params, cfg: VAEConfig, method, x):
+    return vae_lib.CausalVAE(cfg).apply({"params": params}, x, method=method)
+
+
+def posterior(params, cfg: VAEConfig, video):
+    """(mean, logvar) [B, f, h, w, C] of q(z|x), logvar clamped as `vae.encode` does; differentiable."""
+    mean, logvar = jnp.split(_apply(params, cfg, vae_lib.CausalVAE.moments, video).astype(jnp.float32), 2, -1)
+    return mean, jnp.clip(logvar, *vae_lib.LOGVAR_RANGE)
+
+
+def foreground_weights(video, weight: float):
+    """Per-pixel weights [B, F, H, W, 1]: 1 + weight where a pixel's colour is farther than 0.1 from its
+    video's median colour (the objects on a plain background), else 1."""
+    b = video.shape[0]
+    background = jnp.median(video.reshape(b, -1, video.shape[-1]), axis=1)
+    far = jnp.linalg.norm(video - background[:, None, None, None], axis=-1, keepdims=True) > 0.1
+    return 1.0 + weight * far
+
+
+def vae_loss(params, cfg: VAEConfig, video, rng, kl_weight: float, foreground_weight: float = 0.0):
+    """(loss, metrics) of a batch of videos in [−1, 1]; with `foreground_weight` the reconstruction terms
+    weigh the pixels away from the background colour 1 + foreground_weight times (`foreground_weights`)."""
+    mean, logvar = posterior(params, cfg, video)
+    z = vae_lib.sample_posterior(mean, logvar, rng)
+    recon = _apply(params, cfg, vae_lib.CausalVAE.decode, z).astype(jnp.float32)
+    w = foreground_weights(video, foreground_weight) if foreground_weight else 1.0
+    l1, l2 = (w * jnp.abs(recon - video)).mean(), (w * jnp.square(recon - video)).mean()
+    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).mean()
+    return l1 + l2 + kl_weight * kl, {"l1": l1, "mse": l2, "kl": kl}
+
+
+def init_vae_state(params, tx: optax.GradientTransformation) -> VAEState:
+    return VAEState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def make_vae_step(cfg: VAEConfig, tx: optax.GradientTransformation, kl_weight: float, foreground_weight: float = 0.0):
+    """vae_step(state, video, rng) -> (state, metrics): one optimizer update (jit it)."""
+    def vae_step(state: VAEState, video, rng):
+        (loss, metrics), grads = jax.value_and_grad(vae_loss, has_aux=True)(state.params, cfg, video, rng, kl_weight,
+                                                                             foreground_weight)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return VAEState(state.step + 1, params, opt_state), {"loss": loss, **metrics}
+
+    return vae_step
+
+
+def scaling_factor(params, cfg: VAEConfig, videos) -> float:
+    """1 / std of the posterior means of `videos` (an iterable of [B, F, H, W, 3] batches in [−1, 1])."""
+    means = [np.asarray(vae_lib.encode(params, cfg, v, tiling=False)[0]) for v in videos]
+    return float(1.0 / np.concatenate([m.ravel() for m in means]).std())

@@ -1,0 +1,73 @@
+"""The shapes analyser: ground-truth videos score (near) perfectly, noise and broken videos do not."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from m141jax.data import analysis, shapes
+
+
+@pytest.fixture(scope="module")
+def videos():
+    train, held = shapes.ShapesDataset(80, "train", seed=11), shapes.ShapesDataset(24, "eval", seed=11)
+    return [d[i] for d in (train, held) for i in range(len(d))]
+
+
+def test_ground_truth_scores_perfectly(videos):
+    acc = analysis.accuracy(*zip(*videos))
+    assert all(v >= 0.98 for v in acc.values()), acc
+
+
+def test_track_follows_the_scene(videos):
+    video, _ = videos[0]
+    scene = shapes.ShapesDataset(80, "train", seed=11).scene(0)
+    a = analysis.analyse(video)
+    step = np.asarray(shapes.DIRECTIONS[scene.direction]) * scene.speed
+    expected = (np.asarray(scene.start) + np.arange(len(video))[:, None] * step) % shapes.SIZE
+    assert np.abs(analysis._wrap(a.track - expected, shapes.SIZE)).max() < 0.6
+
+
+def _captions(n):
+    every = [shapes.caption(*c) for s in shapes.SPLITS for c in shapes.combinations(s)]
+    return [every[i % len(every)] for i in range(n)]
+
+
+def test_noise_scores_at_most_chance():
+    rng = np.random.default_rng(0)
+    white = [rng.integers(0, 256, (17, 32, 32, 3), dtype=np.uint8) for _ in range(24)]
+    smooth = [np.clip(128 + 100 * ndimage.gaussian_filter(rng.standard_normal((17, 32, 32, 3)), (1, 3, 3, 0),
+                                                          mode="wrap"), 0, 255).astype(np.uint8) for _ in range(24)]
+    chance = {"colour": 1 / 4, "shape": 1 / 3, "direction": 1 / 4}
+    for noise in (white, smooth):
+        acc = analysis.accuracy(noise, _captions(len(noise)))
+        assert acc["correct"] == 0.0 and acc["consistent"] < 0.1, acc
+        assert all(acc[k] <= chance[k] + 0.1 for k in chance), acc
+
+
+def test_broken_motion_is_caught(videos):
+    rng = np.random.default_rng(1)
+    clips, captions = zip(*videos[:48])
+    shuffled = analysis.accuracy([v[rng.permutation(len(v))] for v in clips], captions)
+    assert shuffled["consistent"] < 0.2 and shuffled["correct"] < 0.2 and shuffled["colour"] == 1.0
+    static = [analysis.analyse(np.repeat(v[:1], len(v), 0)) for v in clips[:8]]
+    assert all(a.direction is None and not a.consistent for a in static)
+    flicker = [v.copy() for v in clips[:8]]
+    for v in flicker:
+        v[::3] = v[0, 0, 0]  # every third frame is background only
+    assert not any(analysis.analyse(v).consistent for v in flicker)
+
+
+def test_wrong_captions_are_caught(videos):
+    video, caption = videos[0]
+    colour, shape, direction = shapes.parse_caption(caption)
+    other = lambda x, xs: next(v for v in xs if v != x)  # noqa: E731
+    assert analysis.judge(video, caption)["correct"]
+    for i, (value, values) in enumerate(((colour, shapes.COLOURS), (shape, shapes.SHAPES),
+                                         (direction, shapes.DIRECTIONS))):
+        words = [colour, shape, direction]
+        words[i] = other(value, list(values))
+        verdict = analysis.judge(video, shapes.caption(*words))
+        assert not verdict["correct"] and sum(not verdict[k] for k in ("colour", "shape", "direction")) == 1
+    # red and blue swapped by reversing the channels
+    red = next(v for v, c in videos if c.startswith("a red"))
+    assert analysis.analyse(red).colour == "red" and analysis.analyse(red[..., ::-1]).colour == "blue"

@@ -1,0 +1,51 @@
+"""The shipped demo checkpoints: complete, small, and `m141jax generate --preset demo` makes a clip of the
+right shape from text alone on CPU (text → image → video); the demo's training sources are shaped for
+the demo DiTs."""
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from m141jax import cli, components, demo
+from m141jax.demo import data as demo_data
+from m141jax.demo import encoders as demo_encoders
+from m141jax.demo import quality, recipe
+
+MAX_MB = 20
+
+
+def test_checkpoints_are_complete_and_small():
+    for name in components.LAYOUT:
+        components.locate(demo.CHECKPOINTS, name)
+    assert components.read_config(demo.CHECKPOINTS, "dit", "fp32").architecture() == recipe.I2V.architecture()
+    assert components.read_config(demo.CHECKPOINTS, "t2i", "fp32").architecture() == recipe.T2V.architecture()
+    size = sum(f.stat().st_size for f in demo.CHECKPOINTS.rglob("*") if f.is_file()) / 2 ** 20
+    assert size <= MAX_MB, f"demo checkpoints take {size:.1f} MB"
+
+
+@pytest.mark.parametrize("seconds", [None, 4.0])
+def test_generate_demo_preset(tmp_path, seconds):
+    out = tmp_path / "demo.mp4"
+    argv = ["generate", "--preset", "demo", "--prompt", "a blue circle moving right", "--out", str(out), "--quiet"]
+    if seconds is not None:  # 33 frames at 8 fps: two clips of the sliding window
+        argv += ["--seconds", str(seconds)]
+    assert cli.main(argv) == 0
+    video = np.stack(list(iio.imiter(out)))
+    frames = 17 if seconds is None else 33
+    assert video.shape == (frames, 32, 32, 3)
+    assert video.std() > 5  # not a blank clip
+
+
+def test_sources_fit_the_demo_models():
+    vae = components.load_component(demo.CHECKPOINTS, "vae", "fp32")
+    videos, captions = quality.eval_clips(1)
+    prepared = demo_data.prepare(vae, demo_encoders.load(demo.CHECKPOINTS), videos[:2], captions[:2], progress=False)
+    c, text = recipe.LATENT, demo_encoders.TEXT_LENGTH
+    i2v, t2i = demo_data.i2v_source(prepared), demo_data.t2v_source(prepared, 1.0, image=True)
+    assert len(i2v) == len(t2i) == 2
+    assert {k: v.shape for k, v in i2v[1].items()} == {
+        "latents": (5, 8, 8, c), "ref_latents": (1, 8, 8, c), "text_states": (recipe.N_IMAGE_TOKENS + text, 64),
+        "text_mask": (recipe.N_IMAGE_TOKENS + text,), "text_states_2": (32,)}
+    assert t2i[0]["latents"].shape == (1, 8, 8, c) and t2i[0]["text_states"].shape == (text, 64)
+    assert float(t2i[0]["guidance"]) == 1000.0
+    assert i2v.null()["text_states"].shape == (text, 64)

@@ -1,0 +1,124 @@
+"""Train the demo models from nothing with m141jax's own code and write the checkpoint folder that
+`m141jax generate --preset demo` reads (default: the package's m141jax/demo/checkpoints).
+
+Stages (sizes and settings in `m141jax/demo/recipe.py`), each deterministic from --seed:
+1. encoders: the word-level tokenizers and the frozen random LLaVA / CLIP (`m141jax.demo.encoders`);
+2. data: --videos training clips of the shapes dataset (17 frames of 32×32, the 40 training captions);
+3. vae: the tiny causal VAE trained on 5-frame crops, its scaling factor measured;
+4. latents: x₀, reference latents and conditioning of every clip (`m141jax.demo.data`);
+5. t2i: the T2V-architecture DiT trained by flow matching on the first frames (one latent frame):
+   the text-to-image stage;
+6. teacher: the image-to-video DiT trained by flow matching on the clips;
+7. student: its 4-step generator distilled with DMD2 (teacher CFG scale 3 distilled), shipped as dit/.
+The teacher is kept in teacher/ for the quality harness (`benchmarks/demo_quality.py`).
+
+The folder is written under a temporary name and renamed when complete (each checkpoint is also
+written atomically). Prints the seconds of each stage and the folder's size:
+
+    python tools/train_demo.py [--out DIR]
+    RESULT train_demo encoders_s=… data_s=… vae_s=… latents_s=… t2i_s=… teacher_s=… student_s=… total_s=… mb=…
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from m141jax import checkpoint, demo
+from m141jax.components import Component
+from m141jax.config import to_json_dict
+from m141jax.data import shapes
+from m141jax.demo import data as demo_data
+from m141jax.demo import encoders as demo_encoders
+from m141jax.demo import recipe
+
+
+def strip_local_paths(root: Path) -> None:
+    """Orbax's commit markers (params/commit_success.txt) name the absolute path they were written at;
+    the shipped folder keeps the markers without it."""
+    for marker in root.rglob("commit_success.txt"):
+        marker.write_text("Checkpoint commit was successful\n")
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
+
+
+def train(root: Path, args, seconds: dict[str, float]) -> None:
+    """Every stage, writing into root (a fresh folder)."""
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = now - clock
+        clock = now
+        print(f"{stage}: {seconds[stage]:.1f} s", flush=True)
+
+    progress = not args.quiet
+    demo_encoders.write_encoders(root, seed=args.seed)
+    enc = demo_encoders.load(root)
+    if len(enc.vlm_prompt.keep) != recipe.N_IMAGE_TOKENS:
+        raise RuntimeError(f"the demo encoders give {len(enc.vlm_prompt.keep)} image tokens, the recipe expects "
+                           f"{recipe.N_IMAGE_TOKENS}")
+    lap("encoders")
+
+    dataset = shapes.ShapesDataset(args.videos, "train", seed=args.seed)
+    items = [dataset[i] for i in range(len(dataset))]
+    videos, captions = np.stack([v for v, _ in items]), [c for _, c in items]
+    lap("data")
+
+    vae_cfg, vae_params = recipe.train_vae(videos, args.vae_steps, seed=args.seed, progress=progress)
+    checkpoint.save(root / "vae", "vae", to_json_dict(vae_cfg), vae_params)
+    print(f"vae scaling factor {vae_cfg.scaling_factor:.4f}", flush=True)
+    lap("vae")
+
+    prepared = demo_data.prepare(Component(vae_cfg, jax.device_put(vae_params)), enc, videos, captions, progress)
+    lap("latents")
+
+    t2i = recipe.train_flow(recipe.T2V, demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE, image=True),
+                            args.t2i_steps, n_image_tokens=0, seed=args.seed, desc="t2i", progress=progress)
+    checkpoint.save(root / "t2i", "dit", to_json_dict(recipe.T2V), t2i)
+    lap("t2i")
+
+    source = demo_data.i2v_source(prepared)
+    teacher = recipe.train_flow(recipe.I2V, source, args.teacher_steps, recipe.N_IMAGE_TOKENS, seed=args.seed,
+                                desc="teacher", progress=progress)
+    checkpoint.save(root / "teacher", "dit", to_json_dict(recipe.I2V), teacher)
+    lap("teacher")
+
+    student = recipe.distill(recipe.I2V, teacher, source, args.distill_steps, recipe.N_IMAGE_TOKENS, seed=args.seed,
+                             desc="student", progress=progress)
+    checkpoint.save(root / "dit", "dit", to_json_dict(recipe.I2V), student)
+    strip_local_paths(root)
+    lap("student")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(demo.CHECKPOINTS), help="the checkpoint folder to write (replaced if present)")
+    p.add_argument("--videos", type=int, default=1200, help="training clips")
+    p.add_argument("--vae-steps", type=int, default=2500)
+    p.add_argument("--t2i-steps", type=int, default=2000)
+    p.add_argument("--teacher-steps", type=int, default=4000)
+    p.add_argument("--distill-steps", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args()
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    out = checkpoint.atomic_dir(args.out, lambda root: train(root, args, seconds), overwrite=True)
+    seconds["total"] = time.perf_counter() - start
+    print("RESULT train_demo " + " ".join(f"{k}_s={v:.1f}" for k, v in seconds.items()) + f" mb={folder_mb(out):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
