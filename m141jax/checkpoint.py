@@ -95,6 +95,8 @@ def save(dst: str | Path, component: str, config: dict[str, Any], params, overwr
         if jax.process_index() == 0:
             meta = {"format": FORMAT, "component": component, "config": config, **(extra or {})}
             (tmp / META).write_text(json.dumps(meta, indent=1))
+            # Orbax's commit marker names the temporary directory it was written in, stale after the rename
+            (tmp / "params" / "commit_success.txt").write_text("Checkpoint commit was successful\n")
 
     return atomic_dir(dst, write, overwrite)
 

@@ -40,13 +40,6 @@ from m141jax.demo import encoders as demo_encoders
 from m141jax.demo import recipe
 
 
-def strip_local_paths(root: Path) -> None:
-    """Orbax's commit markers (params/commit_success.txt) name the absolute path they were written at;
-    the shipped folder keeps the markers without it."""
-    for marker in root.rglob("commit_success.txt"):
-        marker.write_text("Checkpoint commit was successful\n")
-
-
 def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
 
@@ -97,7 +90,6 @@ def train(root: Path, args, seconds: dict[str, float]) -> None:
     student = recipe.distill(recipe.I2V, teacher, source, args.distill_steps, recipe.N_IMAGE_TOKENS, seed=args.seed,
                              desc="student", progress=progress)
     checkpoint.save(root / "dit", "dit", to_json_dict(recipe.I2V), student)
-    strip_local_paths(root)
     lap("student")
 
 
