@@ -9,7 +9,7 @@ the mean of the four attribute accuracies (`m141jax.demo.quality.score`), then e
 `correct` (all four at once) per model. `vae` scores the VAE's reconstructions of the true clips: the
 ceiling of any generator here.
 
-    python benchmarks/demo_quality.py [--checkpoints DIR] [--per-combination 4]
+    python benchmarks/demo_quality.py [--checkpoints DIR] [--per-combination 12]
     RESULT demo_quality teacher50=… teacher4=… student4=… vae=… n=… total_s=…
     RESULT demo_quality_teacher50 colour=… shape=… direction=… consistent=… correct=…   (and so on)
 """
@@ -34,7 +34,7 @@ from m141jax.demo import quality, recipe
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoints", default=str(demo.CHECKPOINTS), help="the folder tools/train_demo.py wrote")
-    p.add_argument("--per-combination", type=int, default=4, help="clips per held-out combination (8 of them)")
+    p.add_argument("--per-combination", type=int, default=12, help="clips per held-out combination (8 of them)")
     args = p.parse_args()
     start = time.perf_counter()
     root = Path(args.checkpoints)

@@ -4,7 +4,7 @@
 Stages (sizes and settings in `m141jax/demo/recipe.py`), each deterministic from --seed:
 1. encoders: the word-level tokenizers and the frozen random LLaVA / CLIP (`m141jax.demo.encoders`);
 2. data: --videos training clips of the shapes dataset (17 frames of 32×32, the 40 training captions);
-3. vae: the tiny causal VAE trained on 5-frame crops, its scaling factor measured;
+3. vae: the tiny causal VAE trained on whole clips, its scaling factor measured;
 4. latents: x₀, reference latents and conditioning of every clip (`m141jax.demo.data`);
 5. t2i: the T2V-architecture DiT trained by flow matching on the first frames (one latent frame):
    the text-to-image stage;
@@ -96,10 +96,10 @@ def train(root: Path, args, seconds: dict[str, float]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(demo.CHECKPOINTS), help="the checkpoint folder to write (replaced if present)")
-    p.add_argument("--videos", type=int, default=1200, help="training clips")
-    p.add_argument("--vae-steps", type=int, default=2500)
+    p.add_argument("--videos", type=int, default=recipe.VIDEOS, help="training clips")
+    p.add_argument("--vae-steps", type=int, default=900)
     p.add_argument("--t2i-steps", type=int, default=2000)
-    p.add_argument("--teacher-steps", type=int, default=4000)
+    p.add_argument("--teacher-steps", type=int, default=recipe.TEACHER_STEPS)
     p.add_argument("--distill-steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,8 +1,8 @@
 """The demo's quality metric: generate clips for the held-out captions and score them with the analyser
 (`m141jax.data.analysis`): per attribute, the fraction of clips whose moving object has the caption's
 colour, shape and direction and stays the same object; the score is the mean of these four accuracies
-(`correct`, all four at once, is also reported but is near 0 for every model while the demo VAE's own
-reconstructions get it for ~1 clip in 10).
+(`correct`, all four at once, is also reported; it is bounded by the demo VAE, whose own reconstructions
+get it for 4 clips in 10, mostly for blurring the shape).
 
 The evaluation clips are the shapes dataset's `eval` split (the 8 held-out colour-shape-direction
 combinations, never seen in training); image-to-video models get each clip's true first frame, text-to-video

@@ -2,14 +2,17 @@
 the demo benchmarks reuse.
 
 - the VAE: the causal 3D VAE at 3 blocks (4× spatial, 4× temporal compression) to 8 latent channels,
-  trained on random 5-frame, 16×16 crops of the shapes clips (rolled on the torus first, so the crops
-  are as varied as the clips), the pixels of the moving object weighted 1 + FOREGROUND_WEIGHT in the
-  reconstruction loss (it covers a few percent of the frame and is otherwise learned last);
+  trained on whole 17-frame clips (each rolled on the torus by a random offset, which keeps it a valid
+  clip): its GroupNorms normalise over every frame, so a VAE trained on shorter crops degrades on the
+  later latent frames of a whole clip. The pixels of the moving object weigh 1 + FOREGROUND_WEIGHT in
+  the reconstruction loss (it covers a few percent of the frame and is otherwise learned last);
 - the DiTs: HunyuanVideo-style MMDiTs of width 64 (2 double-stream, 1 single-stream block) reading the
   demo encoders' 64-wide text states and 32-wide CLIP vector. `I2V` has the release's 2C+1-channel
   input (noise ‖ reference ‖ mask); `T2V` is the text-to-video form with the guidance embedding, used
   at one latent frame as the text-to-image stage and, in `benchmarks/t2v_vs_i2v.py`, on whole clips;
-- `train_flow`: flow matching (`m141jax.train.flow`) with CFG dropout to the empty prompt;
+- `train_flow`: flow matching (`m141jax.train.flow`) with CFG dropout to the empty prompt, σ drawn
+  logit-normal with the time shift SHIFT the models are sampled with (the direction of motion, like all
+  coarse structure, is decided at high σ, which a plain logit-normal rarely draws);
 - `distill`: DMD2 (`m141jax.train.dmd`) into the 4-step generator, CFG distilled from the teacher;
 - `sample`: the release's Euler sampler (`m141jax.sampling`) with the demo's shift, the CFG negative
   branch being the empty prompt the models were trained to be unconditional on.
@@ -40,7 +43,6 @@ LATENT = 8  # latent channels
 VAE = VAEConfig(block_out_channels=(8, 16, 32), spatial_compression_ratio=4, norm_num_groups=4, latent_channels=LATENT,
                 layers_per_block=1, mid_block_add_attention=False, sample_size=32, sample_tsize=32,
                 param_dtype="fp32", dtype="fp32")
-VAE_CROP = (5, 16)  # frames and pixels of a VAE training crop: the first frame + one 4-frame latent step
 KL_WEIGHT = 1e-4
 FOREGROUND_WEIGHT = 10.0
 _DIT = dict(out_channels=LATENT, hidden_size=64, num_heads=4, double_blocks=2, single_blocks=1, refiner_blocks=1,
@@ -49,6 +51,8 @@ I2V = DiTConfig(in_channels=2 * LATENT + 1, **_DIT)
 T2V = DiTConfig(in_channels=LATENT, guidance_embed=True, **_DIT)
 N_IMAGE_TOKENS = 17  # VLM image tokens ahead of the prompt tokens (the demo encoders keep 17 of 65)
 GUIDANCE = 3.0  # the teacher's CFG scale, distilled into the student
+VIDEOS = 1200  # training clips of tools/train_demo.py
+TEACHER_STEPS = 6000  # flow-matching steps of the image-to-video teacher
 T2I_GUIDANCE = 1.0  # the embedded guidance the T2V-form models are trained and run with
 
 
@@ -60,10 +64,10 @@ def _bar(n: int, desc: str, progress: bool):
     return tqdm(range(n), desc=desc, disable=not progress, dynamic_ncols=True)
 
 
-def train_vae(videos: np.ndarray, steps: int, batch: int = 4, lr: float = 1e-3, seed: int = 0,
+def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, seed: int = 0,
               progress: bool = True) -> tuple[VAEConfig, dict]:
-    """The demo VAE trained on random crops of uint8 videos [N, F, H, W, 3]; its config carries the
-    scaling factor measured on the posterior means of (up to) 256 whole videos."""
+    """The demo VAE trained on uint8 videos [N, F, H, W, 3] rolled on the torus; its config carries the
+    scaling factor measured on the posterior means of (up to) 256 videos."""
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps - 1), steps, 0.05 * lr), b2=0.99))
     state = vae_train.init_vae_state(vae_lib.init_params(VAE, jax.random.PRNGKey(seed)), tx)
@@ -71,10 +75,9 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 4, lr: float = 1e-3, 
     rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
     bar = _bar(steps, "vae", progress)
     for i in bar:
-        (frames, size), start = VAE_CROP, int(rng.integers(0, videos.shape[1] - VAE_CROP[0] + 1))
-        clips = videos[rng.integers(0, len(videos), batch), start:start + frames]
+        clips = videos[rng.integers(0, len(videos), batch)]
         clips = np.roll(clips, tuple(int(r) for r in rng.integers(0, videos.shape[2], 2)), axis=(2, 3))
-        x = clips[:, :, :size, :size].astype(np.float32) / 127.5 - 1.0
+        x = clips.astype(np.float32) / 127.5 - 1.0
         state, m = step(state, x, jax.random.fold_in(base, i))
         if i % 10 == 0:
             bar.set_postfix(l1=f"{float(m['l1']):.4f}")
@@ -85,8 +88,9 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 4, lr: float = 1e-3, 
 
 def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch: int = 16, lr: float = 1e-3,
                seed: int = 0, desc: str = "flow", progress: bool = True) -> dict:
-    """A DiT trained from scratch by flow matching on a source of latents + conditioning (CFG dropout 0.1)."""
-    cfg = TrainConfig(model=model, flow=FlowConfig(n_image_tokens=n_image_tokens, cfg_dropout=0.1),
+    """A DiT trained from scratch by flow matching on a source of latents + conditioning (CFG dropout 0.1,
+    σ at shift SHIFT)."""
+    cfg = TrainConfig(model=model, flow=FlowConfig(n_image_tokens=n_image_tokens, cfg_dropout=0.1, shift=SHIFT),
                       optimizer=_optimizer(lr, warmup=100), data=DataConfig(batch_size=batch, seed=seed),
                       run=RunConfig(steps=steps))
     state = flow.init_train_state(cfg, dit_lib.init_params(model, jax.random.PRNGKey(seed)))
