@@ -39,9 +39,6 @@ from m141jax.demo import quality, recipe
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoints", default=str(demo.CHECKPOINTS), help="the folder tools/train_demo.py wrote")
-    p.add_argument("--videos", type=int, default=recipe.VIDEOS, help="training clips (the shipped teacher's: 1200)")
-    p.add_argument("--teacher-steps", type=int, default=recipe.TEACHER_STEPS,
-                   help="the text-to-video teacher's steps (the shipped teacher's: 6000)")
     p.add_argument("--distill-steps", type=int, default=400)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--per-combination", type=int, default=8)
@@ -57,21 +54,20 @@ def main() -> int:
     root = Path(args.checkpoints)
     vae = components.load_component(root, "vae", "fp32")
     enc = demo_encoders.load(root)
-    train = shapes.ShapesDataset(args.videos, "train")
+    train = shapes.ShapesDataset(recipe.VIDEOS, "train")  # the shipped teacher's clips
     items = [train[i] for i in range(len(train))]
     prepared = demo_data.prepare(vae, enc, np.stack([v for v, _ in items]), [c for _, c in items], progress)
     clips, captions = quality.eval_clips(args.per_combination)
     held = demo_data.prepare(vae, enc, clips, captions, progress=False)
 
-    kinds = {"i2v": (recipe.I2V, demo_data.i2v_source(prepared), recipe.N_IMAGE_TOKENS),
-             "t2v": (recipe.T2V, demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE), 0)}
+    t2v_source = demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE)
+    _, i2v_model, i2v_teacher = checkpoint.load(root / "teacher", ("dit",), "fp32")
+    t2v_teacher = recipe.train_flow(recipe.T2V, t2v_source, recipe.TEACHER_STEPS, 0, desc="t2v teacher",
+                                    progress=progress)
+    kinds = {"i2v": (i2v_model, i2v_teacher, demo_data.i2v_source(prepared), recipe.N_IMAGE_TOKENS),
+             "t2v": (recipe.T2V, t2v_teacher, t2v_source, 0)}
     curves, teachers = {}, {}
-    for kind, (model, source, n_image) in kinds.items():
-        if kind == "i2v":
-            teacher = checkpoint.load(root / "teacher", ("dit",), "fp32")[2]
-        else:
-            teacher = recipe.train_flow(model, source, args.teacher_steps, n_image, desc=f"{kind} teacher",
-                                        progress=progress)
+    for kind, (model, teacher, source, n_image) in kinds.items():
         for steps in (50, 4):
             teachers[f"{kind}{steps}"] = quality.score(
                 quality.generate(model, teacher, vae, held, steps, recipe.GUIDANCE), captions)

@@ -63,4 +63,3 @@ def test_shipped_student_follows_the_caption():
     acc = quality.accuracies(clips, captions)
     assert acc["colour"] >= 0.75 and acc["direction"] >= 0.5, acc
     assert quality.score(clips, captions) >= 0.45
-
