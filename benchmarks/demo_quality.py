@@ -7,11 +7,13 @@ the 4-step student (no CFG), all with the release's sampler at the demo's shift,
 and scored by the analyser (`m141jax.data.analysis`: colour, shape, direction, temporal consistency):
 the mean of the four attribute accuracies (`m141jax.demo.quality.score`), then each accuracy and
 `correct` (all four at once) per model. `vae` scores the VAE's reconstructions of the true clips: the
-ceiling of any generator here.
+ceiling of any generator here. The gaps are the student's score minus each teacher's with a 95 %
+paired-bootstrap interval over the clips (`quality.paired_gap`): a gap is clear when it excludes 0.
 
     python benchmarks/demo_quality.py [--checkpoints DIR] [--per-combination 12]
     RESULT demo_quality teacher50=… teacher4=… student4=… vae=… n=… total_s=…
     RESULT demo_quality_teacher50 colour=… shape=… direction=… consistent=… correct=…   (and so on)
+    RESULT demo_quality_gap student4_vs_teacher4=… ci95=…..… student4_vs_teacher50=… ci95=…..…
 """
 
 from __future__ import annotations
@@ -50,12 +52,14 @@ def main() -> int:
         "student4": quality.generate(student.cfg, student.params, vae, prepared, 4),
         "vae": np.asarray(pipeline.decode_frames(vae, prepared.latents)),
     }
-    scores = {name: quality.score(clips, captions) for name, clips in results.items()}
-    print("RESULT demo_quality " + " ".join(f"{k}={v:.3f}" for k, v in scores.items())
+    per_clip = {name: quality.clip_scores(clips, captions) for name, clips in results.items()}
+    print("RESULT demo_quality " + " ".join(f"{k}={v.mean():.3f}" for k, v in per_clip.items())
           + f" n={len(captions)} total_s={time.perf_counter() - start:.1f}")
     for name, clips in results.items():
         acc = quality.accuracies(clips, captions)
         print(f"RESULT demo_quality_{name} " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+    gaps = {f"student4_vs_{t}": quality.paired_gap(per_clip["student4"], per_clip[t]) for t in ("teacher4", "teacher50")}
+    print("RESULT demo_quality_gap " + " ".join(f"{k}={g:+.3f} ci95={lo:+.3f}..{hi:+.3f}" for k, (g, lo, hi) in gaps.items()))
     return 0
 
 

@@ -229,6 +229,11 @@ class VAEConfig:
     time_compression_ratio: int = 4
     mid_block_add_attention: bool = True
     scaling_factor: float = 0.476986
+    # per-channel statistics of the posterior means; when given, latents are normalised per channel,
+    # (z − mean) / std, instead of z · scaling_factor (the release's single factor). The demo VAE uses them:
+    # its channels' means and spreads differ by far more than a single factor can even out
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
     sample_size: int = 256
     sample_tsize: int = 64
     # runtime choices (not architecture)
@@ -254,11 +259,15 @@ class VAEConfig:
         if tstride % self.time_compression_ratio or self.sample_tsize % self.time_compression_ratio:
             raise ValueError(f"sample_tsize {self.sample_tsize} and its tile stride {tstride} must be multiples of "
                              f"{self.time_compression_ratio} (e.g. a multiple of 16)")
+        if len(self.latents_mean) != len(self.latents_std) or len(self.latents_mean) not in (0, self.latent_channels) \
+                or any(v <= 0 for v in self.latents_std):
+            raise ValueError(f"latents_mean {self.latents_mean} and latents_std {self.latents_std} must both be empty or "
+                             f"both hold {self.latent_channels} values (one per latent channel), every std > 0")
         dtype_of(self.param_dtype), dtype_of(self.dtype)
 
     def architecture(self) -> dict[str, Any]:
         """Architecture fields only (what a checkpoint must match)."""
-        skip = {"param_dtype", "dtype", "sample_size", "sample_tsize", "scaling_factor"}
+        skip = {"param_dtype", "dtype", "sample_size", "sample_tsize", "scaling_factor", "latents_mean", "latents_std"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 

@@ -7,7 +7,7 @@ Each stage is a function of one component's (config, params) and its inputs:
 - `text_to_image`: without a given image, the T2V DiT (`hunyuan-t2v-13b`) at one latent frame with
   embedded guidance, decoded by the VAE, makes the first frames.
 - `reference_latents`: the VAE encodes the first frames (posterior sample with a seed, or the mean)
-  and scales them by the VAE's scaling factor.
+  and scales them for the DiT (`vae.scale_latents`: the VAE's scaling factor, or its per-channel statistics).
 - `image_to_video`: noise from the seed, the compiled sampler with the I2V DiT, the tiled VAE decode,
   frames to uint8.
 
@@ -150,7 +150,7 @@ def condition(models: Models, prompts: list[str], images: list[Image.Image], gui
 
 def decode_frames(vae: Component, latents) -> jax.Array:
     """Scaled latents [B, f, h, w, C] -> uint8 frames [B, 4(f-1)+1, 8h, 8w, 3] (tiled decode)."""
-    video = vae_lib.decode(vae.params, vae.cfg, latents / vae.cfg.scaling_factor, tiling=True)
+    video = vae_lib.decode(vae.params, vae.cfg, vae_lib.unscale_latents(vae.cfg, latents), tiling=True)
     return media.to_uint8(video)
 
 
@@ -179,7 +179,7 @@ def reference_latents(vae: Component, frames, keys, clip: int, use_mean: bool) -
     if not use_mean:
         draw = lambda m, lv, k: vae_lib.sample_posterior(m, lv, _key(k, _POSTERIOR, clip))
         mean = jax.vmap(draw)(mean, logvar, keys)
-    return mean * vae.cfg.scaling_factor
+    return vae_lib.scale_latents(vae.cfg, mean)
 
 
 def image_to_video(models: Models, prompts: list[str], frames: np.ndarray, vlm_images: list[Image.Image], n_frames: int,

@@ -13,6 +13,7 @@ Where diffusers differs from the release (spec D.5b), the release wins:
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,10 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from m141jax.config import VAE_PRESETS, preset  # noqa: E402
+from m141jax.config import VAE_PRESETS, VAEConfig, from_json_dict, preset, to_json_dict  # noqa: E402
 from m141jax.convert import vae as convert_vae  # noqa: E402
 from m141jax.models import vae, vae_tiling  # noqa: E402
+from m141jax.train import vae as vae_train  # noqa: E402
 
 TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, latent_channels=16, layers_per_block=2)
 # small release-style tiles so that tiles overlap on small inputs: 64 px (8 latents) at a 48 px
@@ -272,6 +274,24 @@ def test_bad_latents_and_configs_get_clear_errors():
         preset("tiny-vae", VAE_PRESETS, time_compression_ratio=8)
     with pytest.raises(ValueError, match="sample_size 48"):
         preset("tiny-vae", VAE_PRESETS, sample_size=48)
+
+
+def test_latent_scaling_single_factor_or_per_channel(models):
+    _, cfg, params = models
+    mean, _ = vae.encode(params, cfg, jnp.asarray(video((3, 5, 32, 32, 3))), tiling=False)
+    np.testing.assert_allclose(vae.scale_latents(cfg, mean), mean * cfg.scaling_factor, rtol=1e-6)  # the release
+    stats = vae_train.latent_statistics(params, cfg, [video((3, 5, 32, 32, 3))])
+    per_channel = dataclasses.replace(cfg, latents_mean=stats[0], latents_std=stats[1])
+    z = np.asarray(vae.scale_latents(per_channel, mean)).reshape(-1, cfg.latent_channels)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0), 1.0, rtol=1e-4)
+    for c in (cfg, per_channel):
+        np.testing.assert_allclose(vae.unscale_latents(c, vae.scale_latents(c, mean)), mean, rtol=1e-5, atol=1e-5)
+    assert from_json_dict(VAEConfig, json.loads(json.dumps(to_json_dict(per_channel)))) == per_channel
+    with pytest.raises(ValueError, match="one per latent channel"):
+        dataclasses.replace(cfg, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 15)
+    with pytest.raises(ValueError, match="every std > 0"):
+        dataclasses.replace(cfg, latents_mean=(0.0,) * 16, latents_std=(0.0,) * 16)
 
 
 def test_real_config_shapes_without_running():

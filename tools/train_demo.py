@@ -4,7 +4,7 @@
 Stages (sizes and settings in `m141jax/demo/recipe.py`), each deterministic from --seed:
 1. encoders: the word-level tokenizers and the frozen random LLaVA / CLIP (`m141jax.demo.encoders`);
 2. data: --videos training clips of the shapes dataset (17 frames of 32×32, the 40 training captions);
-3. vae: the tiny causal VAE trained on whole clips, its scaling factor measured;
+3. vae: the tiny causal VAE trained on whole clips, its per-channel latent statistics measured;
 4. latents: x₀, reference latents and conditioning of every clip (`m141jax.demo.data`);
 5. t2i: the T2V-architecture DiT trained by flow matching on the first frames (one latent frame):
    the text-to-image stage;
@@ -70,7 +70,7 @@ def train(root: Path, args, seconds: dict[str, float]) -> None:
 
     vae_cfg, vae_params = recipe.train_vae(videos, args.vae_steps, seed=args.seed, progress=progress)
     checkpoint.save(root / "vae", "vae", to_json_dict(vae_cfg), vae_params)
-    print(f"vae scaling factor {vae_cfg.scaling_factor:.4f}", flush=True)
+    print(f"vae latent means {np.round(vae_cfg.latents_mean, 2)}, stds {np.round(vae_cfg.latents_std, 2)}", flush=True)
     lap("vae")
 
     prepared = demo_data.prepare(Component(vae_cfg, jax.device_put(vae_params)), enc, videos, captions, progress)

@@ -2,7 +2,7 @@
 `m141jax.train.data.make_iterator` like a prepared-data directory.
 
 Per video, as `m141jax prepare-data` prepares a sample (spec A.3): x₀ = the VAE posterior mean of the
-whole clip × the scaling factor; the reference latent = the same for the first frame alone (the causal
+whole clip, scaled (`vae.scale_latents`); the reference latent = the same for the first frame alone (the causal
 VAE's GroupNorm sees every frame of its input, so this is not x₀'s first latent frame); the
 conditioning = the VLM tokens of the first frame ‖ the caption's prompt tokens, and the CLIP vector.
 Text-to-image/-video models get the prompt tokens alone (no image tokens) and the embedded-guidance
@@ -49,12 +49,12 @@ def _batches(n: int, size: int, desc: str, progress: bool):
 
 
 def clean_latents(vae: Component, videos: np.ndarray, batch: int = 16, progress: bool = True) -> np.ndarray:
-    """x₀ = posterior mean × scaling factor [N, f, h, w, C] of uint8 videos [N, F, H, W, 3]."""
+    """x₀ = the scaled posterior means [N, f, h, w, C] of uint8 videos [N, F, H, W, 3]."""
     out = []
     for i in _batches(len(videos), batch, "vae-encode", progress):
         x = videos[i:i + batch].astype(np.float32) / 127.5 - 1.0
         mean, _ = vae_lib.encode(vae.params, vae.cfg, x, tiling=True)
-        out.append(np.asarray(mean) * vae.cfg.scaling_factor)
+        out.append(np.asarray(vae_lib.scale_latents(vae.cfg, mean)))
     return np.concatenate(out)
 
 

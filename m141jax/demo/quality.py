@@ -53,7 +53,23 @@ def accuracies(videos: np.ndarray, captions: list[str]) -> dict[str, float]:
     return analysis.accuracy(list(videos), captions)
 
 
+def clip_scores(videos: np.ndarray, captions: list[str]) -> np.ndarray:
+    """Per clip, the fraction of the four attributes the analyser finds right; `score` is their mean."""
+    judged = [analysis.judge(v, c) for v, c in zip(videos, captions)]
+    return np.asarray([np.mean([j[k] for k in analysis.ATTRIBUTES]) for j in judged])
+
+
 def score(videos: np.ndarray, captions: list[str]) -> float:
     """The mean of the four attribute accuracies (colour, shape, direction, consistent)."""
-    acc = accuracies(videos, captions)
-    return float(np.mean([acc[k] for k in analysis.ATTRIBUTES]))
+    return float(clip_scores(videos, captions).mean())
+
+
+def paired_gap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean of a − b, and its 95 % paired-bootstrap interval) for two models' `clip_scores` on the same
+    clips: the gap is clear when the interval excludes 0."""
+    if np.ndim(a) != 1 or np.shape(a) != np.shape(b) or len(a) < 2:
+        raise ValueError(f"need two aligned 1-D score arrays of ≥ 2 clips, got shapes {np.shape(a)} and {np.shape(b)}")
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)

@@ -67,7 +67,7 @@ def _bar(n: int, desc: str, progress: bool):
 def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, seed: int = 0,
               progress: bool = True) -> tuple[VAEConfig, dict]:
     """The demo VAE trained on uint8 videos [N, F, H, W, 3] rolled on the torus; its config carries the
-    scaling factor measured on the posterior means of (up to) 256 videos."""
+    per-channel mean and std of the posterior means of (up to) 256 videos, which normalise the latents."""
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps - 1), steps, 0.05 * lr), b2=0.99))
     state = vae_train.init_vae_state(vae_lib.init_params(VAE, jax.random.PRNGKey(seed)), tx)
@@ -82,8 +82,8 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, 
         if i % 10 == 0:
             bar.set_postfix(l1=f"{float(m['l1']):.4f}")
     sample = videos[:256].astype(np.float32) / 127.5 - 1.0
-    factor = vae_train.scaling_factor(state.params, VAE, (sample[i:i + 16] for i in range(0, len(sample), 16)))
-    return dataclasses.replace(VAE, scaling_factor=factor), jax.device_get(state.params)
+    mean, std = vae_train.latent_statistics(state.params, VAE, (sample[i:i + 16] for i in range(0, len(sample), 16)))
+    return dataclasses.replace(VAE, latents_mean=mean, latents_std=std), jax.device_get(state.params)
 
 
 def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch: int = 16, lr: float = 1e-3,

@@ -340,6 +340,21 @@ def sample_posterior(mean, logvar, rng):
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
 
 
+def scale_latents(cfg: VAEConfig, z):
+    """The DiT's latents from unscaled VAE latents [..., C]: z · scaling_factor, or per channel
+    (z − latents_mean) / latents_std when the config holds those statistics."""
+    if cfg.latents_mean:
+        return (z - jnp.asarray(cfg.latents_mean, jnp.float32)) / jnp.asarray(cfg.latents_std, jnp.float32)
+    return z * cfg.scaling_factor
+
+
+def unscale_latents(cfg: VAEConfig, z):
+    """The inverse of `scale_latents`: unscaled VAE latents from the DiT's."""
+    if cfg.latents_mean:
+        return z * jnp.asarray(cfg.latents_std, jnp.float32) + jnp.asarray(cfg.latents_mean, jnp.float32)
+    return z / cfg.scaling_factor
+
+
 def decode(params, cfg: VAEConfig, latents, tiling: bool = True):
     """Video [B, 4(f-1)+1, 8h, 8w, 3] in fp32 (about [-1, 1], not clamped) from unscaled latents
     [B, f, h, w, C]. tiling: the release's spatial/temporal tiling."""

@@ -9,7 +9,7 @@ caption in a text file of the same name (`clip.mp4` + `clip.txt`). DIR is the ch
 
 Per sample, as the release prepares its inputs (spec A.3): the first `--frames` frames (4k+1; an image is
 one frame) are fitted to `--size` (resize to cover, centre crop), encoded by the VAE with tiling (the
-posterior mean × scaling factor: the clean latents x₀); the first frame alone gives the reference
+posterior mean, scaled by `vae.scale_latents`: the clean latents x₀); the first frame alone gives the reference
 latent; the caption and the first frame give the text conditioning (VLM image tokens ‖ prompt tokens,
 mask, CLIP pooled). The empty prompt's text part goes to null.npz for the CFG dropout. DATA is written
 atomically (complete or absent).
@@ -74,7 +74,7 @@ def read_frames(path: Path, frames: int) -> list[Image.Image]:
 def _encode_video(vae, frames: np.ndarray):
     video = jnp.asarray(frames, jnp.float32)[None] / 255.0 * 2.0 - 1.0
     mean, _ = vae_lib.encode(vae.params, vae.cfg, video, tiling=True)
-    return mean[0] * vae.cfg.scaling_factor
+    return vae_lib.scale_latents(vae.cfg, mean[0])
 
 
 def prepare(checkpoints: str | Path, folder: str | Path, output: str | Path, frames: int, size: tuple[int, int],

@@ -3,11 +3,11 @@
     loss = mean w·|x̂ − x| + mean w·(x̂ − x)² + β · mean KL(q(z|x) ‖ N(0, I)),   x̂ = decode(z), z ~ q(z|x)
 
 over videos [B, F, H, W, 3] in [−1, 1] (F = 1 or 4k+1), means over every element. L1 keeps edges sharp,
-the squared error punishes colour shifts, and the small KL keeps the posterior means near unit scale
-so the latents suit flow matching. The per-pixel weight w is 1, or (`foreground_weight`) larger on
+the squared error punishes colour shifts, and the small KL keeps the posterior narrow and its means
+bounded (it does not centre them: each channel settles on its own offset and spread). The per-pixel weight w is 1, or (`foreground_weight`) larger on
 pixels away from the video's background colour: small objects on a plain background are otherwise
-learned long after the background. After training, `scaling_factor` measures 1 / std of the posterior
-means, the factor the release multiplies latents by (0.476986 for HunyuanVideo's VAE).
+learned long after the background. After training, `latent_statistics` measures the per-channel mean and
+std of the posterior means, which normalise the latents for the DiTs (`VAEConfig.latents_mean/std`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def make_vae_step(cfg: VAEConfig, tx: optax.GradientTransformation, kl_weight: f
     return vae_step
 
 
-def scaling_factor(params, cfg: VAEConfig, videos) -> float:
-    """1 / std of the posterior means of `videos` (an iterable of [B, F, H, W, 3] batches in [−1, 1])."""
-    means = [np.asarray(vae_lib.encode(params, cfg, v, tiling=False)[0]) for v in videos]
-    return float(1.0 / np.concatenate([m.ravel() for m in means]).std())
+def latent_statistics(params, cfg: VAEConfig, videos) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of the posterior means of `videos` (an iterable of [B, F, H, W, 3] batches in
+    [−1, 1]): the `latents_mean` / `latents_std` that normalise the latents for the DiTs."""
+    means = np.concatenate([np.asarray(vae_lib.encode(params, cfg, v, tiling=False)[0]).reshape(-1, cfg.latent_channels)
+                            for v in videos])
+    return tuple(float(v) for v in means.mean(0)), tuple(float(v) for v in means.std(0))
