@@ -1,7 +1,6 @@
 """The tiny DiT and inputs the sharding tests (single- and multi-process) share."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from m141jax.config import preset
