@@ -259,10 +259,10 @@ class VAEConfig:
         if tstride % self.time_compression_ratio or self.sample_tsize % self.time_compression_ratio:
             raise ValueError(f"sample_tsize {self.sample_tsize} and its tile stride {tstride} must be multiples of "
                              f"{self.time_compression_ratio} (e.g. a multiple of 16)")
-        if len(self.latents_mean) != len(self.latents_std) or len(self.latents_mean) not in (0, self.latent_channels) \
-                or any(v <= 0 for v in self.latents_std):
-            raise ValueError(f"latents_mean {self.latents_mean} and latents_std {self.latents_std} must both be empty or "
-                             f"both hold {self.latent_channels} values (one per latent channel), every std > 0")
+        stats = len(self.latents_mean), len(self.latents_std)
+        if stats not in ((0, 0), (self.latent_channels,) * 2) or any(v <= 0 for v in self.latents_std):
+            raise ValueError(f"latents_mean {self.latents_mean} and latents_std {self.latents_std} must both be empty "
+                             f"or both hold {self.latent_channels} values (one per latent channel), every std > 0")
         dtype_of(self.param_dtype), dtype_of(self.dtype)
 
     def architecture(self) -> dict[str, Any]:

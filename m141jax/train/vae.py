@@ -6,8 +6,9 @@ over videos [B, F, H, W, 3] in [−1, 1] (F = 1 or 4k+1), means over every eleme
 the squared error punishes colour shifts, and the small KL keeps the posterior narrow and its means
 bounded (it does not centre them: each channel settles on its own offset and spread). The per-pixel
 weight w is 1, or (`foreground_weight`) larger on pixels away from the video's background colour: small
-objects on a plain background are otherwise learned long after the background. After training, `latent_statistics` measures the per-channel mean and
-std of the posterior means, which normalise the latents for the DiTs (`VAEConfig.latents_mean/std`).
+objects on a plain background are otherwise learned long after the background. After training,
+`latent_statistics` measures the per-channel mean and std of the posterior means, which normalise the
+latents for the DiTs (`VAEConfig.latents_mean/std`).
 """
 
 from __future__ import annotations
