@@ -9,11 +9,15 @@ the mean of the four attribute accuracies (`m141jax.demo.quality.score`), then e
 `correct` (all four at once) per model. `vae` scores the VAE's reconstructions of the true clips: the
 ceiling of any generator here. The gaps are the student's score minus each teacher's with a 95 %
 paired-bootstrap interval over the clips (`quality.paired_gap`): a gap is clear when it excludes 0.
+The text-to-image stage (`t2i/`, the first frame of the text-only path) is scored on its images for the
+same captions (`quality.image_accuracies`: colour, shape, exactly one object), next to the VAE's
+reconstructions of the true first frames.
 
     python benchmarks/demo_quality.py [--checkpoints DIR] [--per-combination 12]
     RESULT demo_quality teacher50=… teacher4=… student4=… vae=… n=… total_s=…
     RESULT demo_quality_teacher50 colour=… shape=… direction=… consistent=… correct=…   (and so on)
     RESULT demo_quality_gap student4_vs_teacher4=… ci95=…..… student4_vs_teacher50=… ci95=…..…
+    RESULT demo_quality_t2i colour=… shape=… single=…   (and demo_quality_t2i_vae: the true first frames)
 """
 
 from __future__ import annotations
@@ -60,6 +64,12 @@ def main() -> int:
         print(f"RESULT demo_quality_{name} " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
     gaps = {f"student4_vs_{t}": quality.paired_gap(per_clip["student4"], per_clip[t]) for t in ("teacher4", "teacher50")}
     print("RESULT demo_quality_gap " + " ".join(f"{k}={g:+.3f} ci95={lo:+.3f}..{hi:+.3f}" for k, (g, lo, hi) in gaps.items()))
+    t2i = components.load_component(root, "t2i", "fp32")
+    images = {"t2i": quality.text_to_image(t2i.cfg, t2i.params, vae, prepared),
+              "t2i_vae": np.asarray(pipeline.decode_frames(vae, prepared.ref_latents))[:, 0]}
+    for name, frames in images.items():
+        acc = quality.image_accuracies(frames, captions)
+        print(f"RESULT demo_quality_{name} " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
     return 0
 
 

@@ -1,5 +1,7 @@
 """The shapes analyser: ground-truth videos score (near) perfectly, noise and broken videos do not."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -71,3 +73,16 @@ def test_wrong_captions_are_caught(videos):
     # red and blue swapped by reversing the channels
     red = next(v for v, c in videos if c.startswith("a red"))
     assert analysis.analyse(red).colour == "red" and analysis.analyse(red[..., ::-1]).colour == "blue"
+
+
+def test_count_objects():
+    ds = shapes.ShapesDataset(40, "train", seed=5)
+    frames = [ds[i][0][0] for i in range(len(ds))]
+    assert [analysis.count_objects(f) for f in frames] == [1] * len(frames)
+    scene = ds.scene(0)
+    edge = shapes.render(dataclasses.replace(scene, start=(0.0, 0.0)), frames=1)[0]  # split over 4 corners
+    assert analysis.count_objects(edge) == 1
+    far = dataclasses.replace(scene, start=((scene.start[0] + 16) % 32, (scene.start[1] + 16) % 32))
+    two = np.where(frames[0] != frames[0][0, 0], frames[0], shapes.render(far, frames=1)[0])
+    assert analysis.count_objects(two) == 2
+    assert analysis.count_objects(np.full_like(edge, 40)) == 0

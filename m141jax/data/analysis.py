@@ -14,7 +14,8 @@ Per video (uint8 [F, H, W, 3]):
    its colour the same in every frame, and ≥ 75 % of its steps going the mean direction.
 
 `judge(video, caption)` scores one video against its caption; `accuracy` averages over videos, with
-`correct` = every attribute right and the video consistent.
+`correct` = every attribute right and the video consistent. For a still image (the text-to-image stage's
+output), `count_objects` says how many separate objects its mask holds.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ MIN_CONTRAST = 40.0  # RGB distance from the background that some pixels must re
 AREA = (0.015, 0.30)  # accepted object area, fraction of the frame
 FILL_TRIANGLE, FILL_CIRCLE = 0.65, 0.88  # fill-ratio boundaries triangle | circle | square
 MIN_SPEED = 0.25  # px per frame
+MIN_PART = 4  # pixels of a mask part that `count_objects` counts as an object
 MAX_AREA_CV = 0.25
 MIN_FORWARD = 0.75  # fraction of steps that go the mean direction
 ATTRIBUTES = ("colour", "shape", "direction", "consistent")
@@ -85,21 +87,50 @@ def _nearest_colour(rgb) -> str:
     return list(COLOURS)[int(np.argmin(np.linalg.norm(_PALETTE - rgb, axis=-1)))]
 
 
-def analyse(video: np.ndarray) -> Analysis:
-    """The object's colour, shape, direction and temporal consistency in a uint8 video [F, H, W, 3]."""
+def _masks(video: np.ndarray):
+    """(the video as float32, its object masks [F, H, W]) of a uint8 video [F, H, W, 3], masks None
+    when nothing stands out from the background (step 1 above)."""
     video = np.asarray(video)
     if video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"video must be [frames, height, width, 3], got {video.shape}")
-    frames, h, w, _ = video.shape
     x = video.astype(np.float32)
-    background = np.median(x.reshape(-1, 3), axis=0)
-    distance = np.linalg.norm(x - background, axis=-1)
+    distance = np.linalg.norm(x - np.median(x.reshape(-1, 3), axis=0), axis=-1)
     peak = np.percentile(distance, 99)
+    return x, (distance > peak / 2 if peak >= MIN_CONTRAST else None)
+
+
+def count_objects(image: np.ndarray) -> int:
+    """The number of separate objects (4-connected mask parts of ≥ MIN_PART pixels, joined across the
+    torus' edges) in a uint8 image [H, W, 3]; 0 when nothing stands out from the background."""
+    _, masks = _masks(np.asarray(image)[None])
+    if masks is None:
+        return 0
+    labels, n = ndimage.label(masks[0])
+    parent = list(range(n + 1))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a, b in ((labels[0], labels[-1]), (labels[:, 0], labels[:, -1])):  # parts touching across an edge
+        for i, j in zip(a, b):
+            if i and j:
+                parent[root(i)] = root(j)
+    sizes = {}
+    for i, size in enumerate(ndimage.sum(masks[0], labels, range(1, n + 1)), start=1):
+        sizes[root(i)] = sizes.get(root(i), 0) + size
+    return int(sum(size >= MIN_PART for size in sizes.values()))
+
+
+def analyse(video: np.ndarray) -> Analysis:
+    """The object's colour, shape, direction and temporal consistency in a uint8 video [F, H, W, 3]."""
+    x, masks = _masks(video)
+    frames, h, w, _ = x.shape
     track = np.full((frames, 2), np.nan)
     none = Analysis(None, None, None, False, track)
-    if peak < MIN_CONTRAST:
+    if masks is None:
         return none
-    masks = distance > peak / 2
     areas, fills, colours = [], [], []
     for f in range(frames):
         found = _object(masks[f])

@@ -6,14 +6,17 @@ get it for 4 clips in 10, mostly for blurring the shape).
 
 The evaluation clips are the shapes dataset's `eval` split (the 8 held-out colour-shape-direction
 combinations, never seen in training); image-to-video models get each clip's true first frame, text-to-video
-models the caption alone.
+models the caption alone. The text-to-image stage's images (the first frames of the text-only path) are
+scored on colour, shape and whether they hold exactly one object (`image_accuracies`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from m141jax import pipeline
+from m141jax import demo, pipeline
 from m141jax.components import Component
 from m141jax.data import analysis, shapes
 from m141jax.demo import recipe
@@ -46,6 +49,28 @@ def generate(model, params, vae: Component, prepared: Prepared, steps: int, guid
         z = recipe.sample(model, params, part, prepared.null, steps, n_image, guidance, seed + i)
         out.append(np.asarray(pipeline.decode_frames(vae, z)))
     return np.concatenate(out)
+
+
+def text_to_image(model, params, vae: Component, prepared: Prepared, seed: int = 0) -> np.ndarray:
+    """uint8 images [N, H, W, 3] of the text-to-image DiT for the prepared captions, sampled as
+    `m141jax generate --preset demo` samples its first frame."""
+    one_frame = dataclasses.replace(prepared, latents=prepared.ref_latents)
+    return generate(model, params, vae, one_frame, demo.GENERATE["t2i_steps"], seed=seed)[:, 0]
+
+
+def image_accuracies(images: np.ndarray, captions: list[str]) -> dict[str, float]:
+    """The fraction of images [N, H, W, 3] whose object has the caption's colour and shape, and of those
+    holding exactly one object (`single`)."""
+    if len(images) != len(captions) or not len(captions):
+        raise ValueError(f"{len(images)} images need as many captions (≥ 1), got {len(captions)}")
+    hits = {"colour": [], "shape": [], "single": []}
+    for image, caption in zip(images, captions):
+        colour, shape, _ = shapes.parse_caption(caption)
+        a = analysis.analyse(np.asarray(image)[None])
+        hits["colour"].append(a.colour == colour)
+        hits["shape"].append(a.shape == shape)
+        hits["single"].append(analysis.count_objects(image) == 1)
+    return {k: float(np.mean(v)) for k, v in hits.items()}
 
 
 def accuracies(videos: np.ndarray, captions: list[str]) -> dict[str, float]:
