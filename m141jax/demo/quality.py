@@ -52,8 +52,8 @@ def generate(model, params, vae: Component, prepared: Prepared, steps: int, guid
 
 
 def text_to_image(model, params, vae: Component, prepared: Prepared, seed: int = 0) -> np.ndarray:
-    """uint8 images [N, H, W, 3] of the text-to-image DiT for the prepared captions, sampled as
-    `m141jax generate --preset demo` samples its first frame."""
+    """uint8 images [N, H, W, 3] of the text-to-image DiT for the prepared captions, with the text-to-image
+    settings of `m141jax generate --preset demo` (steps, shift, embedded guidance)."""
     one_frame = dataclasses.replace(prepared, latents=prepared.ref_latents)
     return generate(model, params, vae, one_frame, demo.GENERATE["t2i_steps"], seed=seed)[:, 0]
 
