@@ -21,33 +21,34 @@ import time
 import jax
 import jax.numpy as jnp
 
-from m141jax import kernels, quant, sampling
+from m141jax import sampling
+from m141jax.compress.box import nbytes
+from m141jax.compress import layout, nm, quant
 from m141jax.config import preset
 from m141jax.models import dit
-from m141jax.train import sparsity
 
 FORMATS = ("dense", "sparse_2_4", "int8", "int4", "sparse_2_4_int8")
 
 
 def compressors(params, cfg):
     """{format: function params -> compressed tree}; the 2:4 formats prune the default selection."""
-    chosen = sparsity.select_dit(params, cfg)
+    chosen = nm.select_dit(params, cfg)
     return {
         "dense": lambda p: p,
-        "sparse_2_4": lambda p: sparsity.compress(p, chosen),
+        "sparse_2_4": lambda p: nm.compress(p, chosen),
         "int8": lambda p: quant.quantize_dit(p, cfg, "int8"),
         "int4": lambda p: quant.quantize_dit(p, cfg, "int4"),
         # kept values int8, and the kernels the sparsity leaves dense (modulation) int8 as well
-        "sparse_2_4_int8": lambda p: quant.quantize_dit(sparsity.compress(p, chosen, values="int8"), cfg, "int8"),
+        "sparse_2_4_int8": lambda p: quant.quantize_dit(nm.compress(p, chosen, values="int8"), cfg, "int8"),
     }
 
 
 def bytes_13b() -> None:
     cfg = preset("magic141-i2v-13b")
     abstract = dit.abstract_params(cfg)
-    dense = kernels.nbytes(abstract)
+    dense = nbytes(abstract)
     for name, fn in compressors(abstract, cfg).items():
-        size = kernels.nbytes(jax.eval_shape(fn, abstract))
+        size = nbytes(jax.eval_shape(fn, abstract))
         print(f"RESULT compress_bytes_13b format={name} gb={size / 1e9:.3f} gib={size / 2 ** 30:.3f} "
               f"ratio={size / dense:.4f}", flush=True)
 
@@ -66,15 +67,15 @@ def tiny_errors(steps: int) -> None:
             jax.random.normal(k[3], (2, cfg.pooled_dim)))
     run = lambda p: sampling.sample(p, cfg, noise, text, sigmas=sampling.schedule(steps), ref_latents=ref)  # noqa: E731
     dense = run(params)
-    chosen = sparsity.select_dit(params, cfg)
-    pruned = run(sparsity.prune(params, sparsity.nm_masks(params, chosen, 2, 4)))
+    chosen = nm.select_dit(params, cfg)
+    pruned = run(nm.prune(params, nm.nm_masks(params, chosen, 2, 4)))
     for name, fn in compressors(params, cfg).items():
         tree = fn(params)
         out = run(tree)
         extra = f" rel_l2_vs_pruned={rel_l2(out, pruned):.3e}" if name.startswith("sparse") else ""
         print(f"RESULT compress_error_tiny format={name} steps={steps} rel_l2={rel_l2(out, dense):.3e} "
               f"max_abs={float(jnp.abs(out - dense).max()):.3e}{extra} "
-              f"ratio={kernels.nbytes(tree) / kernels.nbytes(params):.4f}", flush=True)
+              f"ratio={nbytes(tree) / nbytes(params):.4f}", flush=True)
 
 
 def _time(fn, *args, reps: int = 20) -> float:
@@ -94,15 +95,15 @@ def nm_matmul(tokens: int) -> None:
         return
     w = jax.random.normal(jax.random.PRNGKey(0), (k, n), jnp.bfloat16)
     x = jax.random.normal(jax.random.PRNGKey(1), (tokens, k), jnp.bfloat16)
-    sp = sparsity.compress_kernel(w, kernels.Layout(0, 1, (k, n)), 2, 4)
+    sp = nm.compress_kernel(w, layout.Layout(0, 1, (k, n)), 2, 4)
     dense_w = sp.unbox()
     try:
-        sparse_s = _time(jax.jit(sparsity.nm_matmul), x, sp)
+        sparse_s = _time(jax.jit(nm.nm_matmul), x, sp)
     except NotImplementedError as e:
         print(f"RESULT compress_nm_matmul status=not_measured reason={str(e).replace(' ', '_')}")
         return
     dense_s = _time(jax.jit(lambda a, b: a @ b), x, dense_w)
-    err = rel_l2(jax.jit(sparsity.nm_matmul)(x, sp).astype(jnp.float32), (x @ dense_w).astype(jnp.float32))
+    err = rel_l2(jax.jit(nm.nm_matmul)(x, sp).astype(jnp.float32), (x @ dense_w).astype(jnp.float32))
     print(f"RESULT compress_nm_matmul tokens={tokens} dense_s={dense_s:.6f} sparse_s={sparse_s:.6f} "
           f"ratio={dense_s / sparse_s:.3f} rel_l2={err:.2e}")
 

@@ -2,8 +2,8 @@
 
 The state is built with jax.eval_shape (nothing is allocated): the generator and the fake score in the
 model's parameter dtype (fp32 master weights) with their AdamW moments, the discriminator head, and the
-frozen bf16 teacher. Each array is placed by the training sharding rule (m141jax/train/placement.py:
-fully sharded over fsdp = every device) and its per-device shard size is summed.
+frozen bf16 teacher. Each array is placed by the logical-axis rules (m141jax/parallel/rules.py, through
+m141jax/train/mesh.py) on an fsdp = every device mesh, and its per-device shard size is summed.
 
 With --compile, the DMD2 step itself is also compiled ahead of time on 8 simulated host devices for a
 small clip (a 13B program with a short sequence) and XLA's per-device memory analysis is printed: the
@@ -29,19 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 GIB = 2 ** 30
 
 
-def shard_bytes(tree, n: int) -> int:
-    """Bytes one device holds of a pytree of ShapeDtypeStructs under the fsdp rule on n devices."""
+def shard_bytes(tree, model, n: int) -> int:
+    """Bytes one device holds of a pytree of ShapeDtypeStructs placed by the logical-axis rules on an
+    fsdp=n mesh (an abstract mesh: no devices needed)."""
     import jax
-    from m141jax.train.placement import fsdp_spec
+    from jax.sharding import AbstractMesh
+    from m141jax.axes import MESH_AXES
+    from m141jax.train.mesh import state_shardings
 
-    total = 0
-    for a in jax.tree.leaves(tree):
-        shape = list(a.shape)
-        for i, axis in enumerate(fsdp_spec(tuple(a.shape), n)):
-            if axis is not None:
-                shape[i] //= n
-        total += math.prod(shape) * a.dtype.itemsize
-    return total
+    mesh = AbstractMesh((1, n, 1, 1), MESH_AXES)
+    shardings = state_shardings(tree, model, mesh)
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+               for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
 def state_table(devices=(8, 64, 256)):
@@ -64,7 +63,7 @@ def state_table(devices=(8, 64, 256)):
     print("|---|---|---|---|---|---|---|")
     results = []
     for n in devices:
-        gib = {k: shard_bytes(v, n) / GIB for k, v in parts.items()}
+        gib = {k: shard_bytes(v, cfg.model, n) / GIB for k, v in parts.items()}
         total = sum(gib.values())
         print(f"| {n} | " + " | ".join(f"{gib[k]:.2f} GiB" for k in parts) + f" | **{total:.2f} GiB** |")
         results.append(f"RESULT dmd_memory devices={n} " + " ".join(f"{k}_gib={v:.3f}" for k, v in gib.items())
@@ -78,7 +77,7 @@ def compile_step(cfg, state, teacher, frames: int, size: int, text_len: int):
     import jax
     import jax.numpy as jnp
     from m141jax.train.dmd import make_dmd_step
-    from m141jax.train.placement import batch_shardings, make_mesh, state_shardings
+    from m141jax.train.mesh import batch_shardings, make_mesh, state_shardings
 
     mesh = make_mesh()
     n, bs, m = mesh.size, batch_shardings(mesh), cfg.model
@@ -94,7 +93,7 @@ def compile_step(cfg, state, teacher, frames: int, size: int, text_len: int):
 
     def place(tree):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                            state_shardings(tree, mesh))
+                            state_shardings(tree, cfg.model, mesh))
 
     st, te = place(state), place(teacher)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=bs["replicated"])

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from m141jax import sharding
+    from m141jax import parallel
     from m141jax.config import preset
     from m141jax.models.dit import abstract_params, dit_forward
 
@@ -90,18 +90,18 @@ def main(argv=None) -> int:
     rows = []
     for item in filter(None, args.meshes.split(";")):
         spec, _, method = item.partition("/")
-        mesh = sharding.make_mesh(spec, devices)
-        cfg = dataclasses.replace(base, sequence_parallel=sharding.sequence_parallel_method(base, mesh,
+        mesh = parallel.make_mesh(spec, devices)
+        cfg = dataclasses.replace(base, sequence_parallel=parallel.sequence_parallel_method(base, mesh,
                                                                                             method or "auto"))
-        psh = sharding.dit_param_shardings(cfg, mesh, params)
+        psh = parallel.dit_param_shardings(cfg, mesh, params)
         row = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(
-            shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), b))
+            shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape), b))
         inputs = (row((b, f, lh, lw, c)), row((b, 1, lh, lw, c)), row((b,)), row((b,)),
                   row((b, args.text_len, base.text_dim)), row((b, args.text_len), jnp.int32), row((b, base.pooled_dim)))
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, psh)
         param_bytes = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
                           for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(psh)))
-        fn = sharding.jit_sharded(lambda p, *a: step(p, *a, cfg), mesh, (psh,) + tuple(x.sharding for x in inputs),
+        fn = parallel.jit_sharded(lambda p, *a: step(p, *a, cfg), mesh, (psh,) + tuple(x.sharding for x in inputs),
                                   inputs[0].sharding, batch=b, donate_argnums=(1,))
         t0 = time.perf_counter()
         gib = lambda n: n / 2**30

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from m141jax.sharding import shared_token, sync
+from m141jax.parallel import shared_token, sync
 
 FORMAT = 1
 META = "m141jax.json"

@@ -14,7 +14,8 @@ from typing import Any
 
 import jax
 
-from m141jax import checkpoint, config, kernels, sharding
+from m141jax import checkpoint, config, parallel
+from m141jax.compress import box, io
 from m141jax.checkpoint import CheckpointError
 from m141jax.encoders import Encoders
 from m141jax.models import dit as dit_model
@@ -88,17 +89,17 @@ def load_component(root: str | Path, name: str, dtype: str = "bf16", mesh=None,
     if mesh is not None:
         if component != "dit":
             raise ValueError(f"{name}/ cannot be placed on a mesh; only the DiTs are sharded")
-        cfg, shardings = sharding.dit_on_mesh(cfg, mesh, sequence_parallel)
+        cfg, shardings = parallel.dit_on_mesh(cfg, mesh, sequence_parallel)
     params = None
     if compressed:
-        dense = {kernels.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings or {})}
+        dense = {parallel.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings or {})}
 
         def place(key, a, boxed):  # compressed arrays split along their output channels, the rest as dense
-            return dense.get(key) if not boxed and key in dense else sharding.storage_sharding(a.shape, mesh)
+            return dense.get(key) if not boxed and key in dense else parallel.storage_sharding(a.shape, mesh)
 
-        params = kernels.load(path, config.dtype_of(dtype), component, None if mesh is None else place)[1]
+        params = io.load(path, config.dtype_of(dtype), component, None if mesh is None else place)[1]
     shapes = lambda t: {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(t)}
-    stored = jax.eval_shape(kernels.densify_traced, params) if compressed else checkpoint.abstract_tree(path)
+    stored = jax.eval_shape(box.densify_traced, params) if compressed else checkpoint.abstract_tree(path)
     want, have = shapes(_model_module(component).abstract_params(cfg)), shapes(stored)
     if want != have:
         bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))

@@ -31,7 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from m141jax import checkpoint
+from m141jax import checkpoint, parallel
 from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig, dtype_of
 from m141jax.models import clip, llama, llava
 from m141jax.prompts import (MAX_LENGTH, NEGATIVE_PROMPT, TEMPLATES, VLMPrompt, clip_tokens, llm_tokens, template_crop,
@@ -97,11 +97,10 @@ def _load_sharded(path, kinds: tuple[str, ...], dtype: str, mesh):
     """checkpoint.load, restored onto `mesh` (when given) by the model's logical axis names."""
     if mesh is None:
         return checkpoint.load(path, kinds, dtype)
-    from m141jax import sharding
 
     kind, cfg = checkpoint.read_config(path, kinds, dtype)
     model = {"vlm": llava, "llm": llama, "clip": clip}[kind]
-    shardings = sharding.tree_shardings(model.param_logical_axes(cfg), model.abstract_params(cfg), mesh)
+    shardings = parallel.tree_shardings(model.param_logical_axes(cfg), model.abstract_params(cfg), mesh)
     return kind, cfg, checkpoint.load_params(path, dtype=dtype_of(dtype), shardings=shardings)
 
 

@@ -21,7 +21,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from m141jax import parallel
 from m141jax.config import DiTConfig
 from m141jax.models.dit import dit_forward
 
@@ -115,7 +117,7 @@ def sample(params, cfg: DiTConfig, noise, text, *, sigmas, ref_latents=None, neg
     unconditional branch, needed when guidance_scale > 1 (the release's CFG) and ignored otherwise.
     ref_latents [B, 1, H, W, C]: the scaled reference latent of the image-to-video model.
     embedded_guidance: the scale fed (× 1000) to models with a guidance embedding (required there).
-    mesh: the device mesh `params` are placed on (`sharding.dit_on_mesh`); the inputs are split over
+    mesh: the device mesh `params` are placed on (`parallel.dit_on_mesh`); the inputs are split over
     its batch axes, the loop runs under its rules, and the latents come back whole on one device.
     """
     text = _as_text(text, "text")
@@ -140,13 +142,11 @@ def sample(params, cfg: DiTConfig, noise, text, *, sigmas, ref_latents=None, neg
             jnp.float32(guidance_scale), g)
     if mesh is None:
         return denoise(params, cfg, *args)
-    from m141jax import sharding
-
-    rows = lambda x: sharding.put(x, sharding.batch_sharding(mesh, x.ndim, b))  # noqa: E731
-    whole = sharding.NamedSharding(mesh, sharding.P())
+    rows = lambda x: parallel.put(x, parallel.batch_sharding(mesh, x.ndim, b))  # noqa: E731
+    whole = NamedSharding(mesh, P())
     noise, sigmas, ref, text, neg_text, scale, g = args
-    args = (rows(noise), sharding.put(sigmas, whole), jax.tree.map(rows, ref), jax.tree.map(rows, text),
-            jax.tree.map(rows, neg_text), sharding.put(scale, whole), jax.tree.map(rows, g))
-    with sharding.activate(mesh, 2 * b if neg_text is not None else b):
+    args = (rows(noise), parallel.put(sigmas, whole), jax.tree.map(rows, ref), jax.tree.map(rows, text),
+            jax.tree.map(rows, neg_text), parallel.put(scale, whole), jax.tree.map(rows, g))
+    with parallel.activate(mesh, 2 * b if neg_text is not None else b):
         latents = denoise(params, cfg, *args)
-    return jnp.asarray(sharding.gather(latents))
+    return jnp.asarray(parallel.gather(latents))

@@ -203,10 +203,10 @@ def test_dit_that_does_not_fit_the_encoders(ckpt, tmp_path, capsys):
 
 def test_sharded_encoders_equal_one_device(ckpt, models, image):
     """Encoders restored on a mesh: the weights are split over its devices, the conditioning is unchanged."""
-    from m141jax import sharding
+    from m141jax import parallel
     from m141jax.encoders import Encoders, encode
 
-    mesh = sharding.make_mesh("fsdp=2,tensor=4")
+    mesh = parallel.make_mesh("fsdp=2,tensor=4")
     enc = Encoders.load(ckpt / "vlm", ckpt / "clip", ckpt / "tokenizer", ckpt / "clip_tokenizer", "fp32", mesh=mesh)
     split = [a for a in jax.tree.leaves(enc.params) if not a.sharding.is_fully_replicated]
     assert len(split) > len(jax.tree.leaves(enc.params)) // 2

@@ -7,7 +7,10 @@ import pytest
 from PIL import Image
 
 from compress_helpers import CFG, inputs, rel_l2, sample, tiny_params
-from m141jax import checkpoint, cli, kernels, quant, sampling, sharding
+from m141jax import checkpoint, cli, parallel, sampling
+from m141jax.compress import bits as bitpack
+from m141jax.compress.box import densify, is_box, nbytes
+from m141jax.compress import io, layout, quant
 from m141jax.config import CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, preset, to_json_dict
 from m141jax.models import clip, dit, llama, llava
 
@@ -15,9 +18,9 @@ from m141jax.models import clip, dit, llama, llava
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_pack_bits_round_trip(bits):
     codes = jax.random.randint(jax.random.PRNGKey(bits), (3, 16, 5), 0, 2 ** bits).astype(jnp.uint8)
-    packed = kernels.pack_bits(codes, bits)
+    packed = bitpack.pack_bits(codes, bits)
     assert packed.shape == (3, 16 * bits // 8, 5) and packed.dtype == jnp.uint8
-    np.testing.assert_array_equal(kernels.unpack_bits(packed, bits), codes)
+    np.testing.assert_array_equal(bitpack.unpack_bits(packed, bits), codes)
 
 
 def _weights(shape, seed=0):
@@ -31,7 +34,7 @@ def _weights(shape, seed=0):
 
 def test_int8_error_within_half_a_step():
     w = _weights((2, 96, 7))
-    lay = kernels.Layout(lead=1, n_in=1, shape=(96, 7))
+    lay = layout.Layout(lead=1, n_in=1, shape=(96, 7))
     q = quant.quantize_kernel(w, lay, "int8")
     assert q.codes.dtype == jnp.int8 and q.codes.shape == w.shape and int(jnp.abs(q.codes).max()) == 127
     s = np.abs(np.asarray(w)).max(axis=1, keepdims=True) / 127
@@ -44,11 +47,11 @@ def test_int8_error_within_half_a_step():
 
 def test_int4_error_within_half_a_group_step():
     w = _weights((2, 96, 7))
-    lay = kernels.Layout(lead=1, n_in=1, shape=(96, 7))
+    lay = layout.Layout(lead=1, n_in=1, shape=(96, 7))
     q = quant.quantize_kernel(w, lay, "int4", group=32)
     assert q.codes.dtype == jnp.uint8 and q.codes.shape == (2, 48, 7)
     assert q.scales.dtype == jnp.uint8 and q.scales.shape == (2, 3, 7) and q.channel_unit.shape == (2, 1, 7)
-    nibbles = np.asarray(kernels.unpack_bits(q.codes, 4))
+    nibbles = np.asarray(bitpack.unpack_bits(q.codes, 4))
     assert nibbles.min() >= 1 and nibbles.max() <= 15  # codes −7..7
     groups = np.abs(np.asarray(w)).reshape(2, 3, 32, 7).max(axis=2) / 7  # s_g
     unit = groups.max(axis=1, keepdims=True) / 255
@@ -58,37 +61,37 @@ def test_int4_error_within_half_a_group_step():
     assert (err <= s_hat[:, :, None] / 2 * (1 + 1e-5) + 1e-12).all()
     assert (np.asarray(q.unbox())[..., 2] == 0).all()
     # 4 bits per weight + 8 bits per group of 32 + one float32 per channel
-    assert kernels.nbytes(q) == 2 * 96 * 7 // 2 + 2 * 3 * 7 + 2 * 7 * 4
+    assert nbytes(q) == 2 * 96 * 7 // 2 + 2 * 3 * 7 + 2 * 7 * 4
 
 
 def test_multi_axis_kernels_scale_per_output_channel():
     """An attention output projection [layers, heads, head_dim, out] contracts heads and head_dim."""
-    axes = quant.dit_axes(CFG)
-    chosen = kernels.select(tiny_params(), axes)
-    assert chosen["double_blocks/img_attn_proj/kernel"] == kernels.Layout(1, 2, (4, 16, 64))
-    assert chosen["double_blocks/img_attn/qkv/kernel"] == kernels.Layout(1, 1, (64, 3, 4, 16))
+    axes = quant.dit_layouts(CFG)
+    chosen = layout.select(tiny_params(), axes)
+    assert chosen["double_blocks/img_attn_proj/kernel"] == layout.Layout(1, 2, (4, 16, 64))
+    assert chosen["double_blocks/img_attn/qkv/kernel"] == layout.Layout(1, 1, (64, 3, 4, 16))
     w = tiny_params()["double_blocks"]["img_attn_proj"]["kernel"]
     q = quant.quantize_kernel(w, chosen["double_blocks/img_attn_proj/kernel"], "int8")
     np.testing.assert_allclose(q.scales[:, 0], np.abs(np.asarray(w)).max(axis=(1, 2)) / 127, rtol=1e-6)
-    assert tuple(axes["double_blocks"]["img_attn_proj"]["kernel"]) == ("layers", "heads", "kv", "embed")
+    assert axes["double_blocks/img_attn_proj/kernel"] == (1, 2)  # stored by the layer, not read from names
 
 
 def test_dit_quantized_as_the_release():
     """int4 in the transformer blocks (modulation included), int8 on the other kernels, nothing else."""
     q = quant.quantize_dit(tiny_params(), CFG, "int4")
-    boxes = {kernels.path_str(p): b.bits for p, b in
-             jax.tree_util.tree_flatten_with_path(q, is_leaf=kernels.is_box)[0] if kernels.is_box(b)}
-    assert set(boxes) == set(kernels.select(tiny_params(), quant.dit_axes(CFG)))  # every kernel
+    boxes = {parallel.path_str(p): b.bits for p, b in
+             jax.tree_util.tree_flatten_with_path(q, is_leaf=is_box)[0] if is_box(b)}
+    assert set(boxes) == set(layout.select(tiny_params(), quant.dit_layouts(CFG)))  # every kernel
     for path, bits in boxes.items():
         assert bits == (4 if path.startswith(("double_blocks/", "single_blocks/", "txt_in/blocks/")) else 8), path
     assert boxes["double_blocks/img_mod/linear/kernel"] == 4 and boxes["final_layer/linear/kernel"] == 8
-    assert not kernels.is_box(q["double_blocks"]["img_attn"]["q_norm"]["scale"])
-    assert not kernels.is_box(q["final_layer"]["linear"]["bias"])
+    assert not is_box(q["double_blocks"]["img_attn"]["q_norm"]["scale"])
+    assert not is_box(q["final_layer"]["linear"]["bias"])
 
 
 def test_int4_refuses_inputs_not_divisible_by_the_group():
-    axes = quant.dit_axes(CFG)
-    chosen = kernels.select(tiny_params(), axes, include=(r"^img_in/kernel$",))  # 4·33 = 132 inputs
+    axes = quant.dit_layouts(CFG)
+    chosen = layout.select(tiny_params(), axes, include=(r"^img_in/kernel$",))  # 4·33 = 132 inputs
     with pytest.raises(ValueError, match="img_in/kernel has 132 inputs"):
         quant.quantize(tiny_params(), chosen, "int4")
     with pytest.raises(ValueError, match="unknown quantization mode 'int3'"):
@@ -101,7 +104,7 @@ def test_sampler_with_quantized_dit_stays_close():
     out = sample(q8)
     assert 0 < rel_l2(out, dense) < 0.02
     # the layers dequantise the boxes they read: dequantising the whole tree first gives the same result
-    np.testing.assert_allclose(sample(kernels.densify(q8)), out, atol=1e-5)
+    np.testing.assert_allclose(sample(densify(q8)), out, atol=1e-5)
     assert 0 < rel_l2(sample(quant.quantize_dit(tiny_params(), CFG, "int4")), dense) < 0.25
 
 
@@ -113,7 +116,8 @@ def test_generate_quantize_flag(monkeypatch, tmp_path):
     lcfg = _llama_cfg()
     enc = Encoders(llm=lcfg, clip=None, vlm=None, params={"language_model": llama.init_params(lcfg, jax.random.PRNGKey(0))},
                    tokenizer=None, clip_tokenizer=None, crop=0)
-    monkeypatch.setattr(quant, "encoder_axes", lambda e: {"language_model": llama.param_logical_axes(lcfg)})
+    monkeypatch.setattr(quant, "encoder_layouts",
+                        lambda e: {f"language_model/{k}": v for k, v in llama.kernel_layouts(lcfg).items()})
     vae = components.Component(cfg="vae-config", params={"kernel": jnp.ones((4, 4))})
     own = jax.tree_util.tree_map(jnp.copy, tiny_params())  # quantize_models frees the dense weights it loaded
     loaded = components.Models(dit=components.Component(CFG, own), vae=vae, encoders=enc)
@@ -133,27 +137,27 @@ def test_generate_quantize_flag(monkeypatch, tmp_path):
 
 def test_quantized_checkpoint_round_trip(tmp_path):
     q = quant.quantize_dit(tiny_params(), CFG, "int4")
-    kernels.save(tmp_path / "q", "dit", to_json_dict(CFG), q)
-    info, back = kernels.load(tmp_path / "q")
-    assert info["component"] == "dit" and len(info["compressed"]) == len(kernels.select(tiny_params(), quant.dit_axes(CFG)))
+    io.save(tmp_path / "q", "dit", to_json_dict(CFG), q)
+    info, back = io.load(tmp_path / "q")
+    assert info["component"] == "dit" and len(info["compressed"]) == len(layout.select(tiny_params(), quant.dit_layouts(CFG)))
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(q)
     for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(sample(back), sample(q))
-    _, half = kernels.load(tmp_path / "q", dtype=jnp.bfloat16)
+    _, half = io.load(tmp_path / "q", dtype=jnp.bfloat16)
     box = half["double_blocks"]["img_mlp"]["fc1"]["kernel"]
     assert box.dtype == "bfloat16" and box.unbox().dtype == jnp.bfloat16 and box.channel_unit.dtype == jnp.float32
     assert half["img_in"]["bias"].dtype == jnp.bfloat16 and half["img_in"]["kernel"].dtype == "bfloat16"
     with pytest.raises(checkpoint.CheckpointError, match="holds a 'dit' checkpoint, not 'vae'"):
-        kernels.load(tmp_path / "q", component="vae")
+        io.load(tmp_path / "q", component="vae")
 
 
 def test_quantize_command(tmp_path):
     checkpoint.save(tmp_path / "dense", "dit", to_json_dict(CFG), tiny_params())
     assert cli.main(["quantize", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "q8"),
                      "--mode", "int8"]) == 0
-    _, q = kernels.load(tmp_path / "q8")
+    _, q = io.load(tmp_path / "q8")
     assert isinstance(q["single_blocks"]["linear1_mlp"]["kernel"], quant.QArray)
     assert rel_l2(sample(q), sample(tiny_params())) < 0.02
     assert cli.main(["quantize", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "q8"),
@@ -170,9 +174,9 @@ def test_checkpoint_folder_with_a_quantized_dit(tmp_path):
                      "--mode", "int4"]) == 0
     c = components.load_component(tmp_path / "root", "dit", dtype="fp32")
     assert c.cfg == CFG and c.params["double_blocks"]["img_mlp"]["fc1"]["kernel"].bits == 4
-    np.testing.assert_array_equal(sample(c.params), sample(kernels.load(tmp_path / "root" / "dit")[1]))
+    np.testing.assert_array_equal(sample(c.params), sample(io.load(tmp_path / "root" / "dit")[1]))
 
-    mesh = sharding.make_mesh("fsdp=2,tensor=4")
+    mesh = parallel.make_mesh("fsdp=2,tensor=4")
     m = components.load_component(tmp_path / "root", "dit", dtype="fp32", mesh=mesh)
     box = m.params["double_blocks"]["img_mlp"]["fc1"]["kernel"]
     assert box.codes.sharding.spec[-1] == ("fsdp", "tensor") and len(box.codes.sharding.device_set) == 8
@@ -223,7 +227,7 @@ def test_quantized_vlm_stays_close():
                             param_dtype="fp32", dtype="fp32")
     cfg = LlavaConfig(text=_llama_cfg(), vision=vcfg, image_token_id=95)
     params = llava.init_params(cfg, jax.random.PRNGKey(0))
-    chosen = kernels.select(params, llava.param_logical_axes(cfg), exclude=quant.QUANT_EXCLUDE)
+    chosen = layout.select(params, llava.kernel_layouts(cfg), exclude=quant.QUANT_EXCLUDE)
     assert "projector/linear_1/kernel" in chosen and "vision_tower/layers/q_proj/kernel" in chosen
     assert "vision_tower/embeddings/patch_embedding/kernel" not in chosen
     q = quant.quantize(params, chosen, "int8")
@@ -237,8 +241,8 @@ def test_13b_dit_quantized_sizes():
     """The release's 13B DiT by shapes only: bf16 25.6 GB -> int8 half of it, int4 under 7 GB."""
     cfg = preset("magic141-i2v-13b")
     abstract = dit.abstract_params(cfg)
-    dense = kernels.nbytes(abstract)
-    int8 = kernels.nbytes(jax.eval_shape(lambda p: quant.quantize_dit(p, cfg, "int8"), abstract))
-    int4 = kernels.nbytes(jax.eval_shape(lambda p: quant.quantize_dit(p, cfg, "int4"), abstract))
+    dense = nbytes(abstract)
+    int8 = nbytes(jax.eval_shape(lambda p: quant.quantize_dit(p, cfg, "int8"), abstract))
+    int4 = nbytes(jax.eval_shape(lambda p: quant.quantize_dit(p, cfg, "int4"), abstract))
     assert 25.6e9 < dense < 25.7e9
     assert int8 < 0.505 * dense and int4 < 7e9

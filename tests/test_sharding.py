@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from m141jax import checkpoint, cli, sampling, sharding
+from m141jax.axes import MESH_AXES
+from m141jax import checkpoint, cli, sampling, parallel
 from m141jax.config import to_json_dict
 from m141jax.io import save_npz
 from m141jax.models.attention import attention
@@ -34,35 +35,35 @@ def test_eight_devices():
 # ------------------------------------------------------------------------------------------ meshes
 
 def test_parse_mesh():
-    assert sharding.parse_mesh("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
-    assert sharding.parse_mesh({"tensor": 2, "sequence": 4}, 8) == {"data": 1, "fsdp": 1, "sequence": 4, "tensor": 2}
+    assert parallel.parse_mesh("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert parallel.parse_mesh({"tensor": 2, "sequence": 4}, 8) == {"data": 1, "fsdp": 1, "sequence": 4, "tensor": 2}
     for bad, msg in [("fsdp=4", "needs 4 devices"), ("model=8", "unknown mesh axes"), ("fsdp", "bad mesh entry"),
                      ("fsdp=-1,data=-1", "at most one -1"), ("fsdp=3,data=-1", "do not divide"),
                      ("fsdp=x", "bad mesh entry"), ("data=0,fsdp=-1", "must be positive")]:
         with pytest.raises(ValueError, match=msg):
-            sharding.parse_mesh(bad, 8)
+            parallel.parse_mesh(bad, 8)
 
 
 def test_hosts_fill_outer_axes():
-    assert sharding.host_split([2, 4, 1, 1], 2) == ([2, 1, 1, 1], [1, 4, 1, 1])
-    assert sharding.host_split([1, 8, 1, 1], 2) == ([1, 2, 1, 1], [1, 4, 1, 1])
-    assert sharding.host_split([2, 2, 2, 2], 4) == ([2, 2, 1, 1], [1, 1, 2, 2])
+    assert parallel.host_split([2, 4, 1, 1], 2) == ([2, 1, 1, 1], [1, 4, 1, 1])
+    assert parallel.host_split([1, 8, 1, 1], 2) == ([1, 2, 1, 1], [1, 4, 1, 1])
+    assert parallel.host_split([2, 2, 2, 2], 4) == ([2, 2, 1, 1], [1, 1, 2, 2])
     with pytest.raises(ValueError, match="cannot be split over 4 hosts"):
-        sharding.host_split([1, 1, 2, 3], 4)
+        parallel.host_split([1, 1, 2, 3], 4)
 
 
 def test_make_mesh():
-    mesh = sharding.make_mesh("fsdp=2,tensor=2,sequence=2")
-    assert mesh.axis_names == sharding.MESH_AXES and dict(mesh.shape) == {"data": 1, "fsdp": 2, "sequence": 2,
+    mesh = parallel.make_mesh("fsdp=2,tensor=2,sequence=2")
+    assert mesh.axis_names == MESH_AXES and dict(mesh.shape) == {"data": 1, "fsdp": 2, "sequence": 2,
                                                                           "tensor": 2}
-    assert sharding.format_mesh(mesh) == "data=1,fsdp=2,sequence=2,tensor=2"
+    assert parallel.format_mesh(mesh) == "data=1,fsdp=2,sequence=2,tensor=2"
 
 
 # ------------------------------------------------------------------------------------------- rules
 
 def test_logical_shardings_follow_the_table():
-    mesh = sharding.make_mesh("fsdp=2,sequence=2,tensor=2")
-    spec = lambda names, shape: sharding.logical_sharding(names, shape, mesh).spec
+    mesh = parallel.make_mesh("fsdp=2,sequence=2,tensor=2")
+    spec = lambda names, shape: parallel.logical_sharding(names, shape, mesh).spec
     assert spec(("embed", "mlp"), (64, 256)) == P(("fsdp", "sequence"), "tensor")
     assert spec(("layers", "embed", None, "heads", "kv"), (2, 64, 3, 8, 8)) == P(None, ("fsdp", "sequence"), None,
                                                                                  "tensor", None)
@@ -70,13 +71,13 @@ def test_logical_shardings_follow_the_table():
     act = ("activation_batch", "activation_length", "activation_embed")
     assert spec(act, (2, 16, 64)) == P("fsdp", "sequence", None)
     assert spec(("unknown_name", "norm"), (8, 8)) == P(None, None)
-    rules = dict(sharding.rules_for_batch(sharding.make_mesh("data=2,fsdp=4"), 2))
+    rules = dict(parallel.rules_for_batch(parallel.make_mesh("data=2,fsdp=4"), 2))
     assert rules["activation_batch"] == "data"  # batch 2 cannot split over fsdp=4
 
 
 def test_dit_param_shardings():
-    mesh = sharding.make_mesh("fsdp=2,sequence=2,tensor=2")
-    sh = sharding.dit_param_shardings(CFG, mesh)
+    mesh = parallel.make_mesh("fsdp=2,sequence=2,tensor=2")
+    sh = parallel.dit_param_shardings(CFG, mesh)
     blk = sh["double_blocks"]
     assert blk["img_attn"]["qkv"]["kernel"].spec == P(None, ("fsdp", "sequence"), None, "tensor", None)
     assert blk["img_mlp"]["fc2"]["kernel"].spec == P(None, "tensor", ("fsdp", "sequence"))
@@ -108,14 +109,14 @@ def test_sequence_parallel_attention_and_grads(method):
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
     (_, want), gwant = loss("none")(q, k, v)
-    with jax.set_mesh(sharding.make_mesh("sequence=4,tensor=2")):
+    with jax.set_mesh(parallel.make_mesh("sequence=4,tensor=2")):
         (_, got), ggot = loss(method)(q, k, v)
     rows = True if method == "ring" else valid
     np.testing.assert_allclose(np.asarray(jnp.where(rows, got, 0)), np.asarray(jnp.where(rows, want, 0)), atol=2e-6)
     for a, b in zip(ggot, gwant):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6)
     # padding tokens never reach valid ones: changing them leaves valid outputs unchanged
-    with jax.set_mesh(sharding.make_mesh("sequence=4,tensor=2")):
+    with jax.set_mesh(parallel.make_mesh("sequence=4,tensor=2")):
         poked = jax.jit(lambda v: attention(q, k, v, valid_len=valid_len, impl="blockwise", block=8,
                                             sequence_parallel=method))(jnp.where(valid, v, 1e3))
     np.testing.assert_allclose(np.asarray(jnp.where(valid, poked, 0)), np.asarray(jnp.where(valid, want, 0)),
@@ -124,7 +125,7 @@ def test_sequence_parallel_attention_and_grads(method):
 
 def test_ulysses_needs_divisible_heads():
     q, k, v, _ = _qkv(heads=4)
-    mesh = sharding.make_mesh("sequence=8")
+    mesh = parallel.make_mesh("sequence=8")
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="use --sequence-parallel ring"):
         jax.jit(lambda q, k, v: attention(q, k, v, sequence_parallel="ulysses"))(q, k, v)
 
@@ -150,10 +151,10 @@ def dit_case():
 def test_sharded_dit_forward(dit_case, spec, method, batch_spec):
     params, args, want = dit_case
     cfg = dataclasses.replace(CFG, sequence_parallel=method)
-    mesh = sharding.make_mesh(spec)
-    shardings = sharding.dit_param_shardings(cfg, mesh)
-    sharded = jax.tree.map(sharding.put, params, shardings)
-    got = sharding.dit_forward_fn(cfg, mesh, 2, shardings)(sharded, *args)
+    mesh = parallel.make_mesh(spec)
+    shardings = parallel.dit_param_shardings(cfg, mesh)
+    sharded = jax.tree.map(parallel.put, params, shardings)
+    got = parallel.dit_forward_fn(cfg, mesh, 2, shardings)(sharded, *args)
     assert got.sharding.spec == P(batch_spec, None, None, None, None)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5 * np.abs(want).max())
 
@@ -165,9 +166,9 @@ def test_sharded_sampler_with_cfg(dit_case, spec):
     text, neg = (states, mask, pooled), (states[:, ::-1], mask, -pooled)
     kw = dict(sigmas=sampling.schedule(4, 5.0), ref_latents=ref, neg_text=neg, guidance_scale=3.0)
     want = sampling.sample(params, CFG, lat, text, **kw)
-    mesh = sharding.make_mesh(spec)
-    cfg, shardings = sharding.dit_on_mesh(CFG, mesh)
-    got = sampling.sample(jax.tree.map(sharding.put, params, shardings), cfg, lat, text, mesh=mesh, **kw)
+    mesh = parallel.make_mesh(spec)
+    cfg, shardings = parallel.dit_on_mesh(CFG, mesh)
+    got = sampling.sample(jax.tree.map(parallel.put, params, shardings), cfg, lat, text, mesh=mesh, **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * np.abs(np.asarray(want)).max())
 
 
@@ -177,11 +178,11 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, dit_case):
     """Saved from fsdp=8 shards, restored onto sequence=4 x tensor=2: every shard holds the original
     values; a checkpoint written from host arrays (as the converter does) restores sharded too."""
     params = dit_case[0]
-    a, b = sharding.make_mesh("fsdp=8"), sharding.make_mesh("sequence=4,tensor=2")
+    a, b = parallel.make_mesh("fsdp=8"), parallel.make_mesh("sequence=4,tensor=2")
     checkpoint.save(tmp_path / "sharded", "dit", to_json_dict(CFG),
-                    jax.tree.map(sharding.put, params, sharding.dit_param_shardings(CFG, a)))
+                    jax.tree.map(parallel.put, params, parallel.dit_param_shardings(CFG, a)))
     checkpoint.save(tmp_path / "host", "dit", to_json_dict(CFG), params)
-    target = sharding.dit_param_shardings(CFG, b)
+    target = parallel.dit_param_shardings(CFG, b)
     for name in ("sharded", "host"):
         restored = checkpoint.load_params(tmp_path / name, shardings=target)
         for want, got, sh in zip(jax.tree.leaves(params), jax.tree.leaves(restored), jax.tree.leaves(target)):
@@ -200,8 +201,8 @@ def test_checkpoint_chunks_bound_what_a_shard_reads(tmp_path, monkeypatch):
     store = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path}/c/params",
                                                    "path": "w"}}).result()
     assert np.prod(store.chunk_layout.read_chunk.shape) * 4 <= 4096
-    mesh = sharding.make_mesh("fsdp=8")
-    got = checkpoint.load_params(tmp_path / "c", shardings={"w": sharding.logical_sharding(("embed", None), w.shape,
+    mesh = parallel.make_mesh("fsdp=8")
+    got = checkpoint.load_params(tmp_path / "c", shardings={"w": parallel.logical_sharding(("embed", None), w.shape,
                                                                                           mesh)})["w"]
     assert got.sharding.spec == P("fsdp", None)
     np.testing.assert_array_equal(np.asarray(got), w)

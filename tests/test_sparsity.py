@@ -8,7 +8,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from compress_helpers import CFG, rel_l2, sample, tiny_params
-from m141jax import cli, kernels, quant
+from m141jax import cli
+from m141jax.compress.box import nbytes
+from m141jax.compress import layout, nm, quant
 from m141jax.config import SparsityConfig, preset, to_json_dict
 from m141jax.models import dit
 from m141jax.train import sparsity
@@ -22,10 +24,10 @@ def _groups_np(w, lay, m):
 
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (2, 8), (5, 16)])
 def test_masks_are_exactly_n_of_m_by_magnitude(n, m):
-    lay = kernels.Layout(lead=1, n_in=2, shape=(4, 8, 6))  # an output projection: K = 4·8 inputs
+    lay = layout.Layout(lead=1, n_in=2, shape=(4, 8, 6))  # an output projection: K = 4·8 inputs
     w = jax.random.normal(jax.random.PRNGKey(m + n), (3, 4, 8, 6))
     w = w.at[0, 0, :4, 0].set(0.0)  # a group of ties
-    mask = sparsity.nm_mask(w, lay, n, m)
+    mask = nm.nm_mask(w, lay, n, m)
     assert mask.shape == w.shape and mask.dtype == jnp.bool_
     g, keep = _groups_np(w, lay, m), _groups_np(mask, lay, m)
     assert (keep.sum(axis=-2) == n).all()
@@ -35,18 +37,18 @@ def test_masks_are_exactly_n_of_m_by_magnitude(n, m):
 
 
 def test_default_selection_excludes_embeddings_norms_modulation_final_layer():
-    chosen = sparsity.select_dit(tiny_params(), CFG)
+    chosen = nm.select_dit(tiny_params(), CFG)
     assert {"double_blocks/img_attn/qkv/kernel", "double_blocks/txt_mlp/fc2/kernel", "single_blocks/linear2_attn/kernel",
             "txt_in/blocks/self_attn_proj/kernel"} <= set(chosen)
     banned = ("img_in", "time_in", "vector_in", "final_layer", "_mod/", "modulation", "norm", "input_embedder",
               "t_embedder", "c_embedder")
     assert not any(b in k for k in chosen for b in banned)
-    only_mlp = sparsity.select_dit(tiny_params(), CFG, SparsityConfig(include=(r"single_blocks/linear._mlp/kernel$",)))
+    only_mlp = nm.select_dit(tiny_params(), CFG, SparsityConfig(include=(r"single_blocks/linear._mlp/kernel$",)))
     assert set(only_mlp) == {"single_blocks/linear1_mlp/kernel", "single_blocks/linear2_mlp/kernel"}
     with pytest.raises(ValueError, match="no parameter matches"):
-        sparsity.select_dit(tiny_params(), CFG, SparsityConfig(include=(r"nothing",)))
+        nm.select_dit(tiny_params(), CFG, SparsityConfig(include=(r"nothing",)))
     with pytest.raises(ValueError, match="img_in/kernel has 132 inputs"):
-        sparsity.select_dit(tiny_params(), CFG, SparsityConfig(include=(r"^img_in/kernel$",), exclude=(), m=8))
+        nm.select_dit(tiny_params(), CFG, SparsityConfig(include=(r"^img_in/kernel$",), exclude=(), m=8))
 
 
 def test_schedule_ramps_from_dense_to_n_of_m():
@@ -90,7 +92,7 @@ def _kernel(p, path):
 def test_pruned_weights_stay_exactly_zero_through_adamw():
     params = tiny_params()
     cfg = SparsityConfig()  # one-shot 2:4 at step 0
-    chosen = sparsity.select_dit(params, CFG, cfg)
+    chosen = nm.select_dit(params, CFG, cfg)
     opt = sparsity.sparse_training(optax.adamw(1e-2, weight_decay=0.1), cfg, chosen)
     final, state, history = _train(opt, params, 40)
     masks = state.masks
@@ -109,7 +111,7 @@ def test_pruned_weights_stay_exactly_zero_through_adamw():
 def test_gradual_ramp_inside_an_optax_chain_and_masks_in_orbax(tmp_path):
     params = tiny_params()
     cfg = SparsityConfig(n=2, m=4, begin_step=2, end_step=12, frequency=2)
-    chosen = sparsity.select_dit(params, CFG, cfg)
+    chosen = nm.select_dit(params, CFG, cfg)
     inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
     opt = sparsity.sparse_training(inner, cfg, chosen)
     path = "single_blocks/linear1_mlp/kernel"
@@ -129,7 +131,7 @@ def test_gradual_ramp_inside_an_optax_chain_and_masks_in_orbax(tmp_path):
 
 
 def test_update_without_params_is_refused():
-    opt = sparsity.sparse_training(optax.sgd(0.1), SparsityConfig(), sparsity.select_dit(tiny_params(), CFG))
+    opt = sparsity.sparse_training(optax.sgd(0.1), SparsityConfig(), nm.select_dit(tiny_params(), CFG))
     state = opt.init(tiny_params())
     with pytest.raises(ValueError, match="needs the parameters"):
         opt.update(tiny_params(), state)
@@ -137,32 +139,32 @@ def test_update_without_params_is_refused():
 
 def test_export_load_round_trips_exactly(tmp_path):
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tiny_params())
-    chosen = sparsity.select_dit(params, CFG)
-    pruned = sparsity.prune(params, sparsity.nm_masks(params, chosen, 2, 4))
-    sparsity.export(tmp_path / "sparse", "dit", to_json_dict(CFG), pruned, chosen)
-    info, back = sparsity.load(tmp_path / "sparse")
+    chosen = nm.select_dit(params, CFG)
+    pruned = nm.prune(params, nm.nm_masks(params, chosen, 2, 4))
+    nm.export(tmp_path / "sparse", "dit", to_json_dict(CFG), pruned, chosen)
+    info, back = nm.load(tmp_path / "sparse")
     assert set(info["compressed"]) == set(chosen)
     for a, b in zip(jax.tree_util.tree_leaves(pruned), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    _, boxes = sparsity.load(tmp_path / "sparse", dense=False)
+    _, boxes = nm.load(tmp_path / "sparse", dense=False)
     box = _kernel(boxes, "double_blocks/img_attn_proj/kernel")
-    assert isinstance(box, sparsity.NMSparse) and box.indices.dtype == jnp.uint8
+    assert isinstance(box, nm.NMSparse) and box.indices.dtype == jnp.uint8
     assert box.values.shape == (2, 32, 64) and box.indices.shape == (2, 8, 64)  # 2 of 4 of 64 inputs, 2 bits each
-    dense_bytes = sum(kernels.nbytes(_kernel(params, k)) for k in chosen)
-    sparse_bytes = sum(kernels.nbytes(_kernel(boxes, k)) for k in chosen)
+    dense_bytes = sum(nbytes(_kernel(params, k)) for k in chosen)
+    sparse_bytes = sum(nbytes(_kernel(boxes, k)) for k in chosen)
     assert sparse_bytes == dense_bytes * 9 // 16  # half the values + 2 bits per kept value
 
 
 def test_sampler_with_sparse_weights_matches_the_pruned_dense_model():
     params = tiny_params()
-    chosen = sparsity.select_dit(params, CFG)
-    pruned = sparsity.prune(params, sparsity.nm_masks(params, chosen, 2, 4))
+    chosen = nm.select_dit(params, CFG)
+    pruned = nm.prune(params, nm.nm_masks(params, chosen, 2, 4))
     ref = sample(pruned)
     assert rel_l2(ref, sample(params)) > 0.05  # one-shot pruning of half the weights, no fine-tuning
     # compact kernels rebuilt by each layer as it reads them: the pruned dense model's result
-    assert rel_l2(sample(sparsity.compress(params, chosen)), ref) < 1e-5
-    with_int8 = sparsity.compress(pruned, chosen, values="int8")
+    assert rel_l2(sample(nm.compress(params, chosen)), ref) < 1e-5
+    with_int8 = nm.compress(pruned, chosen, values="int8")
     box = _kernel(with_int8, "single_blocks/linear2_mlp/kernel")
     assert isinstance(box.values, quant.QArray) and box.values.codes.dtype == jnp.int8
     assert 0 < rel_l2(sample(with_int8), ref) < 0.02
@@ -171,14 +173,14 @@ def test_sampler_with_sparse_weights_matches_the_pruned_dense_model():
 def test_hardware_2_4_operands():
     """nm_spmm's metadata: per 16 inputs, the 8 kept positions as base-4 digits of a uint16, first lowest."""
     w = jnp.zeros((16, 1)).at[jnp.array([1, 3, 4, 6, 8, 9, 14, 15]), 0].set(jnp.arange(1.0, 9.0))
-    sp = sparsity.compress_kernel(w, kernels.Layout(0, 1, (16, 1)), 2, 4)
-    values, meta = sparsity.nm_operands(sp)
+    sp = nm.compress_kernel(w, layout.Layout(0, 1, (16, 1)), 2, 4)
+    values, meta = nm.nm_operands(sp)
     np.testing.assert_array_equal(values, np.arange(1.0, 9.0)[None])
     digits = [1, 3, 0, 2, 0, 1, 2, 3]
     assert meta.dtype == jnp.uint16 and int(meta[0, 0]) == sum(d * 4 ** i for i, d in enumerate(digits))
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 16)).astype(jnp.bfloat16)
     try:
-        out = sparsity.nm_matmul(x, sp)
+        out = nm.nm_matmul(x, sp)
     except NotImplementedError as e:  # this jax has no N:M sparse dot (or no GPU lowering for it)
         assert "sparse" in str(e)
     else:
@@ -192,7 +194,7 @@ def test_sparsify_command(tmp_path):
     checkpoint.save(tmp_path / "dense", "dit", to_json_dict(CFG), tiny_params())
     assert cli.main(["sparsify", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "s"), "--nm", "2:4",
                      "--values", "int8"]) == 0
-    _, boxes = sparsity.load(tmp_path / "s", dense=False)
+    _, boxes = nm.load(tmp_path / "s", dense=False)
     assert isinstance(_kernel(boxes, "double_blocks/img_mlp/fc1/kernel").values, quant.QArray)
     assert cli.main(["sparsify", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "t"), "--nm", "2-4"]) == 2
 
@@ -201,12 +203,12 @@ def test_13b_dit_sparse_sizes():
     """2:4 halves the selected kernels' values (+2 bits each kept); with int8 values it is below int8 alone."""
     cfg = preset("magic141-i2v-13b")
     abstract = dit.abstract_params(cfg)
-    chosen = sparsity.select_dit(abstract, cfg)
-    size = lambda f: kernels.nbytes(jax.eval_shape(f, abstract))  # noqa: E731
-    dense = kernels.nbytes(abstract)
-    sparse = size(lambda p: sparsity.compress(p, chosen))
+    chosen = nm.select_dit(abstract, cfg)
+    size = lambda f: nbytes(jax.eval_shape(f, abstract))  # noqa: E731
+    dense = nbytes(abstract)
+    sparse = size(lambda p: nm.compress(p, chosen))
     # the kernels left dense by the sparsity (modulation) are quantized to int8 too
-    sparse8 = size(lambda p: quant.quantize_dit(sparsity.compress(p, chosen, values="int8"), cfg, "int8"))
+    sparse8 = size(lambda p: quant.quantize_dit(nm.compress(p, chosen, values="int8"), cfg, "int8"))
     int8 = size(lambda p: quant.quantize_dit(p, cfg, "int8"))
     assert sparse < 0.75 * dense and sparse8 < int8
 
@@ -224,7 +226,7 @@ def test_train_and_distill_configs_keep_the_dit_sparse():
     assert load_run_config(TRAIN_PRESETS, None, ["sparsity.n=1", "sparsity=null"]).sparsity is None
     model = cfg.model
     params = dit.init_params(model, jax.random.PRNGKey(0))
-    chosen = sparsity.select_dit(params, model, cfg.sparsity)
+    chosen = nm.select_dit(params, model, cfg.sparsity)
     b, g = 2, np.random.default_rng(0)
     batch = {"latents": g.standard_normal((b, 2, 4, 4, model.out_channels)),
              "ref_latents": g.standard_normal((b, 1, 4, 4, model.out_channels)),

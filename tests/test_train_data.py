@@ -6,7 +6,7 @@ import pytest
 
 from m141jax.config import DataConfig, preset
 from m141jax.train import data
-from m141jax.train.placement import batch_shardings, make_mesh
+from m141jax.train.mesh import batch_shardings, make_mesh
 from train_helpers import write_prepared
 
 MODEL = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")

@@ -142,7 +142,7 @@ SHARDED = textwrap.dedent("""
     from m141jax.models.dit import init_params
     from m141jax.train import dmd
     from m141jax.train.data import SyntheticSource, global_batch
-    from m141jax.train.placement import batch_shardings, make_mesh, state_shardings
+    from m141jax.train.mesh import batch_shardings, make_mesh, state_shardings
     assert jax.device_count() == 8
     # AdamW with eps = 1 is nearly linear in the gradient, so the updates of both runs can be compared
     # entry by entry (with eps ≈ 0 the first step is lr·sign(g), which flips on round-off for g ≈ 0)
@@ -158,7 +158,7 @@ SHARDED = textwrap.dedent("""
     ref_state, ref_m = jax.jit(step, static_argnums=4)(state, teacher, jax.tree.map(jnp.asarray, host), rng, True)
 
     mesh = make_mesh("data=2,fsdp=4")
-    st_sh, t_sh = state_shardings(state, mesh), state_shardings(teacher, mesh)
+    st_sh, t_sh = state_shardings(state, cfg.model, mesh), state_shardings(teacher, cfg.model, mesh)
     batch = global_batch(host, batch_shardings(mesh))
     sharded = jax.jit(step, static_argnums=4, in_shardings=(st_sh, t_sh, None, None), out_shardings=(st_sh, None))
     out_state, out_m = sharded(jax.device_put(state, st_sh), jax.device_put(teacher, t_sh), batch, rng, True)

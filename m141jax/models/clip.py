@@ -152,4 +152,4 @@ def _boxed(cfg, rng):
     return (boxed_text_params if isinstance(cfg, CLIPTextConfig) else boxed_vision_params)(cfg, rng)
 
 
-init_params, abstract_params, param_logical_axes = P.views(_boxed)
+init_params, abstract_params, param_logical_axes, kernel_layouts = P.views(_boxed)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from m141jax.config import DiTConfig, dtype_of
 from m141jax.models.attention import attention
+from m141jax.models.sequence_parallel import attend
 from m141jax.models.layers import (MLP, LayerNorm, Modulation, RMSNorm, TextProjection, TimestepEmbedder,
                                    dense, gelu_tanh, modulate)
 from m141jax.models.params import views
@@ -52,9 +53,10 @@ class _Attention(nn.Module):
         return q, k, v
 
 
-def _attend(cfg: DiTConfig, q, k, v, **mask):
-    return attention(q, k, v, impl=cfg.attention, block=cfg.attention_block,
-                     sequence_parallel=cfg.sequence_parallel, **mask)
+def _attend(cfg: DiTConfig, q, k, v, valid_len):
+    """The image+text self-attention: over the mesh's `sequence` axis by the configured method."""
+    return attend(q, k, v, valid_len=valid_len, method=cfg.sequence_parallel, impl=cfg.attention,
+                  block=cfg.attention_block)
 
 
 def _out_proj(cfg: DiTConfig, name: str, use_bias: bool = True):
@@ -286,4 +288,4 @@ def boxed_params(cfg: DiTConfig, rng):
     return MMDiT(cfg).init(rng, *_dummy_inputs(cfg))["params"]
 
 
-init_params, abstract_params, param_logical_axes = views(boxed_params)
+init_params, abstract_params, param_logical_axes, kernel_layouts = views(boxed_params)

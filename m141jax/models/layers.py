@@ -1,7 +1,7 @@
 """The shared vocabulary of the DiT: named dense layers, norms, modulation, MLPs, timestep embedding.
 
 Every parameter is created with logical axis names (`nn.with_logical_partitioning`), so one rule table
-in `m141jax/sharding.py` decides how it is laid out on a mesh. Norms run in fp32 and cast back.
+in `m141jax/parallel.py` decides how it is laid out on a mesh. Norms run in fp32 and cast back.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,16 +18,20 @@ import numpy as np
 Dtype = jnp.dtype
 
 
-class _LogicalKernel(nn.LogicallyPartitioned):
-    """Logical names of a DenseGeneral parameter. DenseGeneral creates multi-axis kernels flat and then
-    reshapes them, so the sharding constraint waits until the value has one dimension per name."""
+class DenseKernel(nn.LogicallyPartitioned):
+    """Logical names of a DenseGeneral parameter, and for its kernel the number of contracted input axes
+    (`inputs`, stored here so that compression never has to infer it from the names). DenseGeneral creates
+    multi-axis kernels flat and then reshapes them, so the sharding constraint waits until the value has
+    one dimension per name."""
+
+    inputs: int = flax.struct.field(pytree_node=False, default=0)  # 0 for a bias
 
     def unbox(self, apply_constraint=True):
         return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
 
 
-def _logical(init, names):
-    return lambda *args, **kwargs: _LogicalKernel(init(*args, **kwargs), tuple(names))
+def _logical(init, names, inputs: int = 0):
+    return lambda *args, **kwargs: DenseKernel(init(*args, **kwargs), tuple(names), inputs=inputs)
 
 
 def dense(features, names: Sequence[str | None], *, axis=-1, use_bias: bool = True, dtype=jnp.float32,
@@ -39,7 +44,7 @@ def dense(features, names: Sequence[str | None], *, axis=-1, use_bias: bool = Tr
     return nn.DenseGeneral(
         features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
         name=name,
-        kernel_init=_logical(nn.initializers.lecun_normal(), names),
+        kernel_init=_logical(nn.initializers.lecun_normal(), names, 1 if isinstance(axis, int) else len(axis)),
         bias_init=_logical(nn.initializers.zeros_init(), names[-n_out:]))
 
 

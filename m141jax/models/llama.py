@@ -115,4 +115,4 @@ def boxed_params(cfg: LlamaConfig, rng):
             "norm": _norm(cfg).init(r_norm, x)["params"]}
 
 
-init_params, abstract_params, param_logical_axes = P.views(boxed_params)
+init_params, abstract_params, param_logical_axes, kernel_layouts = P.views(boxed_params)

@@ -82,4 +82,4 @@ def boxed_params(cfg: LlavaConfig, rng):
             "projector": Projector(cfg).init(r_proj, x)["params"]}
 
 
-init_params, abstract_params, param_logical_axes = P.views(boxed_params)
+init_params, abstract_params, param_logical_axes, kernel_layouts = P.views(boxed_params)

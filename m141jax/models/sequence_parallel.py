@@ -7,8 +7,8 @@ batch axes that divide it, the tokens over `sequence`, the heads over `tensor`.
   whole sequence for its heads with the usual backend (`attention`, cuDNN included), and a second
   all-to-all turns them back. Needs the heads of a tensor shard to divide by the sequence axis.
 - Ring: each device keeps its queries and passes its key/value block around the ring; every step
-  adds one block with the blockwise online softmax (`_flash_partial`), merged by log-sum-exp. The
-  backward pass walks the ring again with the blockwise gradient pieces (`_flash_grads`), the key /
+  adds one block with the blockwise online softmax (`flash_partial`), merged by log-sum-exp. The
+  backward pass walks the ring again with the blockwise gradient pieces (`flash_grads`), the key /
   value gradients travelling with their blocks, so memory stays O(L/n · block) in both directions.
 
 Masking is the release's segment mask (spec B.6): a token attends only within its segment (the
@@ -26,11 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from m141jax.models.attention import (_flash_grads, _flash_partial, _from_blocks, _split, _to_blocks, attention,
-                                      default_block)
-from m141jax.sharding import BATCH_AXES, fit_axes
+from m141jax.axes import BATCH_AXES, SEQUENCE, TENSOR, fit_axes
+from m141jax.models.attention import attention
+from m141jax.models.blockwise import block_split, default_block, flash_grads, flash_partial, from_blocks, to_blocks
 
-AXIS = "sequence"
+AXIS = SEQUENCE
+METHODS = ("none", "ulysses", "ring")
 
 
 def _mesh():
@@ -43,6 +44,16 @@ def sequence_shards() -> int:
     return 1 if mesh.empty or AXIS not in mesh.shape else mesh.shape[AXIS]
 
 
+def attend(q, k, v, *, valid_len=None, method: str = "none", impl: str = "auto", block: int | None = None):
+    """Self-attention of q/k/v [B, L, H, D]: with `method` ("ulysses" | "ring") over the mesh's `sequence`
+    axis when the mesh in context has one larger than 1, else `attention` on this device."""
+    if method not in METHODS:
+        raise ValueError(f"unknown sequence-parallel method {method!r}; accepted: {METHODS}")
+    if method != "none" and sequence_shards() > 1:
+        return sequence_parallel_attention(q, k, v, valid_len=valid_len, method=method, impl=impl, block=block)
+    return attention(q, k, v, valid_len=valid_len, impl=impl, block=block)
+
+
 def sequence_parallel_attention(q, k, v, *, valid_len=None, method: str = "ring", impl: str = "auto",
                                 block: int | None = None):
     """Attention of q/k/v [B, L, H, D] with the tokens split over the `sequence` mesh axis."""
@@ -52,8 +63,8 @@ def sequence_parallel_attention(q, k, v, *, valid_len=None, method: str = "ring"
     if k.shape[1] != length:
         raise ValueError(f"sequence-parallel attention is self-attention: {length} queries, {k.shape[1]} keys")
     batch = fit_axes(BATCH_AXES, b, mesh)
-    heads = fit_axes("tensor", h, mesh)
-    local_heads = h // (mesh.shape["tensor"] if heads else 1)
+    heads = fit_axes(TENSOR, h, mesh)
+    local_heads = h // (mesh.shape[TENSOR] if heads else 1)
     if method == "ulysses" and local_heads % n:
         raise ValueError(f"Ulysses needs the {local_heads} heads of a tensor shard to divide by sequence={n}; "
                          f"use --sequence-parallel ring")
@@ -94,7 +105,7 @@ def _ring(q, k, v, valid_len, *, length, block):
 
 def _rows(lse, n):
     """Blockwise log-sum-exp [nq, B, H, bq] -> per row [B, n, H]."""
-    return _from_blocks(lse[..., None], n)[..., 0]
+    return from_blocks(lse[..., None], n)[..., 0]
 
 
 def _pass(xs):
@@ -112,7 +123,7 @@ def ring_attention(q, k, v, seg_q, seg_k, block: int):
 
 def _ring_fwd(q, k, v, seg_q, seg_k, block):
     def add(out, lse, kv):
-        o_j, lse_j = _flash_partial(q, kv[0], kv[1], seg_q, kv[2], block)
+        o_j, lse_j = flash_partial(q, kv[0], kv[1], seg_q, kv[2], block)
         lse_j = _rows(lse_j, q.shape[1])
         m = jnp.maximum(lse, lse_j)
         w, w_j = jnp.exp(lse - m), jnp.exp(lse_j - m)
@@ -124,20 +135,20 @@ def _ring_fwd(q, k, v, seg_q, seg_k, block):
         nxt = _pass(kv)  # independent of this block's compute, so the two can overlap
         return (*add(out, lse, kv), nxt), None
 
-    out, lse = _flash_partial(q, k, v, seg_q, seg_k, block)  # the local block; n - 1 more follow
+    out, lse = flash_partial(q, k, v, seg_q, seg_k, block)  # the local block; n - 1 more follow
     carry = (out, _rows(lse, q.shape[1]), _pass((k, v, seg_k)))
     (out, lse, kv), _ = jax.lax.scan(step, carry, None, length=jax.lax.axis_size(AXIS) - 2)
     out, lse = add(out, lse, kv)
     out = out.astype(q.dtype)
-    nq, bq = _split(q.shape[1], block)
-    return out, (q, k, v, seg_q, seg_k, out, _to_blocks(lse[..., None], nq, bq)[..., 0])
+    nq, bq = block_split(q.shape[1], block)
+    return out, (q, k, v, seg_q, seg_k, out, to_blocks(lse[..., None], nq, bq)[..., 0])
 
 
 def _ring_bwd(block, res, dout):
     q, k, v, seg_q, seg_k, out, lse = res
 
     def grads(dq, kv, dkv):
-        dq_j, dk_j, dv_j = _flash_grads(block, (q, kv[0], kv[1], seg_q, kv[2], out, lse), dout)
+        dq_j, dk_j, dv_j = flash_grads(block, (q, kv[0], kv[1], seg_q, kv[2], out, lse), dout)
         return dq + dq_j, (dkv[0] + dk_j, dkv[1] + dv_j)
 
     def step(carry, _):

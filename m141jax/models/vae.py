@@ -375,4 +375,4 @@ def boxed_params(cfg: VAEConfig, rng):
     return CausalVAE(cfg).init(rng, *_dummy_inputs(cfg))["params"]
 
 
-init_params, abstract_params, param_logical_axes = views(boxed_params)
+init_params, abstract_params, param_logical_axes, kernel_layouts = views(boxed_params)

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import optax
 
 from m141jax.config import DiTConfig, OptimizerConfig, SparsityConfig
+from m141jax.compress import nm
 from m141jax.models.dit import abstract_params
-from m141jax.train import sparsity as nm
+from m141jax.train.sparsity import sparse_training
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -30,13 +31,13 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, sparsity: SparsityConfig | None = None,
                    model: DiTConfig | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, its learning-rate schedule) for a run of total_steps updates. With `sparsity` the
-    optimizer keeps the DiT (`model`) N:M sparse (`sparsity.sparse_training`: masks in its state)."""
+    optimizer keeps the DiT (`model`) N:M sparse (`train.sparsity.sparse_training`: masks in its state)."""
     schedule = lr_schedule(cfg, total_steps)
     tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     if sparsity is not None:
-        tx = nm.sparse_training(tx, sparsity, nm.select_dit(abstract_params(model), model, sparsity))
+        tx = sparse_training(tx, sparsity, nm.select_dit(abstract_params(model), model, sparsity))
     return tx, schedule
 
 

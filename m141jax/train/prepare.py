@@ -18,7 +18,6 @@ atomically (complete or absent).
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -112,23 +111,3 @@ def prepare(checkpoints: str | Path, folder: str | Path, output: str | Path, fra
             "size": list(size), "files": [p.name for p, _ in samples]}, indent=1))
 
     return atomic_dir(output, write, overwrite)
-
-
-def main(args) -> int:
-    out = prepare(args.checkpoints, args.input, args.output, args.frames, media.parse_size(args.size), args.dtype,
-                  args.overwrite, not args.quiet)
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("prepare-data", help="captioned videos/images -> latents + conditioning for training")
-    p.add_argument("--checkpoints", required=True, help="checkpoint folder (vae/, vlm/, clip/, tokenizers)")
-    p.add_argument("--input", required=True, help="folder of videos or images, each with a NAME.txt caption")
-    p.add_argument("--output", required=True, help="prepared-data directory to write")
-    p.add_argument("--frames", type=int, default=81, help="frames per sample, 4k+1 (1 for images; default 81)")
-    p.add_argument("--size", default="544x960", help="HxW every sample is fitted to (default 544x960)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="VAE and encoder compute dtype")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=main)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from m141jax import generate, parity, quant
-from m141jax.train import cli as train_cli
-from m141jax.train import sparsity
+from m141jax.cli import compress, generate, parity, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,9 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     parity.add_parser(sub)
     generate.add_parser(sub)
-    quant.add_parser(sub)
-    sparsity.add_parser(sub)
-    train_cli.add_parser(sub)
+    compress.add_parsers(sub)
+    train.add_parsers(sub)
     return p
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from m141jax import components, demo, media, pipeline, quant, sharding
+from m141jax import components, demo, media, pipeline
+from m141jax.cli import devices
+from m141jax.compress import quant
 from m141jax.prompts import MAX_LENGTH
 
 # defaults of the flags below per --preset: the release's full-size models, or the demo shipped in the
@@ -71,7 +73,7 @@ def main(args) -> int:
         original = media.open_image(args.image)
         first = media.fit_image(original, settings.size)
         images, vlm_images = [first] * len(prompts), [original] * len(prompts)
-    mesh = sharding.mesh_from_args(args)
+    mesh = devices.mesh_from_args(args)
     models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype, mesh=mesh,
                                     sequence_parallel=args.sequence_parallel,
                                     max_length=args.text_length)
@@ -136,5 +138,5 @@ def add_parser(sub) -> None:
                         "(other DiT kernels int8), the text encoders int8")
     p.add_argument("--out", default="video.mp4", help="output MP4 (a batch writes OUT_000.mp4, OUT_001.mp4, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    sharding.add_mesh_args(p)
+    devices.add_mesh_args(p)
     p.set_defaults(func=main)

@@ -1,4 +1,4 @@
-"""`m141jax train` (flow matching) and `m141jax distill` (DMD2) from a config file with overrides.
+"""`m141jax prepare-data`, `m141jax train` (flow matching) and `m141jax distill` (DMD2) from a config file.
 
     m141jax train   --config CFG.yaml --output RUN [--mesh data=1,fsdp=8] [--quiet] [field.sub=value ...]
     m141jax distill --config CFG.yaml --output RUN [--mesh ...] [--quiet] [field.sub=value ...]
@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 
 import jax
 
-from m141jax import checkpoint
+from m141jax import checkpoint, media
 from m141jax.config import (DISTILL_PRESETS, TRAIN_PRESETS, DiTConfig, dtype_of, from_json_dict, load_run_config,
                             to_json_dict)
 from m141jax.models.dit import abstract_params, init_params
@@ -26,7 +27,7 @@ from m141jax.train.checkpointing import RunCheckpoints
 from m141jax.train.dmd import generator_turn, init_dmd_state, make_dmd_step
 from m141jax.train.flow import init_train_state, make_train_step
 from m141jax.train.loop import MetricsLog, run_loop
-from m141jax.train.placement import batch_shardings, check_batch, make_mesh, state_shardings
+from m141jax.train.mesh import batch_shardings, check_batch, make_mesh, state_shardings
 
 
 def _record_config(out: Path, cfg) -> None:
@@ -68,12 +69,12 @@ class _Run:
         self.ckpt = RunCheckpoints(self.out / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints,
                                    cfg.run.async_checkpoints)
         self.console = not args.quiet
-        self.param_shardings = state_shardings(abstract_params(cfg.model), self.mesh)
+        self.param_shardings = state_shardings(abstract_params(cfg.model), cfg.model, self.mesh)
 
     def place(self, make_state, *inputs):
         """make_state(*inputs) evaluated under jit straight into its fsdp shardings."""
         shapes = jax.eval_shape(make_state, *inputs)
-        return jax.jit(make_state, out_shardings=state_shardings(shapes, self.mesh))(*inputs)
+        return jax.jit(make_state, out_shardings=state_shardings(shapes, self.cfg.model, self.mesh))(*inputs)
 
     def resume(self, state):
         """(state, first step): the latest checkpoint's when there is one."""
@@ -140,8 +141,24 @@ def _add(sub, name: str, help_: str, func, presets) -> None:
     p.set_defaults(func=func)
 
 
-def add_parser(sub) -> None:
-    prepare.add_parser(sub)
+def prepare_main(args) -> int:
+    out = prepare.prepare(args.checkpoints, args.input, args.output, args.frames, media.parse_size(args.size),
+                          args.dtype, args.overwrite, not args.quiet)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("prepare-data", help="captioned videos/images -> latents + conditioning for training")
+    p.add_argument("--checkpoints", required=True, help="checkpoint folder (vae/, vlm/, clip/, tokenizers)")
+    p.add_argument("--input", required=True, help="folder of videos or images, each with a NAME.txt caption")
+    p.add_argument("--output", required=True, help="prepared-data directory to write")
+    p.add_argument("--frames", type=int, default=81, help="frames per sample, 4k+1 (1 for images; default 81)")
+    p.add_argument("--size", default="544x960", help="HxW every sample is fitted to (default 544x960)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="VAE and encoder compute dtype")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=prepare_main)
     _add(sub, "train", "flow-matching training of the DiT", train_main, TRAIN_PRESETS)
     _add(sub, "distill", "DMD2 step distillation of a teacher DiT into a few-step generator", distill_main,
          DISTILL_PRESETS)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m141jax import checkpoint, sharding
+from m141jax import checkpoint, parallel
+from m141jax.cli import devices
 from m141jax.config import dtype_of
 from m141jax.io import load_npz, save_npz
 
@@ -48,7 +49,7 @@ def load_dit(args):
     _, cfg = checkpoint.read_config(args.checkpoint, ("dit",), args.dtype)
     shardings = None
     if args.device_mesh is not None:
-        cfg, shardings = sharding.dit_on_mesh(cfg, args.device_mesh, args.sequence_parallel)
+        cfg, shardings = parallel.dit_on_mesh(cfg, args.device_mesh, args.sequence_parallel)
     return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype), shardings=shardings)
 
 
@@ -68,10 +69,10 @@ def run_dit(args) -> dict[str, np.ndarray]:
         return {"velocity": to_channels_first(jax.jit(lambda p, *a: dit_forward(p, cfg, *a))(params, *inputs))}
     batch = inputs[0].shape[0]
     shardings = jax.tree.map(lambda x: x.sharding, params)
-    fwd = sharding.dit_forward_fn(cfg, mesh, batch, shardings)
-    rows = lambda x: None if x is None else sharding.put(x, sharding.batch_sharding(mesh, x.ndim, batch))
+    fwd = parallel.dit_forward_fn(cfg, mesh, batch, shardings)
+    rows = lambda x: None if x is None else parallel.put(x, parallel.batch_sharding(mesh, x.ndim, batch))
     v = fwd(params, *map(rows, inputs))
-    return {"velocity": to_channels_first(sharding.gather(v))}
+    return {"velocity": to_channels_first(parallel.gather(v))}
 
 
 @runner("sample")
@@ -169,7 +170,7 @@ def add_parser(sub) -> None:
                    help="vae-encode / vae-decode: the release's spatial and temporal tiling (default on, as released)")
     p.add_argument("--skip-layer", type=int, default=2,
                    help="llm: output hidden_states[-(K+1)] (0: last layer after the final norm; default 2, the release's)")
-    sharding.add_mesh_args(p)
+    devices.add_mesh_args(p)
     p.set_defaults(func=main)
 
 
@@ -179,7 +180,7 @@ SHARDED = ("dit", "sample")  # the runners that take --mesh
 def main(args) -> int:
     if args.mesh is not None and args.component not in SHARDED:
         raise ValueError(f"--mesh is supported for {', '.join(SHARDED)}, not {args.component!r}")
-    args.device_mesh = sharding.mesh_from_args(args)  # first: multi-host set-up precedes any JAX work
+    args.device_mesh = devices.mesh_from_args(args)  # first: multi-host set-up precedes any JAX work
     out = RUNNERS[args.component](args)
     if jax.process_index() != 0:  # every process computes, process 0 writes
         return 0

@@ -2,7 +2,7 @@
 
 The release quantizes the DiT blocks with torchao int4 (group 32) and the text encoders with
 optimum-quanto int8; activations stay bf16. Here a quantized kernel is a `QArray` held in the
-parameter tree in place of the dense kernel (a `kernels.Box`): the layer that reads it gets the kernel
+parameter tree in place of the dense kernel (a `compress.box.Box`): the layer that reads it gets the kernel
 dequantised to its dtype right before its matmul, inside the jitted forward, one layer at a time. The
 models are unchanged; only the parameter tree differs.
 
@@ -26,8 +26,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from m141jax import kernels
+from m141jax.compress.bits import pack_bits, unpack_bits
+from m141jax.compress.box import Box, split_boxes, static
+from m141jax.compress.layout import KERNEL, Layout, as_matrix, from_matrix, map_selected, select
 from m141jax.config import QUANT_EXCLUDE, DiTConfig
+from m141jax.models import clip, dit, llama, llava
 
 MODES = ("int8", "int4")
 BLOCKS = r"(^|/)(double_blocks|single_blocks|blocks)/"  # the DiT's stacks of transformer blocks
@@ -35,16 +38,16 @@ GROUP = 32
 _INT4_MAX = 7  # codes −7..7 (stored +8 as nibbles 1..15)
 
 
-class QArray(kernels.Box):
+class QArray(Box):
     """A weight-only quantized kernel; `unbox()` is the dequantised kernel [*lead, *shape] in `dtype`."""
 
     codes: jax.Array  # int8 [*lead, K, N], or int4 codes + 8 packed two per byte: uint8 [*lead, K/2, N]
     scales: jax.Array  # int8: float32 [*lead, 1, N]; int4: uint8 multiples of channel_unit [*lead, K/group, N]
     channel_unit: jax.Array | None  # int4: float32 [*lead, 1, N], the step u of the group scales
-    shape: tuple = kernels.static()  # the dense kernel's shape without leading axes
-    bits: int = kernels.static()
-    group: int = kernels.static()  # inputs per scale (int4), 0 for one scale per output channel
-    dtype: str = kernels.static()  # dtype of the dequantised kernel
+    shape: tuple = static()  # the dense kernel's shape without leading axes
+    bits: int = static()
+    group: int = static()  # inputs per scale (int4), 0 for one scale per output channel
+    dtype: str = static()  # dtype of the dequantised kernel
 
     @property
     def mode(self) -> str:
@@ -59,10 +62,10 @@ class QArray(kernels.Box):
         if self.bits == 8:
             w = self.codes.astype(jnp.float32) * s
         else:
-            q = kernels.unpack_bits(self.codes, 4).astype(jnp.float32) - (_INT4_MAX + 1)
+            q = unpack_bits(self.codes, 4).astype(jnp.float32) - (_INT4_MAX + 1)
             lead, (k, n) = q.shape[:-2], q.shape[-2:]
             w = (q.reshape(*lead, k // self.group, self.group, n) * s[..., :, None, :]).reshape(*lead, k, n)
-        return kernels.from_matrix(w.astype(self.dtype), self.shape)
+        return from_matrix(w.astype(self.dtype), self.shape)
 
     def astype(self, dtype) -> "QArray":
         return self.replace(dtype=jnp.dtype(dtype).name)
@@ -89,17 +92,17 @@ def quantize_matrix(x, mode: str, shape: tuple, dtype, group: int = GROUP) -> QA
     steps = jnp.clip(jnp.ceil(s_g / _safe(unit)), 0, 255)
     s_hat = steps * unit
     q = jnp.clip(jnp.round(g / _safe(s_hat)[..., :, None, :]), -_INT4_MAX, _INT4_MAX).reshape(*lead, k, n)
-    codes = kernels.pack_bits((q + _INT4_MAX + 1).astype(jnp.uint8), 4)
+    codes = pack_bits((q + _INT4_MAX + 1).astype(jnp.uint8), 4)
     return QArray(codes, steps.astype(jnp.uint8), unit, shape=tuple(shape), bits=4, group=group, dtype=name)
 
 
 @functools.partial(jax.jit, static_argnames=("lay", "mode", "group"))
-def quantize_kernel(w, lay: kernels.Layout, mode: str, group: int = GROUP) -> QArray:
+def quantize_kernel(w, lay: Layout, mode: str, group: int = GROUP) -> QArray:
     """The QArray of one kernel w [*lead, *in, *out]; it dequantises to w's dtype."""
-    return quantize_matrix(kernels.as_matrix(w, lay), mode, lay.shape, w.dtype, group)
+    return quantize_matrix(as_matrix(w, lay), mode, lay.shape, w.dtype, group)
 
 
-def check(chosen: dict[str, kernels.Layout], mode: str, group: int = GROUP) -> None:
+def check(chosen: dict[str, Layout], mode: str, group: int = GROUP) -> None:
     """One-line errors for a mode or a kernel the format cannot take."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; accepted: {', '.join(MODES)}")
@@ -112,8 +115,8 @@ def check(chosen: dict[str, kernels.Layout], mode: str, group: int = GROUP) -> N
                                  f"inputs; exclude it")
 
 
-def quantize(params, chosen: dict[str, kernels.Layout], mode: str, group: int = GROUP, free: bool = False):
-    """params with the `chosen` kernels (`kernels.select`) replaced by QArrays (one jitted call per kernel).
+def quantize(params, chosen: dict[str, Layout], mode: str, group: int = GROUP, free: bool = False):
+    """params with the `chosen` kernels (`select`) replaced by QArrays (one jitted call per kernel).
 
     free: delete each dense kernel once quantized (weights nothing else uses; not under tracing), so memory
     never exceeds the dense tree by more than one kernel's quantized copy."""
@@ -126,41 +129,37 @@ def quantize(params, chosen: dict[str, kernels.Layout], mode: str, group: int = 
             w.delete()
         return q
 
-    return kernels.map_selected(one, params, chosen)
+    return map_selected(one, params, chosen)
 
 
 @functools.lru_cache(maxsize=8)
-def dit_axes(cfg: DiTConfig):
-    """The DiT's logical axis names (cached: tracing the model's init takes seconds)."""
-    from m141jax.models import dit
-
-    return dit.param_logical_axes(cfg)
+def dit_layouts(cfg: DiTConfig) -> dict:
+    """The DiT's dense-kernel layouts (cached: tracing the model's init takes seconds)."""
+    return dit.kernel_layouts(cfg)
 
 
 def quantize_dit(params, cfg: DiTConfig, mode: str, group: int = GROUP, free: bool = False):
     """The DiT as the release quantizes it (spec G.2): the kernels of the transformer blocks (double,
     single and refiner blocks) in `mode`, every other kernel (embeddings, final layer) in int8. Kernels
     already compressed (e.g. N:M sparse boxes) are left as they are."""
-    axes = dit_axes(cfg)
-    q = quantize(params, kernels.select(params, axes, include=(BLOCKS + ".*" + kernels.KERNEL,)), mode, group, free)
-    return quantize(q, kernels.select(q, axes, exclude=(BLOCKS,)), "int8", free=free)
+    layouts = dit_layouts(cfg)
+    q = quantize(params, select(params, layouts, include=(BLOCKS + ".*" + KERNEL,)), mode, group, free)
+    return quantize(q, select(q, layouts, exclude=(BLOCKS,)), "int8", free=free)
 
 
-def encoder_axes(enc) -> dict:
-    """The logical axis names of an `encoders.Encoders` bundle's parameters (same keys as enc.params)."""
-    from m141jax.models import clip, llama, llava
-
-    axes = {"clip": clip.param_logical_axes(enc.clip)}
+def encoder_layouts(enc) -> dict:
+    """The dense-kernel layouts of an `encoders.Encoders` bundle's parameters (paths as in enc.params)."""
+    layouts = {f"clip/{k}": v for k, v in clip.kernel_layouts(enc.clip).items()}
     if enc.vlm is not None:
-        axes.update(llava.param_logical_axes(enc.vlm))
+        layouts.update(llava.kernel_layouts(enc.vlm))
     else:
-        axes["language_model"] = llama.param_logical_axes(enc.llm)
-    return axes
+        layouts.update({f"language_model/{k}": v for k, v in llama.kernel_layouts(enc.llm).items()})
+    return layouts
 
 
 def quantize_encoders(enc, mode: str, group: int = GROUP, free: bool = False):
     """The `encoders.Encoders` bundle with the kernels of the LLM, the VLM and CLIP quantized."""
-    chosen = kernels.select(enc.params, encoder_axes(enc), exclude=QUANT_EXCLUDE)
+    chosen = select(enc.params, encoder_layouts(enc), exclude=QUANT_EXCLUDE)
     return dataclasses.replace(enc, params=quantize(enc.params, chosen, mode, group, free))
 
 
@@ -168,7 +167,7 @@ def quantize_component(c, mode: str):
     """A loaded DiT (`components.Component`) quantized by `quantize_dit`, its dense weights freed; on a mesh
     the codes and scales are split along their output channels."""
     q = quantize_dit(c.params, c.cfg, mode, free=True)
-    return dataclasses.replace(c, params=q if c.mesh is None else kernels.split_boxes(q, c.mesh))
+    return dataclasses.replace(c, params=q if c.mesh is None else split_boxes(q, c.mesh))
 
 
 def quantize_models(models, mode: str):
@@ -180,34 +179,10 @@ def quantize_models(models, mode: str):
                                encoders=quantize_encoders(models.encoders, "int8", free=True))
 
 
-# ------------------------------------------------------------------------------------- command line
-
 def quantize_checkpoint(component: str, cfg, params, mode: str, group: int = GROUP):
     """The quantized params of a dit, llm, clip or vlm model (`cfg`: its config)."""
-    from m141jax.models import clip, llama, llava
-
     if component == "dit":
         return quantize_dit(params, cfg, mode, group, free=True)
     model = {"llm": llama, "clip": clip, "vlm": llava}[component]
-    chosen = kernels.select(params, model.param_logical_axes(cfg), exclude=QUANT_EXCLUDE)
+    chosen = select(params, model.kernel_layouts(cfg), exclude=QUANT_EXCLUDE)
     return quantize(params, chosen, mode, group, free=True)
-
-
-def main(args) -> int:
-    summary = kernels.rewrite(args.src, args.dst, lambda *a: quantize_checkpoint(*a, args.mode, args.group),
-                              ("dit", "llm", "clip", "vlm"), args.overwrite)
-    print(f"wrote {args.dst}: {args.mode} weights, {summary}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a dit, llm, clip or vlm checkpoint",
-                       description="Quantize the dense kernels (DiT: the blocks in --mode, the other layers in int8, "
-                                   "as the release; encoders: all but the vision patch embedding). The result "
-                                   "loads with m141jax.kernels.load and runs through the same forwards.")
-    kernels.add_rewrite_arguments(p, "a checkpoint made by tools/convert_torch_weights.py",
-                                  "the quantized checkpoint to write")
-    p.add_argument("--mode", choices=MODES, default="int8",
-                   help="int8: per output channel; int4: groups of --group inputs")
-    p.add_argument("--group", type=int, default=GROUP, help="inputs per int4 scale (default 32, as the release)")
-    p.set_defaults(func=main)
