@@ -9,7 +9,7 @@ import pytest
 
 from m141jax import checkpoint
 from m141jax.cli import main
-from m141jax.config import TRAIN_PRESETS, load_run_config
+from m141jax.train.config import TRAIN_PRESETS, load_run_config
 from m141jax.train.checkpointing import RunCheckpoints
 from train_helpers import write_prepared
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import jax
 
 from m141jax import checkpoint
-from m141jax.config import (DISTILL_PRESETS, TRAIN_PRESETS, DiTConfig, dtype_of, from_json_dict, load_run_config,
-                            to_json_dict)
+from m141jax.config import DiTConfig, dtype_of, from_json_dict, to_json_dict
 from m141jax.models.dit import abstract_params, init_params
 from m141jax.train import data as data_lib
 from m141jax.train import prepare
 from m141jax.train.checkpointing import RunCheckpoints
+from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
 from m141jax.train.dmd import generator_turn, init_dmd_state, make_dmd_step
 from m141jax.train.flow import init_train_state, make_train_step
 from m141jax.train.loop import MetricsLog, run_loop

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from m141jax.config import DiTConfig, OptimizerConfig, SparsityConfig
+from m141jax.config import DiTConfig, SparsityConfig
 from m141jax.models.dit import abstract_params
 from m141jax.train import sparsity as nm
+from m141jax.train.config import OptimizerConfig
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
