@@ -99,6 +99,7 @@ class TrainConfig:
     sparsity: SparsityConfig | None = None  # N:M-sparse fine-tuning of the DiT (schedule in optimizer updates)
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
+    mesh: str = ""  # the mesh the run is meant for, e.g. 'data=8,fsdp=8' ('' = every device on fsdp); --mesh wins
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,7 @@ class DistillConfig:
     n_image_tokens: int = 146  # leading VLM image tokens kept by the real score's unconditional branch
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
+    mesh: str = ""  # the device mesh the run is meant for, e.g. 'fsdp=64' ('' = every device on fsdp); --mesh wins
 
 
 _TINY = dict(param_dtype="fp32", dtype="fp32")
