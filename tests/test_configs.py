@@ -163,7 +163,8 @@ def _train_demo_defaults() -> dict:
 
 
 def _defaults(fn) -> dict:
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+    params = inspect.signature(fn).parameters.items()
+    return {k: p.default for k, p in params if p.default is not inspect.Parameter.empty}
 
 
 def test_demo_recipe_file_matches_the_recipe(monkeypatch):
