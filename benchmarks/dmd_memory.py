@@ -47,8 +47,8 @@ def state_table(devices=(8, 64, 256)):
     import dataclasses
 
     import jax
-    from m141jax.config import DISTILL_PRESETS
     from m141jax.models.dit import abstract_params
+    from m141jax.train.config import DISTILL_PRESETS
     from m141jax.train.dmd import init_dmd_state
 
     cfg = DISTILL_PRESETS["magic141-i2v-13b"]

@@ -74,7 +74,7 @@ def atomic_dir(dst: str | Path, write: Callable[[Path], None], overwrite: bool =
 def save(dst: str | Path, component: str, config: dict[str, Any], params, overwrite: bool = False,
          extra: dict[str, Any] | None = None) -> Path:
     """Write params (a pytree of numpy or jax arrays) and config to dst atomically; `extra`: more
-    metadata entries (e.g. the formats of compressed kernels, `m141jax.kernels`).
+    metadata entries (e.g. the formats of compressed kernels, `m141jax.compress.io`).
 
     numpy leaves are moved to the host CPU device first: Orbax saves jax arrays without another
     full copy, which keeps the converter's peak memory near the checkpoint size. Arrays are stored

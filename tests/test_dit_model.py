@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m141jax.config import DIT_PRESETS, DiTConfig, dit_config_from_dict, preset
+from m141jax.config import DIT_PRESETS, DiTConfig, preset
+from m141jax.convert.dit import dit_config_from_dict
 from m141jax.models import dit
 
 

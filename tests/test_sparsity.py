@@ -217,7 +217,7 @@ def test_train_and_distill_configs_keep_the_dit_sparse():
     """`sparsity` in TrainConfig / DistillConfig wraps the flow step's and the generator's optimizers."""
     import dataclasses
 
-    from m141jax.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
+    from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
     from m141jax.train import dmd, flow
 
     assert load_run_config(TRAIN_PRESETS, None, ["preset=tiny-i2v"]).sparsity is None

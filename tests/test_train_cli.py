@@ -3,15 +3,18 @@ resume, and the NaN stop that keeps the last good checkpoint."""
 
 import csv
 import json
+from pathlib import Path
 
 import jax
 import pytest
 
 from m141jax import checkpoint
 from m141jax.cli import main
-from m141jax.config import TRAIN_PRESETS, load_run_config
+from m141jax.train.config import TRAIN_PRESETS, load_run_config
 from m141jax.train.checkpointing import RunCheckpoints
 from train_helpers import write_prepared
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -50,8 +53,8 @@ def _metrics(path):
 def test_train_resume_nan_stop_and_distill(tmp_path, capsys, compile_cache):
     good, bad = write_prepared(tmp_path / "good", n=8), write_prepared(tmp_path / "bad", n=8, nan=True)
     run = tmp_path / "run"
-    common = ["--output", str(run), "--quiet", "preset=tiny-i2v", "run.checkpoint_every=2", "run.log_every=2",
-              "data.batch_size=8", "data.read_threads=1"]
+    # configs/train/tiny-i2v.yaml: preset tiny-i2v, checkpoints and logs every 2 steps, batch 8, 1 reader thread
+    common = ["--output", str(run), "--quiet", "--config", str(CONFIGS / "train" / "tiny-i2v.yaml")]
     assert main(["train", *common, f"data.source={good}", "run.steps=4"]) == 0
     assert RunCheckpoints(run / "checkpoints", 2, 3).manager.all_steps() == [2, 4]
     rows = _metrics(run / "metrics.csv")
@@ -69,12 +72,13 @@ def test_train_resume_nan_stop_and_distill(tmp_path, capsys, compile_cache):
     # distill set-up from the trained DiT: teacher loading, state placement, checkpoint, export (0 steps;
     # the DiT's DMD2 step itself runs in the sharding test)
     out = tmp_path / "distill"
-    assert main(["distill", "--output", str(out), "--quiet", "preset=tiny-i2v", f"teacher={run / 'dit'}",
-                 f"data.source={good}", "data.batch_size=8", "run.steps=0", "data.read_threads=1"]) == 0
+    tiny_distill = str(CONFIGS / "distill" / "tiny-i2v.yaml")
+    assert main(["distill", "--output", str(out), "--quiet", "--config", tiny_distill, f"teacher={run / 'dit'}",
+                 f"data.source={good}", "run.steps=0"]) == 0
     generator = checkpoint.load_params(out / "generator")
     teacher = checkpoint.load_params(run / "dit")
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), generator, teacher))
     assert (out / "checkpoints" / "0").is_dir()
-    assert main(["distill", "--output", str(tmp_path / "x"), "--quiet", "preset=tiny-i2v",
-                 f"teacher={run / 'dit'}", "model.hidden_size=32", "model.rope_axes=[2,2,4]", "data.batch_size=8"]) == 2
+    assert main(["distill", "--output", str(tmp_path / "x"), "--quiet", "--config", tiny_distill,
+                 f"teacher={run / 'dit'}", "model.hidden_size=32", "model.rope_axes=[2,2,4]"]) == 2
     assert "differ from the configured model" in capsys.readouterr().err

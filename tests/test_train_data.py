@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from m141jax.config import DataConfig, preset
+from m141jax.config import preset
 from m141jax.train import data
+from m141jax.train.config import DataConfig
 from m141jax.train.mesh import batch_shardings, make_mesh
 from train_helpers import write_prepared
 

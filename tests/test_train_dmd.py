@@ -138,9 +138,9 @@ def test_generator_starts_as_the_teacher():
 
 SHARDED = textwrap.dedent("""
     import dataclasses, jax, jax.numpy as jnp, numpy as np
-    from m141jax.config import DISTILL_PRESETS, DataConfig, OptimizerConfig
     from m141jax.models.dit import init_params
     from m141jax.train import dmd
+    from m141jax.train.config import DISTILL_PRESETS, DataConfig, OptimizerConfig
     from m141jax.train.data import SyntheticSource, global_batch
     from m141jax.train.mesh import batch_shardings, make_mesh, state_shardings
     assert jax.device_count() == 8

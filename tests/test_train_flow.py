@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from m141jax import sampling
-from m141jax.config import FlowConfig, OptimizerConfig
+from m141jax.train.config import FlowConfig, OptimizerConfig
 from m141jax.models.dit import abstract_params
 from m141jax.train import flow
 from m141jax.train.data import SyntheticSource

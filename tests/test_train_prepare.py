@@ -7,8 +7,9 @@ import numpy as np
 
 from m141jax import media
 from m141jax.cli import main
-from m141jax.config import DataConfig, preset
+from m141jax.config import preset
 from m141jax.train import data
+from m141jax.train.config import DataConfig
 from tiny_checkpoints import write_tiny_checkpoints
 
 

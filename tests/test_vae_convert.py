@@ -12,10 +12,11 @@ from safetensors.torch import save_file  # noqa: E402
 
 from m141jax import checkpoint  # noqa: E402
 from m141jax.cli import main as cli_main  # noqa: E402
-from m141jax.config import VAEConfig, vae_config_from_dict  # noqa: E402
+from m141jax.config import VAEConfig  # noqa: E402
 from m141jax.convert import main as convert_main  # noqa: E402
 from m141jax.convert import vae as convert_vae  # noqa: E402
 from m141jax.convert.plan import PlanError  # noqa: E402
+from m141jax.convert.vae import vae_config_from_dict  # noqa: E402
 from m141jax.io import save_npz  # noqa: E402
 
 TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, latent_channels=16, layers_per_block=2)

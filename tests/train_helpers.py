@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m141jax.config import DISTILL_PRESETS, TRAIN_PRESETS, DataConfig, RunConfig
+from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, DataConfig, RunConfig
 
 
 class PixelModel(nn.Module):

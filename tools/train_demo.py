@@ -1,7 +1,8 @@
 """Train the demo models from nothing with m141jax's own code and write the checkpoint folder that
 `m141jax generate --preset demo` reads (default: the package's m141jax/demo/checkpoints).
 
-Stages (sizes and settings in `m141jax/demo/recipe.py`), each deterministic from --seed:
+Stages (sizes and settings in `m141jax/demo/recipe.py`, summarised in configs/demo/recipe.yaml), each
+deterministic from --seed:
 1. encoders: the word-level tokenizers and the frozen random LLaVA / CLIP (`m141jax.demo.encoders`);
 2. data: --videos training clips of the shapes dataset (17 frames of 32×32, the 40 training captions);
 3. vae: the tiny causal VAE trained on whole clips, its per-channel latent statistics measured;
@@ -93,7 +94,7 @@ def train(root: Path, args, seconds: dict[str, float]) -> None:
     lap("student")
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(demo.CHECKPOINTS), help="the checkpoint folder to write (replaced if present)")
     p.add_argument("--videos", type=int, default=recipe.VIDEOS, help="training clips")
@@ -103,7 +104,11 @@ def main() -> int:
     p.add_argument("--distill-steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = parser().parse_args()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     out = checkpoint.atomic_dir(args.out, lambda root: train(root, args, seconds), overwrite=True)

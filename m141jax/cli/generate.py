@@ -6,10 +6,11 @@ checkpoint folder's components) is checked before any weights are read.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-from m141jax import components, demo, media, pipeline
+from m141jax import components, demo, media, pipeline, presets
 from m141jax.cli import devices
 from m141jax.compress import quant
 from m141jax.prompts import MAX_LENGTH
@@ -96,6 +97,25 @@ def main(args) -> int:
     return 0
 
 
+class _ConfigDefaults(argparse.Action):
+    """--config FILE: the file's settings (`m141jax.presets`) replace the defaults of the flags not given
+    on the command line: flags after --config win, and so do flags before it that differ from their default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            settings = presets.load_generate_config(values)
+        except ValueError as e:
+            parser.error(str(e))
+        actions = {a.dest: a for a in parser._actions}
+        for dest, value in settings.items():
+            action = actions[dest]
+            if value is not None and action.choices is not None and value not in action.choices:
+                parser.error(f"{values}: {dest}={value!r}; accepted: {', '.join(map(str, action.choices))}")
+            if getattr(namespace, dest) == action.default:  # else given on the command line before --config
+                setattr(namespace, dest, value)
+        setattr(namespace, self.dest, values)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="text (+ first frame) -> MP4 video; long videos by a sliding window",
                        description="Generate videos with the 4-step image-to-video DiT. Without --image the first "
@@ -104,6 +124,9 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt", help="the text prompt")
     src.add_argument("--prompts-file", help="a text file with one prompt per line: one batch, one compiled program")
     p.add_argument("--image", help="the first frame (any size: fitted to its 540p aspect bucket or --size)")
+    p.add_argument("--config", action=_ConfigDefaults,
+                   help="a YAML file of settings (configs/generate/*.yaml: flag names without dashes) used as the "
+                        "defaults of these flags; flags on the command line win")
     p.add_argument("--preset", choices=sorted(PRESETS), default="release",
                    help="defaults of the flags marked [preset]: 'release' (the full-size models in --checkpoints) "
                         "or 'demo' (the tiny shapes models shipped in the package: 32x32, 17-frame clips, 8 fps)")

@@ -3,6 +3,8 @@
     m141jax train   --config CFG.yaml --output RUN [--mesh data=1,fsdp=8] [--quiet] [field.sub=value ...]
     m141jax distill --config CFG.yaml --output RUN [--mesh ...] [--quiet] [field.sub=value ...]
 
+Starting points are configs/train/*.yaml and configs/distill/*.yaml; --mesh wins over the file's `mesh`.
+
 RUN receives config.json, checkpoints/ (Orbax, resumed from automatically), metrics.csv and, at the end,
 the trained DiT as an m141jax checkpoint: RUN/dit (the EMA when enabled) or RUN/generator.
 """
@@ -18,12 +20,12 @@ from pathlib import Path
 import jax
 
 from m141jax import checkpoint, media
-from m141jax.config import (DISTILL_PRESETS, TRAIN_PRESETS, DiTConfig, dtype_of, from_json_dict, load_run_config,
-                            to_json_dict)
+from m141jax.config import DiTConfig, dtype_of, from_json_dict, to_json_dict
 from m141jax.models.dit import abstract_params, init_params
 from m141jax.train import data as data_lib
 from m141jax.train import prepare
 from m141jax.train.checkpointing import RunCheckpoints
+from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
 from m141jax.train.dmd import generator_turn, init_dmd_state, make_dmd_step
 from m141jax.train.flow import init_train_state, make_train_step
 from m141jax.train.loop import MetricsLog, run_loop
@@ -61,7 +63,7 @@ class _Run:
         self.cfg, self.out = cfg, Path(args.output)
         self.out.mkdir(parents=True, exist_ok=True)
         _record_config(self.out, cfg)
-        self.mesh = make_mesh(args.mesh)
+        self.mesh = make_mesh(args.mesh or cfg.mesh or None)  # --mesh, else the config file's `mesh`
         check_batch(cfg.data.batch_size, self.mesh)
         self.batch_sharding = batch_shardings(self.mesh)
         source = data_lib.open_source(cfg.data, cfg.model, n_image_tokens)
@@ -135,7 +137,8 @@ def _add(sub, name: str, help_: str, func, presets) -> None:
     p = sub.add_parser(name, help=help_)
     p.add_argument("--config", help=f"a JSON/YAML file: 'preset' ({', '.join(presets)}) plus fields to override")
     p.add_argument("--output", required=True, help="run directory (resumed from its latest checkpoint)")
-    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: every device on fsdp)")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: the config's `mesh`, else every "
+                                  "device on fsdp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or console metrics")
     p.add_argument("overrides", nargs="*", help="config overrides field.sub=value, e.g. optimizer.learning_rate=1e-4")
     p.set_defaults(func=func)

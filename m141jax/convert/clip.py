@@ -4,8 +4,9 @@ that the `vlm` converter uses. Projections and logit scale are not part of the e
 
 from __future__ import annotations
 
-from m141jax.config import CLIP_TEXT_PRESETS, CLIPTextConfig, CLIPVisionConfig, clip_text_config_from_hf
-from m141jax.convert.hf import convert_with, find_prefix, heads_bias, heads_in, heads_out, ident, linear, unused
+from m141jax.config import CLIP_TEXT_PRESETS, CLIPTextConfig, CLIPVisionConfig
+from m141jax.convert.hf import (clip_text_config_from_hf, convert_with, find_prefix, heads_bias, heads_in, heads_out,
+                               ident, linear, unused)
 from m141jax.convert.plan import Recipe, recipe
 
 TEXT_ANCHOR = "embeddings.token_embedding.weight"

@@ -9,12 +9,79 @@ out (3, heads, head_dim); patch-embedding inputs and final-layer outputs are per
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
-from m141jax.config import DiTConfig
+from m141jax.config import DIT_PRESETS, DiTConfig, load_json, preset
 from m141jax.convert.plan import Recipe, recipe
+
+# ---- the release's constructor arguments and diffusers' config.json -> DiTConfig
+
+# release constructor argument -> DiTConfig field
+_RELEASE_DIT_FIELDS = {
+    "in_channels": "in_channels", "out_channels": "out_channels", "hidden_size": "hidden_size",
+    "heads_num": "num_heads", "mlp_width_ratio": "mlp_ratio", "mm_double_blocks_depth": "double_blocks",
+    "mm_single_blocks_depth": "single_blocks", "patch_size": "patch_size", "rope_dim_list": "rope_axes",
+    "rope_theta": "rope_theta", "qkv_bias": "qkv_bias", "qk_norm": "qk_norm", "guidance_embed": "guidance_embed",
+    "text_states_dim": "text_dim", "text_states_dim_2": "pooled_dim",
+}
+# accepted release arguments that must hold the value the model implements
+_RELEASE_DIT_FIXED = {"mlp_act_type": "gelu_tanh", "qk_norm_type": "rms", "text_projection": "single_refiner",
+                      "use_attention_mask": True}
+# diffusers HunyuanVideoTransformer3DModel config -> DiTConfig field
+_DIFFUSERS_DIT_FIELDS = {
+    "in_channels": "in_channels", "out_channels": "out_channels", "num_layers": "double_blocks",
+    "num_single_layers": "single_blocks", "num_refiner_layers": "refiner_blocks", "mlp_ratio": "mlp_ratio",
+    "guidance_embeds": "guidance_embed", "text_embed_dim": "text_dim", "pooled_projection_dim": "pooled_dim",
+    "rope_theta": "rope_theta", "rope_axes_dim": "rope_axes",
+}
+
+
+def _tuple3(v) -> tuple[int, int, int]:
+    if isinstance(v, int):
+        return (1, v, v)
+    if len(v) != 3:
+        raise ValueError(f"patch_size {v!r} must be an int or a list of three ints (t, h, w)")
+    return tuple(int(x) for x in v)
+
+
+def dit_config_from_dict(d: dict[str, Any], base: DiTConfig | None = None) -> DiTConfig:
+    """A DiTConfig from a release-style JSON of constructor arguments or a diffusers config.json."""
+    base = base or DiTConfig()
+    if "_class_name" in d or "num_attention_heads" in d:  # diffusers
+        known = set(_DIFFUSERS_DIT_FIELDS) | {"num_attention_heads", "attention_head_dim", "patch_size",
+                                              "patch_size_t", "qk_norm", "image_condition_type"}
+        kw = {_DIFFUSERS_DIT_FIELDS[k]: v for k, v in d.items() if k in _DIFFUSERS_DIT_FIELDS}
+        heads = d.get("num_attention_heads", 24)
+        kw["num_heads"] = heads
+        kw["hidden_size"] = heads * d.get("attention_head_dim", 128)
+        kw["patch_size"] = (d.get("patch_size_t", 1), d.get("patch_size", 2), d.get("patch_size", 2))
+        if d.get("qk_norm", "rms_norm") not in ("rms_norm", None):
+            raise ValueError(f"qk_norm {d['qk_norm']!r} is not supported; accepted: 'rms_norm'")
+        kw["qk_norm"] = d.get("qk_norm", "rms_norm") is not None
+        if d.get("image_condition_type") == "token_replace":
+            raise ValueError("image_condition_type 'token_replace' (HunyuanVideo-I2V 16ch) is not the Magic141 "
+                             "architecture; accepted: None or 'latent_concat'")
+        unknown = sorted(k for k in d if k not in known and not k.startswith("_"))
+    else:  # release constructor arguments
+        kw = {_RELEASE_DIT_FIELDS[k]: v for k, v in d.items() if k in _RELEASE_DIT_FIELDS}
+        for k, want in _RELEASE_DIT_FIXED.items():
+            if k in d and d[k] != want:
+                raise ValueError(f"{k}={d[k]!r} is not supported; accepted: {want!r}")
+        ignored = {"dtype", "device", "text_states_dim_2", "model_type", "args", "text_len"}
+        unknown = sorted(k for k in d if k not in _RELEASE_DIT_FIELDS and k not in _RELEASE_DIT_FIXED
+                         and k not in ignored)
+    if unknown:
+        raise ValueError(f"unknown DiT config fields {unknown}")
+    if "patch_size" in kw:
+        kw["patch_size"] = _tuple3(kw["patch_size"])
+    if "rope_axes" in kw:
+        kw["rope_axes"] = tuple(int(x) for x in kw["rope_axes"])
+    return dataclasses.replace(base, **kw)
+
 
 
 def _cat(*xs):
@@ -253,8 +320,6 @@ def resolve_config(config: str | None, folder_config: dict | None) -> DiTConfig:
     """--config as a JSON file (release arguments or diffusers config.json) or a preset name; else the
     source folder's config.json; else the released 13B I2V preset."""
     from pathlib import Path
-
-    from m141jax.config import DIT_PRESETS, dit_config_from_dict, load_json, preset
 
     if config is not None:
         if Path(config).is_file():

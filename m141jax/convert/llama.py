@@ -3,8 +3,9 @@ folder) onto `m141jax.models.llama`. Only the language model is converted; the L
 
 from __future__ import annotations
 
-from m141jax.config import LLAMA_PRESETS, LlamaConfig, llama_config_from_hf
-from m141jax.convert.hf import convert_with, find_prefix, heads_in, heads_out, ident, linear, unused
+from m141jax.config import LLAMA_PRESETS, LlamaConfig
+from m141jax.convert.hf import (convert_with, find_prefix, heads_in, heads_out, ident, linear, llama_config_from_hf,
+                               unused)
 from m141jax.convert.plan import Recipe, recipe
 
 ANCHOR = "embed_tokens.weight"

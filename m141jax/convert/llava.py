@@ -5,9 +5,9 @@ not read by the encoder and are skipped."""
 
 from __future__ import annotations
 
-from m141jax.config import LLAVA_PRESETS, LlavaConfig, llava_config_from_hf
+from m141jax.config import LLAVA_PRESETS, LlavaConfig
 from m141jax.convert.clip import VISION_ANCHOR, vision_plan
-from m141jax.convert.hf import convert_with, find_prefix, ident, linear, unused
+from m141jax.convert.hf import convert_with, find_prefix, ident, linear, llava_config_from_hf, unused
 from m141jax.convert.llama import ANCHOR as LLAMA_ANCHOR
 from m141jax.convert.llama import llama_plan
 from m141jax.convert.plan import recipe

@@ -9,13 +9,53 @@ its keys under `vae.`; as the release's loader does, only those keys are read wh
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Any
 
 import jax
 import numpy as np
 
-from m141jax.config import VAEConfig
+from m141jax.config import VAE_PRESETS, VAEConfig, load_json, preset
 from m141jax.convert.plan import Recipe, recipe
+
+# ---- the release's / diffusers' VAE config.json -> VAEConfig
+
+# accepted config fields that must hold the value the model implements (release and diffusers)
+_VAE_FIXED = {"act_fn": "silu", "in_channels": 3, "out_channels": 3}
+_VAE_BLOCKS = {"down_block_types": ("DownEncoderBlockCausal3D", "HunyuanVideoDownBlock3D"),
+               "up_block_types": ("UpDecoderBlockCausal3D", "HunyuanVideoUpBlock3D")}
+# release AutoencoderKLCausal3D / diffusers AutoencoderKLHunyuanVideo argument -> VAEConfig field
+_VAE_FIELDS = {"latent_channels": "latent_channels", "block_out_channels": "block_out_channels",
+               "layers_per_block": "layers_per_block", "norm_num_groups": "norm_num_groups",
+               "spatial_compression_ratio": "spatial_compression_ratio",
+               "time_compression_ratio": "time_compression_ratio", "temporal_compression_ratio": "time_compression_ratio",
+               "mid_block_add_attention": "mid_block_add_attention", "scaling_factor": "scaling_factor",
+               "sample_size": "sample_size", "sample_tsize": "sample_tsize"}
+
+
+def vae_config_from_dict(d: dict[str, Any], base: VAEConfig | None = None) -> VAEConfig:
+    """A VAEConfig from the release's config.json (AutoencoderKLCausal3D) or diffusers'
+    (AutoencoderKLHunyuanVideo). diffusers has no tile sizes: the release's 256 px / 64 frames stay."""
+    base = base or VAEConfig()
+    for k, want in _VAE_FIXED.items():
+        if k in d and d[k] != want:
+            raise ValueError(f"VAE {k}={d[k]!r} is not supported; accepted: {want!r}")
+    n = len(d.get("block_out_channels", base.block_out_channels))
+    for k, accepted in _VAE_BLOCKS.items():
+        if k in d and (len(d[k]) != n or any(t not in accepted for t in d[k])):
+            raise ValueError(f"VAE {k}={d[k]!r} is not supported; accepted: {n} × one of {accepted}")
+    unknown = sorted(k for k in d if k not in _VAE_FIELDS and k not in _VAE_FIXED and k not in _VAE_BLOCKS
+                     and k not in ("force_upcast",) and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"unknown VAE config fields {unknown}")
+    kw = {_VAE_FIELDS[k]: v for k, v in d.items() if k in _VAE_FIELDS}
+    if "block_out_channels" in kw:
+        kw["block_out_channels"] = tuple(int(c) for c in kw["block_out_channels"])
+    if isinstance(kw.get("sample_size"), (list, tuple)):  # the release reads the first entry
+        kw["sample_size"] = int(kw["sample_size"][0])
+    return dataclasses.replace(base, **kw)
+
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
@@ -64,8 +104,6 @@ def resolve_config(config: str | None, folder_config: dict | None) -> VAEConfig:
     """--config as a JSON file (release or diffusers config.json) or a preset name; else the source
     folder's config.json; else the released HunyuanVideo VAE."""
     from pathlib import Path
-
-    from m141jax.config import VAE_PRESETS, load_json, preset, vae_config_from_dict
 
     if config is not None:
         if Path(config).is_file():

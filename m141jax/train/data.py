@@ -20,7 +20,8 @@ import grain
 import jax
 import numpy as np
 
-from m141jax.config import DataConfig, DiTConfig
+from m141jax.config import DiTConfig
+from m141jax.train.config import DataConfig
 
 FORMAT = 1
 META = "data.json"

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import optax
 
 from m141jax import sampling
-from m141jax.config import DiTConfig, FlowConfig, TrainConfig
+from m141jax.config import DiTConfig
 from m141jax.models.dit import dit_forward
+from m141jax.train.config import FlowConfig, TrainConfig
 from m141jax.train.optim import ema_init, ema_update, make_optimizer
 
 COND_KEYS = ("ref_latents", "text_states", "text_mask", "text_states_2", "guidance")

@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from m141jax.config import RunConfig
 from m141jax.train.checkpointing import RunCheckpoints
+from m141jax.train.config import RunConfig
 
 
 class NonFiniteLoss(ValueError):

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from m141jax.config import DiTConfig, OptimizerConfig, SparsityConfig
 from m141jax.compress import nm
+from m141jax.config import DiTConfig, SparsityConfig
 from m141jax.models.dit import abstract_params
+from m141jax.train.config import OptimizerConfig
 from m141jax.train.sparsity import sparse_training
 
 
