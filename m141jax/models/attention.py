@@ -1,6 +1,6 @@
 """One attention entry point with interchangeable backends.
 
-Inputs are [B, L, H, D]. Masking follows the release (spec B.6): `valid_len[b]` tokens form a prefix
+Inputs are [B, L, H, D]. Masking follows the release (release.md B.6): `valid_len[b]` tokens form a prefix
 segment (image tokens + valid text tokens) and the remaining padding tokens form a second segment; a
 token attends only within its own segment. A dense boolean `mask` [B, 1|H, Lq, Lk] is accepted too
 (the token refiner's rule, B.4), on the XLA backend.

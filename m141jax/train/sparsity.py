@@ -1,7 +1,7 @@
 """N:M structured sparsity of the DiT's linear layers: masks, pruning, sparsity-preserving training, export.
 
 The paper names "parameter sparsification" as its memory optimisation; the release ships only weight
-quantization (spec G). This module provides the sparsity, measured in `benchmarks/compress.py`:
+quantization (release.md G). This module provides the sparsity, measured in `benchmarks/compress.py`:
 
 - `nm_masks(params, chosen, n, m)`: in every group of m consecutive inputs (along the flattened input
   axes K) of every output channel, keep the n weights of largest magnitude (ties: the first). Kernels
