@@ -1,4 +1,4 @@
-"""Compression benchmark (spec G): DiT parameter bytes per format, and the output error each costs.
+"""Compression benchmark (release.md G): DiT parameter bytes per format, and the output error each costs.
 
 1. The released 13B I2V DiT, by shapes only (jax.eval_shape, no weights): parameter bytes in bf16,
    2:4 sparse (compact: kept values + 2-bit positions), int8, int4 (group 32), 2:4 + int8.

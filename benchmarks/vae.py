@@ -169,7 +169,7 @@ def accelerator_section(repeats: int) -> None:
 
 
 def release_tiled(ref, cfg):
-    """diffusers with the release's tiling (spec D.5b): tiles and strides passed explicitly."""
+    """diffusers with the release's tiling (release.md D.5b): tiles and strides passed explicitly."""
     s, t = cfg.sample_size, cfg.sample_tsize
     ref.enable_tiling(s, s, t, int(s * 0.75), int(s * 0.75), int(t * 0.75))
     return ref

@@ -31,7 +31,7 @@ def dtype_of(name: str):
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
-    """The HunyuanVideo-style MMDiT (spec B.0). Defaults are the released 13B image-to-video model."""
+    """The HunyuanVideo-style MMDiT (release.md B.0). Defaults are the released 13B image-to-video model."""
 
     in_channels: int = 33  # 16 noisy + 16 reference + 1 frame-0 mask (I2V); 16 for the plain T2V form
     out_channels: int = 16
@@ -146,13 +146,13 @@ def from_json_dict(cls, d: dict[str, Any]):
     return cls(**kw)
 
 
-# ------------------------------------------------------------------ the causal 3D VAE (spec D)
+# ------------------------------------------------------------------ the causal 3D VAE (release.md D)
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """The causal 3D VAE "884-16c-hy" (spec D.1). Defaults are the released HunyuanVideo VAE.
+    """The causal 3D VAE "884-16c-hy" (release.md D.1). Defaults are the released HunyuanVideo VAE.
 
-    `sample_size` / `sample_tsize` are the release's tile sizes in pixels / frames (spec D.5b); the
+    `sample_size` / `sample_tsize` are the release's tile sizes in pixels / frames (release.md D.5b); the
     overlap factor 0.25 is fixed by the release.
     """
 
@@ -214,11 +214,11 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     "tiny-vae": VAEConfig(block_out_channels=(8, 16, 16, 16), norm_num_groups=4),
 }
 
-# ------------------------------------------------------------------ text and image encoders (spec E)
+# ------------------------------------------------------------------ text and image encoders (release.md E)
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """A Llama-3 decoder (spec E.1): grouped-query attention, RoPE (rotate-half), RMSNorm, SwiGLU.
+    """A Llama-3 decoder (release.md E.1): grouped-query attention, RoPE (rotate-half), RMSNorm, SwiGLU.
 
     Defaults: the language model of xtuner/llava-llama-3-8b-v1_1 (Llama-3-8B-Instruct, vocabulary
     extended to 128320), which is also HunyuanVideo's text encoder.
@@ -244,7 +244,7 @@ class LlamaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """The CLIP text transformer (spec E.2). Defaults: CLIP ViT-L/14's text model (openai/clip-vit-large-patch14).
+    """The CLIP text transformer (release.md E.2). Defaults: CLIP ViT-L/14's text model (openai/clip-vit-large-patch14).
 
     Pooling: the final-LayerNorm state at the EOS position. With the legacy `eos_token_id` 2 (the
     openai configs) that is the argmax of the token ids, as in transformers; otherwise the first
@@ -269,7 +269,7 @@ class CLIPTextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
-    """The CLIP vision transformer (spec E.3). Defaults: CLIP ViT-L/14 at 336 px (LLaVA's vision tower)."""
+    """The CLIP vision transformer (release.md E.3). Defaults: CLIP ViT-L/14 at 336 px (LLaVA's vision tower)."""
 
     image_size: int = 336
     patch_size: int = 14
@@ -307,7 +307,7 @@ def _check_clip(cfg) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
-    """LLaVA (spec E.3): CLIP vision tower -> 2-layer projector -> features merged into the Llama input.
+    """LLaVA (release.md E.3): CLIP vision tower -> 2-layer projector -> features merged into the Llama input.
 
     Defaults: xtuner/llava-llama-3-8b-v1_1-transformers. `feature_layer` indexes the vision tower's
     hidden states as transformers does (−2: the output of the second-to-last layer); strategy
@@ -359,7 +359,7 @@ LLAVA_PRESETS: dict[str, LlavaConfig] = {
 }
 
 
-# ------------------------------------------------------------------ compression: quantization, N:M sparsity (spec G)
+# ------------------------------------------------------------------ compression: quantization, N:M sparsity (release.md G)
 
 # Parameter-path patterns (regular expressions searched in 'double_blocks/img_attn/qkv/kernel'-style paths)
 EMBEDDINGS = (r"(^|/)(img_in|time_in|vector_in|guidance_in|input_embedder|t_embedder|c_embedder|patch_embedding"

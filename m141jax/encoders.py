@@ -1,4 +1,4 @@
-"""Everything the DiT receives as conditioning, computed in JAX (spec A.3 step 2, E).
+"""Everything the DiT receives as conditioning, computed in JAX (release.md A.3 step 2, E).
 
     enc = Encoders.load(llm, clip, tokenizer, clip_tokenizer)      # checkpoints + tokenizer folders
     cond = encode(enc, prompts, images)                           # Conditioning for the DiT
@@ -185,7 +185,7 @@ def encode(enc: Encoders, prompts: list[str], images=None) -> Conditioning:
 def encode_with_negative(enc: Encoders, prompts: list[str], images=None,
                          negative_prompt: str = NEGATIVE_PROMPT) -> tuple[Conditioning, Conditioning]:
     """(conditional, unconditional) for CFG: the unconditional branch has `negative_prompt` (the release's
-    NEGATIVE_PROMPT) for the LLM and CLIP and keeps the same VLM image tokens (spec A.3 step 5)."""
+    NEGATIVE_PROMPT) for the LLM and CLIP and keeps the same VLM image tokens (release.md A.3 step 5)."""
     prompts = _check_prompts(prompts)
     vlm_tokens = _vlm_tokens(enc, prompts, images)
     negative = [negative_prompt] * len(prompts)

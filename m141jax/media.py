@@ -1,4 +1,4 @@
-"""Images in, videos out: the release's reference-image preprocessing (spec A.3) and MP4 writing.
+"""Images in, videos out: the release's reference-image preprocessing (release.md A.3) and MP4 writing.
 
 - `load_image` / `fit_image`: pick the closest 540p aspect-ratio bucket (or a given size), resize with
   the aspect ratio kept so the image covers the target (bilinear, antialiased: torchvision's `Resize`

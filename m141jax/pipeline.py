@@ -1,4 +1,4 @@
-"""Text → image → video (spec A) and minute-long videos by a sliding window (spec H).
+"""Text → image → video (release.md A) and minute-long videos by a sliding window (release.md H).
 
 Each stage is a function of one component's (config, params) and its inputs:
 
@@ -173,7 +173,7 @@ def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], key
 
 
 def reference_latents(vae: Component, frames, keys, clip: int, use_mean: bool) -> jax.Array:
-    """The scaled reference latent [B, 1, h, w, C] of first frames uint8 [B, H, W, 3] (spec A.3 step 3)."""
+    """The scaled reference latent [B, 1, h, w, C] of first frames uint8 [B, H, W, 3] (release.md A.3 step 3)."""
     video = jnp.asarray(frames, jnp.float32)[:, None] / 255.0 * 2.0 - 1.0
     mean, logvar = vae_lib.encode(vae.params, vae.cfg, video, tiling=True)
     if not use_mean:

@@ -1,4 +1,4 @@
-"""The release's prompt formats (spec E.1–E.3): templates, tokenisation, the template crop and the VLM
+"""The release's prompt formats (release.md E.1–E.3): templates, tokenisation, the template crop and the VLM
 token selection. Pure Python/NumPy on top of a Hugging Face tokenizer; no model code.
 
 - LLM: the user prompt inside HunyuanVideo's video template, right-padded to crop + 256 tokens, where
@@ -105,7 +105,7 @@ def _find(seq: list[int], sub: list[int]) -> list[int]:
 
 
 def vlm_prompt(tokenizer, image_token_id: int, image_seq_length: int, stride: int = IMAGE_STRIDE) -> VLMPrompt:
-    """The release's VLM prompt, expanded, and its token selection (spec E.3)."""
+    """The release's VLM prompt, expanded, and its token selection (release.md E.3)."""
     got = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if got != image_token_id:
         raise ValueError(f"the tokenizer maps {IMAGE_TOKEN!r} to {got}, but the VLM's image token id is "

@@ -1,4 +1,4 @@
-"""The flow-matching sampler of the release (spec C): schedule, Euler step, CFG, the compiled loop.
+"""The flow-matching sampler of the release (release.md C): schedule, Euler step, CFG, the compiled loop.
 
 - `schedule(steps, shift, reverse)`: σ'_i of C.1 (SD3 time shift of linspace(1, 0, N+1)), float32.
   The model sees timesteps t_i = 1000·σ'_i; the Euler step is x ← x + v·(σ'_{i+1} − σ'_i).
@@ -39,7 +39,7 @@ class Text(NamedTuple):
 
 
 def schedule(steps: int, shift: float = 5.0, reverse: bool = True) -> np.ndarray:
-    """The N+1 sigmas σ'_i of spec C.1 in float32 (as the release computes them in torch float32).
+    """The N+1 sigmas σ'_i of release.md C.1 in float32 (as the release computes them in torch float32).
 
     σ_i = linspace(1, 0, N+1), σ'_i = s·σ_i / (1 + (s−1)·σ_i); reverse=False maps σ' to 1 − σ'.
     """

@@ -1,4 +1,4 @@
-"""Images for the VLM's vision tower (spec E.3), in NumPy/PIL: loading with clear errors, and the CLIP
+"""Images for the VLM's vision tower (release.md E.3), in NumPy/PIL: loading with clear errors, and the CLIP
 preprocessing of LLaVA's image processor: RGB, resize the shortest side to 336 (bicubic), centre crop
 336×336, scale to [0, 1], normalise with the CLIP mean/std. Output is channels-last float32.
 

@@ -44,7 +44,7 @@ def correctly_rounded_timestep_embedding(timesteps, embedding_dim, flip_sin_to_c
 
 
 def release_input(latents, ref):
-    """noise ‖ reference zero-padded after its frames ‖ mask of the reference frames (spec B.1)."""
+    """noise ‖ reference zero-padded after its frames ‖ mask of the reference frames (release.md B.1)."""
     b, _, f, h, w = latents.shape
     fr = ref.shape[2]
     mask = torch.zeros(b, 1, f, h, w)
@@ -75,7 +75,7 @@ def reference_velocity(model, x) -> np.ndarray:
 
 
 def to_release_names(sd: dict) -> dict:
-    """Rename a diffusers state dict to the release's names (spec B.8 / anchors §3), fusing qkv and the
+    """Rename a diffusers state dict to the release's names (release.md B.8 / anchors §3), fusing qkv and the
     single blocks' linear1 / linear2, and swapping the final modulation back to (shift, scale)."""
     out = {}
     cat = lambda *ks: torch.cat([sd[k] for k in ks])  # noqa: E731

@@ -1,4 +1,4 @@
-"""The attention backends agree with each other and with the release's segment rule (spec B.6)."""
+"""The attention backends agree with each other and with the release's segment rule (release.md B.6)."""
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,7 @@ def _count(tree):
 
 
 def test_13b_presets_build_abstractly_with_exact_counts():
-    assert _count(dit.abstract_params(preset("magic141-i2v-13b"))) == 12_810_991_680  # spec B.0
+    assert _count(dit.abstract_params(preset("magic141-i2v-13b"))) == 12_810_991_680  # release.md B.0
     t2v = preset("hunyuan-t2v-13b")
     # 16 input channels (-17·4·3072 patch weights) plus the guidance embedder (256·3072 + 3072² + 2·3072)
     extra = -17 * 4 * 3072 + 256 * 3072 + 3072 * 3072 + 2 * 3072

@@ -1,4 +1,4 @@
-"""The release's conditioning assembly (spec E) on tiny models and tiny offline tokenizers, checked against
+"""The release's conditioning assembly (release.md E) on tiny models and tiny offline tokenizers, checked against
 transformers' models driven the way the release drives them (template, crop, hidden_states[-3], the
 VLM's find-the-user-header and "::4" selection, CLIP pooling)."""
 

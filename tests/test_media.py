@@ -1,4 +1,4 @@
-"""Reference-image preprocessing (spec A.3), uint8 conversion, the streaming MP4 writer."""
+"""Reference-image preprocessing (release.md A.3), uint8 conversion, the streaming MP4 writer."""
 
 import imageio.v2 as imageio
 import numpy as np

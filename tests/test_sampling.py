@@ -1,4 +1,4 @@
-"""The sampler against a NumPy derivation of the release's loop (spec C.1, A.3 step 5)."""
+"""The sampler against a NumPy derivation of the release's loop (release.md C.1, A.3 step 5)."""
 
 import jax
 import jax.monitoring

@@ -1,7 +1,7 @@
 """The causal 3D VAE against diffusers' AutoencoderKLHunyuanVideo (random weights, converted by our
 converter, fp32), untiled and with the release's tiling on tiles that really overlap.
 
-Where diffusers differs from the release (spec D.5b), the release wins:
+Where diffusers differs from the release (release.md D.5b), the release wins:
 - diffusers always tiles in time ("framewise" encoding/decoding, on even with tiling off) with its own
   16-frame tiles at a 12-frame stride; the release tiles in time only when tiling is on, with
   `sample_tsize` (64) frames at 3/4 of that stride. The untiled references below switch framewise

@@ -1,4 +1,4 @@
-"""Weight-only quantization (spec G): int8 per output channel, int4 in groups of 32 inputs.
+"""Weight-only quantization (release.md G): int8 per output channel, int4 in groups of 32 inputs.
 
 The release quantizes the DiT blocks with torchao int4 (group 32) and the text encoders with
 optimum-quanto int8; activations stay bf16. Here a quantized kernel is a `QArray` held in the
@@ -139,7 +139,7 @@ def dit_layouts(cfg: DiTConfig) -> dict:
 
 
 def quantize_dit(params, cfg: DiTConfig, mode: str, group: int = GROUP, free: bool = False):
-    """The DiT as the release quantizes it (spec G.2): the kernels of the transformer blocks (double,
+    """The DiT as the release quantizes it (release.md G.2): the kernels of the transformer blocks (double,
     single and refiner blocks) in `mode`, every other kernel (embeddings, final layer) in int8. Kernels
     already compressed (e.g. N:M sparse boxes) are left as they are."""
     layouts = dit_layouts(cfg)
@@ -171,7 +171,7 @@ def quantize_component(c, mode: str):
 
 
 def quantize_models(models, mode: str):
-    """The generation models (`components.Models`) as the release quantizes them (spec G.2): both DiTs
+    """The generation models (`components.Models`) as the release quantizes them (release.md G.2): both DiTs
     in `mode` (their blocks; other kernels int8), the encoders in int8; the VAE unchanged. The loaded
     dense weights are freed as they are quantized; DiTs on a mesh keep their codes split over it."""
     dit = lambda c: None if c is None else quantize_component(c, mode)  # noqa: E731

@@ -1,4 +1,4 @@
-"""DiT key maps: the release's names (spec B.8) and diffusers' `HunyuanVideoTransformer3DModel` names,
+"""DiT key maps: the release's names (release.md B.8) and diffusers' `HunyuanVideoTransformer3DModel` names,
 each mapped onto the JAX parameter tree of `m141jax.models.dit`.
 
 PyTorch Linear weights are [out, in]; JAX kernels are [in, out...]. The fused qkv output axis is laid
@@ -221,7 +221,7 @@ class _Plan:
 
 
 def release_plan(c: DiTConfig) -> list[Recipe]:
-    """Recipes from the release's state-dict names (spec B.8)."""
+    """Recipes from the release's state-dict names (release.md B.8)."""
     p, d = _Plan(c), _Dims(c)
     D, M = d.D, d.M
     p.stems(c, {"img_in": "img_in.proj", "time_in": ("time_in.mlp.0", "time_in.mlp.2"),
@@ -298,7 +298,7 @@ def diffusers_plan(c: DiTConfig) -> list[Recipe]:
 
 
 def ignored(key: str) -> bool:
-    """Keys the release defines but never uses in its forward pass (`text_guidance_in`, spec K.16)."""
+    """Keys the release defines but never uses in its forward pass (`text_guidance_in`, release.md K.2 item 16)."""
     return key.startswith("text_guidance_in.")
 
 

@@ -1,5 +1,5 @@
 """VAE key map: the release's AutoencoderKLCausal3D names and diffusers' AutoencoderKLHunyuanVideo
-names are the same (spec D.6), and the JAX module names mirror them, so every JAX leaf maps to one
+names are the same (release.md D.6), and the JAX module names mirror them, so every JAX leaf maps to one
 PyTorch key mechanically: `down_blocks_0/resnets_1/conv1/conv/kernel` <- `down_blocks.0.resnets.1.conv1.conv.weight`.
 
 Conv3d weights [out, in, kt, kh, kw] become kernels [kt, kh, kw, in, out]; Linear weights [out, in]

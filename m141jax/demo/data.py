@@ -1,7 +1,7 @@
 """The demo's training data, held in memory: shapes videos -> VAE latents and DiT conditioning, served by
 `m141jax.train.data.make_iterator` like a prepared-data directory.
 
-Per video, as `m141jax prepare-data` prepares a sample (spec A.3): x₀ = the VAE posterior mean of the
+Per video, as `m141jax prepare-data` prepares a sample (release.md A.3): x₀ = the VAE posterior mean of the
 whole clip, scaled (`vae.scale_latents`); the reference latent = the same for the first frame alone (the causal
 VAE's GroupNorm sees every frame of its input, so this is not x₀'s first latent frame); the
 conditioning = the VLM tokens of the first frame ‖ the caption's prompt tokens, and the CLIP vector.

@@ -1,4 +1,4 @@
-"""CLIP transformers (spec E.2, E.3): the CLIP-L text model and the CLIP ViT-L/14-336 vision tower.
+"""CLIP transformers (release.md E.2, E.3): the CLIP-L text model and the CLIP ViT-L/14-336 vision tower.
 
 Both are pre-LayerNorm transformers built from the same encoder layer (separate q/k/v/out projections
 with biases, quick-GELU MLP), stacked on a 'layers' axis and scanned (`models/stack.py`).

@@ -1,4 +1,4 @@
-"""The Magic141 / HunyuanVideo MMDiT (spec B): token refiner, 20 double- and 40 single-stream blocks.
+"""The Magic141 / HunyuanVideo MMDiT (release.md B): token refiner, 20 double- and 40 single-stream blocks.
 
 Layout: latents are channels-last [B, F, H, W, C] inside JAX. Patch vectors and output vectors are
 laid out (pt, ph, pw, c); the converter permutes the PyTorch weights once so no transpose runs here.

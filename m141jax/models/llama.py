@@ -1,4 +1,4 @@
-"""The Llama-3 decoder (spec E.1, E.3): the prompt encoder and LLaVA's language model, one set of weights.
+"""The Llama-3 decoder (release.md E.1, E.3): the prompt encoder and LLaVA's language model, one set of weights.
 
 Grouped-query attention with rotate-half RoPE (θ 500000), RMSNorm, SwiGLU, a causal + padding mask.
 The decoder layers are stacked on a 'layers' axis and scanned (`models/stack.py`), and the forward runs

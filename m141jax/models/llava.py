@@ -1,4 +1,4 @@
-"""LLaVA (spec E.3): CLIP vision features -> 2-layer GELU projector -> merged into the Llama input.
+"""LLaVA (release.md E.3): CLIP vision features -> 2-layer GELU projector -> merged into the Llama input.
 
 The merge is explicit: every image-token position of `input_ids` (the expanded form, one token per
 image-feature position, as current transformers processors produce) receives the next projected

@@ -1,4 +1,4 @@
-"""3D rotary position embedding of the image tokens (spec B.5): interleaved pairs, axes (t, h, w)."""
+"""3D rotary position embedding of the image tokens (release.md B.5): interleaved pairs, axes (t, h, w)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ batch axes that divide it, the tokens over `sequence`, the heads over `tensor`.
   backward pass walks the ring again with the blockwise gradient pieces (`flash_grads`), the key /
   value gradients travelling with their blocks, so memory stays O(L/n · block) in both directions.
 
-Masking is the release's segment mask (spec B.6): a token attends only within its segment (the
+Masking is the release's segment mask (release.md B.6): a token attends only within its segment (the
 image tokens plus the valid text prefix; the text padding). When the token count does not divide
 by the axis, it is padded: ring attention gives the pad tokens a third segment, so every token gets
 exactly the single-device result; Ulysses puts them in the padding segment (valid tokens exact,

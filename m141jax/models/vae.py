@@ -1,4 +1,4 @@
-"""The causal 3D VAE "884-16c-hy" (spec D): 4× temporal and 8× spatial compression to 16 channels.
+"""The causal 3D VAE "884-16c-hy" (release.md D): 4× temporal and 8× spatial compression to 16 channels.
 
 Layout: videos and latents are channels-last [B, F, H, W, C] inside JAX. Module names mirror the
 PyTorch state dict (`down_blocks_0/resnets_1/conv1/conv` is `down_blocks.0.resnets.1.conv1.conv`), so
@@ -12,7 +12,7 @@ Entry points (pure functions of params and inputs; tiles run under one cached `j
 - `sample_posterior(mean, logvar, rng)`: mean + exp(logvar/2)·N(0, I).
 - `decode(params, cfg, latents, tiling=True) -> video` [B, 4(f-1)+1, 8h, 8w, 3], fp32, not clamped.
 - `init_params(cfg, rng)` / `abstract_params(cfg)`.
-`tiling=True` follows the release's rules exactly (spec D.5b, `m141jax/models/vae_tiling.py`).
+`tiling=True` follows the release's rules exactly (release.md D.5b, `m141jax/models/vae_tiling.py`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def replicate_pad(x, front: int, side: int):
 
 
 class CausalConv3d(nn.Module):
-    """Replicate-pad W and H by k//2 each side and T by k-1 in front only, then a valid conv (spec D.2)."""
+    """Replicate-pad W and H by k//2 each side and T by k-1 in front only, then a valid conv (release.md D.2)."""
 
     cfg: VAEConfig
     features: int
@@ -101,7 +101,7 @@ def _norm_act(cfg: VAEConfig, name: str, x):
 
 
 class ResnetBlock(nn.Module):
-    """ResnetBlockCausal3D: pre-norm, conv1 -> conv2, 1×1×1 shortcut when the width changes (spec D.2)."""
+    """ResnetBlockCausal3D: pre-norm, conv1 -> conv2, 1×1×1 shortcut when the width changes (release.md D.2)."""
 
     cfg: VAEConfig
     features: int
@@ -170,7 +170,7 @@ class Attention(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """resnet -> attention -> resnet at the narrowest width (spec D.2)."""
+    """resnet -> attention -> resnet at the narrowest width (release.md D.2)."""
 
     cfg: VAEConfig
 
@@ -237,7 +237,7 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """conv_in -> down blocks -> mid block -> GN/SiLU -> conv_out to 2·latent channels (spec D.3)."""
+    """conv_in -> down blocks -> mid block -> GN/SiLU -> conv_out to 2·latent channels (release.md D.3)."""
 
     cfg: VAEConfig
 
@@ -252,7 +252,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """conv_in -> mid block -> up blocks (layers+1 resnets each) -> GN/SiLU -> conv_out (spec D.4)."""
+    """conv_in -> mid block -> up blocks (layers+1 resnets each) -> GN/SiLU -> conv_out (release.md D.4)."""
 
     cfg: VAEConfig
 

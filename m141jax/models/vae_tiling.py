@@ -1,4 +1,4 @@
-"""The release's VAE tiling, rule for rule (spec D.5b): spatial and temporal tiles, linear blends, cuts.
+"""The release's VAE tiling, rule for rule (release.md D.5b): spatial and temporal tiles, linear blends, cuts.
 
 GroupNorm looks at a whole tile, so tiled and untiled results differ everywhere; parity with the
 release needs exactly these tile slices, blend order and kept lengths:

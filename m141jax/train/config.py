@@ -1,4 +1,4 @@
-"""Training and distillation configs (spec C.2-C.3, F): frozen dataclasses, their named presets, and
+"""Training and distillation configs (release.md C.2-C.3, F): frozen dataclasses, their named presets, and
 how a run's config is made from a preset, a JSON/YAML file (`configs/train/`, `configs/distill/`) and
 command-line overrides (`load_run_config`)."""
 
@@ -36,7 +36,7 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FlowConfig:
-    """The flow-matching objective: x_σ = (1−σ)x₀ + σε, target ε − x₀ (spec C.2), σ sampling and loss
+    """The flow-matching objective: x_σ = (1−σ)x₀ + σε, target ε − x₀ (release.md C.2), σ sampling and loss
     weighting as the release's helpers (C.3), CFG dropout as the release prepares it (F)."""
 
     sigma_sampling: str = "logit_normal"  # logit_normal | uniform | mode
@@ -104,10 +104,10 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DMDConfig:
-    """DMD2 adversarial step distillation. Magic141's values were not published (spec F); the defaults are
+    """DMD2 adversarial step distillation. Magic141's values were not published (release.md F); the defaults are
     DMD2's (SDXL) where one exists and marked otherwise."""
 
-    student_steps: int = 4  # the generator's σ's are the inference σ's (spec C.1) ...
+    student_steps: int = 4  # the generator's σ's are the inference σ's (release.md C.1) ...
     shift: float = 5.0  # ... with this shift
     real_guidance: float = 6.0  # CFG scale of the teacher's (real) score: distils CFG (not published; 6 assumed)
     critic_steps: int = 5  # two time-scale rule: critic updates per generator update

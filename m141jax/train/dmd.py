@@ -1,9 +1,9 @@
-"""DMD2 adversarial step distillation (spec F): a few-step generator learns from a frozen teacher.
+"""DMD2 adversarial step distillation (release.md F): a few-step generator learns from a frozen teacher.
 
 Three networks, all the DiT architecture:
 - the **generator** G (the student, initialised from the teacher) maps the noisy latent at one of its
   inference σ's to x̂₀ = x_σ − σ·v_G. Its inputs come from *backward simulation*: a shared random k of
-  the N student steps is run, without gradients, with the release's Euler sampler (spec C.1) from pure
+  the N student steps is run, without gradients, with the release's Euler sampler (release.md C.1) from pure
   noise, so the generator trains on exactly the states it meets at inference;
 - the frozen **teacher** (real score) with CFG v_u + w·(v_c − v_u), the unconditional branch being the
   empty prompt with image tokens and reference kept: this is where CFG is distilled;

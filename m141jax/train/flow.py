@@ -1,4 +1,4 @@
-"""Flow-matching training of the DiT (spec C.2, C.3, F).
+"""Flow-matching training of the DiT (release.md C.2, C.3, F).
 
 x_σ = (1−σ)·x₀ + σ·ε and the DiT predicts v = ε − x₀ at timestep 1000·σ. σ is drawn logit-normal,
 uniform or with the release's "mode" density, optionally time-shifted; the loss is a (weighted) MSE.
@@ -33,7 +33,7 @@ NULL_KEYS = ("null_text_states", "null_text_mask", "null_text_states_2")
 Velocity = Callable[..., Any]
 
 
-# ------------------------------------------------------------------ σ's (spec C.1, C.3)
+# ------------------------------------------------------------------ σ's (release.md C.1, C.3)
 
 def shift_sigma(sigma, shift: float):
     """The SD3 time shift σ' = s·σ / (1 + (s−1)·σ) (of the inference schedule, `sampling.schedule`),

@@ -7,7 +7,7 @@ FOLDER holds videos (.mp4 .mov .mkv .webm .avi) or images (.png .jpg .jpeg .webp
 caption in a text file of the same name (`clip.mp4` + `clip.txt`). DIR is the checkpoint folder of
 `m141jax generate` (vae/, vlm/, clip/, tokenizer/, clip_tokenizer/; the DiTs are not read).
 
-Per sample, as the release prepares its inputs (spec A.3): the first `--frames` frames (4k+1; an image is
+Per sample, as the release prepares its inputs (release.md A.3): the first `--frames` frames (4k+1; an image is
 one frame) are fitted to `--size` (resize to cover, centre crop), encoded by the VAE with tiling (the
 posterior mean, scaled by `vae.scale_latents`: the clean latents x₀); the first frame alone gives the reference
 latent; the caption and the first frame give the text conditioning (VLM image tokens ‖ prompt tokens,
