@@ -1,12 +1,18 @@
-"""Orbax checkpoints of one component (parameters + the config that built them), written atomically.
+"""Orbax checkpoints of one component (parameters + the config that built them), written atomically,
+and the one checked loader every command uses.
 
 Layout of a checkpoint directory:
-    m141jax.json   {"format": 1, "component": "dit", "config": {...}}
+    m141jax.json   {"format": 1, "component": "dit", "config": {...}, "compressed": {...}}
     params/        an Orbax (OCDBT) pytree checkpoint, restorable onto any device mesh
 
 `save` writes into a hidden sibling directory and renames it into place, so the destination is
-complete or absent; in a multi-process run every process writes its own shards. `load_params`
-restores onto given shardings (default: the first device) in a given dtype.
+complete or absent; in a multi-process run every process writes its own shards. Compressed kernels
+(`m141jax.compress`) are stored as their arrays, their formats under "compressed".
+
+`load` is the checked loader: the stored config is read and checked to be of an accepted component,
+every stored array is checked against the shapes and kinds (floating point or not) the config's model
+expects before any weights are read, compressed kernels are rebuilt as boxes (or densified), and the
+parameters are restored in the requested dtype, placed on a mesh by the logical-axis rules when asked.
 """
 
 from __future__ import annotations
@@ -19,9 +25,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from m141jax import config as config_lib
+from m141jax import parallel
+from m141jax.compress import box, io
+from m141jax.models import clip, dit, llama, llava, vae
 from m141jax.parallel import shared_token, sync
 
 FORMAT = 1
@@ -71,16 +82,17 @@ def atomic_dir(dst: str | Path, write: Callable[[Path], None], overwrite: bool =
     return dst
 
 
-def save(dst: str | Path, component: str, config: dict[str, Any], params, overwrite: bool = False,
-         extra: dict[str, Any] | None = None) -> Path:
-    """Write params (a pytree of numpy or jax arrays) and config to dst atomically; `extra`: more
-    metadata entries (e.g. the formats of compressed kernels, `m141jax.compress.io`).
+def save(dst: str | Path, component: str, config: dict[str, Any], params, overwrite: bool = False) -> Path:
+    """Write params (a pytree of numpy or jax arrays, compressed kernels included) and config to dst
+    atomically.
 
     numpy leaves are moved to the host CPU device first: Orbax saves jax arrays without another
     full copy, which keeps the converter's peak memory near the checkpoint size. Arrays are stored
     in chunks of at most CHUNK_BYTES, so a host restoring onto a mesh reads about its own shards,
     never a whole tensor. Sharded (global) arrays are saved by every process of a multi-process run.
     """
+    params, formats = io.pack(params)
+    extra = {"compressed": formats} if formats else {}
     cpu = jax.devices("cpu")[0]
     params = jax.tree_util.tree_map(lambda a: jax.device_put(a, cpu) if isinstance(a, np.ndarray) else a, params)
     save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
@@ -93,7 +105,7 @@ def save(dst: str | Path, component: str, config: dict[str, Any], params, overwr
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, save_concurrent_gb=in_flight))
         ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(params, save_args=save_args))
         if jax.process_index() == 0:
-            meta = {"format": FORMAT, "component": component, "config": config, **(extra or {})}
+            meta = {"format": FORMAT, "component": component, "config": config, **extra}
             (tmp / META).write_text(json.dumps(meta, indent=1))
             # Orbax's commit marker names the temporary directory it was written in, stale after the rename
             (tmp / "params" / "commit_success.txt").write_text("Checkpoint commit was successful\n")
@@ -107,7 +119,12 @@ def read_meta(path: str | Path, component: str | None = None) -> dict[str, Any]:
     if not (path / META).is_file():
         raise CheckpointError(f"{path} is not an m141jax checkpoint (no {META}); "
                               f"make one with tools/convert_torch_weights.py")
-    meta = json.loads((path / META).read_text())
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / META} cannot be read: {e}") from None
+    if not isinstance(meta, dict) or not {"component", "config"} <= set(meta):
+        raise CheckpointError(f"{path / META} is not m141jax checkpoint metadata (no component and config)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not supported (expected {FORMAT})")
     if component is not None and meta["component"] != component:
@@ -115,31 +132,83 @@ def read_meta(path: str | Path, component: str | None = None) -> dict[str, Any]:
     return meta
 
 
-def _config_classes() -> dict[str, type]:
-    from m141jax import config
-
-    return {"dit": config.DiTConfig, "vae": config.VAEConfig, "llm": config.LlamaConfig,
-            "clip": config.CLIPTextConfig, "vlm": config.LlavaConfig}
+# component -> (config class, model module)
+COMPONENTS = {"dit": (config_lib.DiTConfig, dit), "vae": (config_lib.VAEConfig, vae),
+              "llm": (config_lib.LlamaConfig, llama), "clip": (config_lib.CLIPTextConfig, clip),
+              "vlm": (config_lib.LlavaConfig, llava)}
 
 
 def read_config(path: str | Path, components: tuple[str, ...] | None = None, dtype: str | None = None):
     """(component, config dataclass) stored in a checkpoint, checked to be one of `components` when
     given, with runtime dtypes set to `dtype` when given."""
-    from m141jax.config import from_json_dict, runtime_dtypes
-
     meta = read_meta(path)
     if components is not None and meta["component"] not in components:
         raise CheckpointError(f"{path} holds a {meta['component']!r} checkpoint; accepted: {', '.join(components)}")
-    cfg = from_json_dict(_config_classes()[meta["component"]], meta["config"])
-    return meta["component"], (cfg if dtype is None else runtime_dtypes(cfg, dtype))
+    try:
+        cfg = config_lib.from_json_dict(COMPONENTS[meta["component"]][0], meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/{META}: its {meta.get('component')!r} config cannot be read ({e})") from None
+    return meta["component"], (cfg if dtype is None else config_lib.runtime_dtypes(cfg, dtype))
 
 
-def load(path: str | Path, components: tuple[str, ...] | None = None, dtype: str = "bf16", shardings=None):
-    """(component, config, params) of a checkpoint: parameters and activations in `dtype`."""
-    from m141jax.config import dtype_of
+def load(path: str | Path, components: tuple[str, ...] | None = None, dtype: str | None = "bf16", *, mesh=None,
+         sequence_parallel: str = "auto", dense: bool = False, architecture=None):
+    """(component, config, params) of a checkpoint, checked, in `dtype` (parameters and activations;
+    None: as stored).
 
+    - `components`: the accepted components (None: any); `architecture`: a config whose architecture
+      the stored one must equal (a training run's model), named field by field when it does not.
+    - The stored arrays are checked against the shapes and kinds the config's model expects before any
+      weights are read (compressed kernels by the dense kernels they rebuild).
+    - `mesh`: parameters restored straight onto it by the logical-axis rules (each process reads its own
+      shards); a DiT's config then gets the `sequence_parallel` method for that mesh; the arrays of
+      compressed kernels are split along their output channels.
+    - Compressed kernels stay compressed (boxes each layer rebuilds as it runs) unless `dense`.
+    """
+    path = Path(path)
     component, cfg = read_config(path, components, dtype)
-    return component, cfg, load_params(path, dtype=dtype_of(dtype), shardings=shardings)
+    if architecture is not None and cfg.architecture() != architecture.architecture():
+        want, have = architecture.architecture(), cfg.architecture()
+        diff = sorted(k for k in want if want[k] != have.get(k))
+        raise CheckpointError(f"{path} holds a {component} whose {', '.join(diff)} differ from the configured model")
+    formats = read_meta(path).get("compressed", {})
+    model = COMPONENTS[component][1]
+    expected = model.abstract_params(cfg)
+    stored = abstract_tree(path)
+    _check_arrays(path, component, expected, jax.eval_shape(lambda t: box.densify_traced(io.unpack(t, formats)), stored))
+    shardings = None
+    if mesh is not None:
+        if component == "dit":
+            cfg, dense_shardings = parallel.dit_on_mesh(cfg, mesh, sequence_parallel)
+        else:
+            dense_shardings = parallel.tree_shardings(model.param_logical_axes(cfg), expected, mesh)
+        by_path = {parallel.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(dense_shardings)}
+        boxed = io.boxed_paths(formats)
+        shardings = jax.tree_util.tree_map_with_path(
+            lambda p, a: parallel.storage_sharding(a.shape, mesh) if boxed(k := parallel.path_str(p))
+            else by_path[k], stored)
+    dt = None if dtype is None else config_lib.dtype_of(dtype)
+    params = load_params(path, dtype=None if formats else dt, shardings=shardings)
+    if formats:
+        params = io.unpack(params, formats, dt)
+        params = box.densify(params) if dense else params
+    return component, cfg, params
+
+
+def _check_arrays(path: Path, component: str, expected, stored) -> None:
+    """One-line error naming the first stored array whose shape or kind differs from the config's."""
+    def table(tree):
+        return {parallel.path_str(p): a for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+
+    want, have = table(expected), table(stored)
+    bad = sorted(k for k in want.keys() | have.keys()
+                 if k not in want or k not in have or want[k].shape != have[k].shape
+                 or jnp.issubdtype(want[k].dtype, jnp.floating) != jnp.issubdtype(have[k].dtype, jnp.floating))
+    if bad:
+        k = bad[0]
+        show = lambda t: "absent" if k not in t else f"{tuple(t[k].shape)} {t[k].dtype}"  # noqa: E731
+        raise CheckpointError(f"{path} ({component}): its parameters do not match its config at {len(bad)} "
+                              f"entries, e.g. {k}: stored {show(have)}, config {show(want)}")
 
 
 def abstract_tree(path: str | Path):

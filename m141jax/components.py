@@ -12,14 +12,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import jax
-
-from m141jax import checkpoint, config, parallel
-from m141jax.compress import box, io
+from m141jax import checkpoint
 from m141jax.checkpoint import CheckpointError
 from m141jax.encoders import Encoders
-from m141jax.models import dit as dit_model
-from m141jax.models import vae as vae_model
 from m141jax.prompts import MAX_LENGTH
 
 # folder -> (component of its m141jax checkpoint, or None for a tokenizer folder; what it is)
@@ -66,10 +61,6 @@ def locate(root: str | Path, name: str) -> Path:
     return path
 
 
-def _model_module(component: str):
-    return {"dit": dit_model, "vae": vae_model}[component]
-
-
 def read_config(root: str | Path, name: str, dtype: str = "bf16"):
     """The config stored in root/name (checked to hold its component), with runtime dtypes `dtype`."""
     return checkpoint.read_config(locate(root, name), (LAYOUT[name][0],), dtype)[1]
@@ -77,36 +68,14 @@ def read_config(root: str | Path, name: str, dtype: str = "bf16"):
 
 def load_component(root: str | Path, name: str, dtype: str = "bf16", mesh=None,
                    sequence_parallel: str = "auto") -> Component:
-    """The DiT or VAE in root/name, in `dtype`, its stored parameter shapes checked against its config;
-    a DiT with a `mesh` is restored straight onto it (each device reads its own shards). A DiT written by
-    `m141jax quantize` / `m141jax sparsify` is kept compressed (its layers rebuild dense kernels as they
-    run), so it is read at its compressed size; on a mesh its compressed arrays are split along their
-    output channels."""
-    component, what = LAYOUT[name]
-    cfg, path = read_config(root, name, dtype), Path(root) / name
-    compressed = bool(checkpoint.read_meta(path, component).get("compressed"))
-    shardings = None
-    if mesh is not None:
-        if component != "dit":
-            raise ValueError(f"{name}/ cannot be placed on a mesh; only the DiTs are sharded")
-        cfg, shardings = parallel.dit_on_mesh(cfg, mesh, sequence_parallel)
-    params = None
-    if compressed:
-        dense = {parallel.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings or {})}
-
-        def place(key, a, boxed):  # compressed arrays split along their output channels, the rest as dense
-            return dense.get(key) if not boxed and key in dense else parallel.storage_sharding(a.shape, mesh)
-
-        params = io.load(path, config.dtype_of(dtype), component, None if mesh is None else place)[1]
-    shapes = lambda t: {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(t)}
-    stored = jax.eval_shape(box.densify_traced, params) if compressed else checkpoint.abstract_tree(path)
-    want, have = shapes(_model_module(component).abstract_params(cfg)), shapes(stored)
-    if want != have:
-        bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-        raise CheckpointError(f"{path} ({what}): its parameters do not match its config at {len(bad)} entries, "
-                              f"e.g. {bad[0]}: stored {have.get(bad[0])}, config {want.get(bad[0])}")
-    if not compressed:
-        params = checkpoint.load_params(path, dtype=config.dtype_of(dtype), shardings=shardings)
+    """The DiT or VAE in root/name by the checked loader (`checkpoint.load`), in `dtype`; a DiT with a
+    `mesh` is restored straight onto it. A DiT written by `m141jax quantize` / `m141jax sparsify` is kept
+    compressed (its layers rebuild dense kernels as they run), so it is read at its compressed size."""
+    component = LAYOUT[name][0]
+    if mesh is not None and component != "dit":
+        raise ValueError(f"{name}/ cannot be placed on a mesh; only the DiTs are sharded")
+    _, cfg, params = checkpoint.load(locate(root, name), (component,), dtype, mesh=mesh,
+                                     sequence_parallel=sequence_parallel)
     return Component(cfg, params, mesh)
 
 

@@ -31,8 +31,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from m141jax import checkpoint, parallel
-from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig, dtype_of
+from m141jax import checkpoint
+from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig
 from m141jax.models import clip, llama, llava
 from m141jax.prompts import (MAX_LENGTH, NEGATIVE_PROMPT, TEMPLATES, VLMPrompt, clip_tokens, llm_tokens, template_crop,
                              vlm_prompt)
@@ -73,8 +73,8 @@ class Encoders:
         bf16: more than one 16 GB chip), and the jitted encoders run partitioned over it."""
         from transformers import AutoTokenizer
 
-        kind, llm_cfg, llm_params = _load_sharded(llm, ("vlm", "llm"), dtype, mesh)
-        _, clip_cfg, clip_params = _load_sharded(clip, ("clip",), dtype, mesh)
+        kind, llm_cfg, llm_params = checkpoint.load(llm, ("vlm", "llm"), dtype, mesh=mesh)
+        _, clip_cfg, clip_params = checkpoint.load(clip, ("clip",), dtype, mesh=mesh)
         tok = AutoTokenizer.from_pretrained(str(tokenizer), padding_side="right")
         if tok.pad_token is None:  # Meta's Llama-3 tokenizer has none; padded positions are masked anyway
             tok.pad_token = tok.eos_token
@@ -91,17 +91,6 @@ class Encoders:
     def text_length(self) -> int:
         """Tokens of text_states: the selected VLM tokens (146) + the prompt window (256)."""
         return (len(self.vlm_prompt.keep) if self.vlm is not None else 0) + self.max_length
-
-
-def _load_sharded(path, kinds: tuple[str, ...], dtype: str, mesh):
-    """checkpoint.load, restored onto `mesh` (when given) by the model's logical axis names."""
-    if mesh is None:
-        return checkpoint.load(path, kinds, dtype)
-
-    kind, cfg = checkpoint.read_config(path, kinds, dtype)
-    model = {"vlm": llava, "llm": llama, "clip": clip}[kind]
-    shardings = parallel.tree_shardings(model.param_logical_axes(cfg), model.abstract_params(cfg), mesh)
-    return kind, cfg, checkpoint.load_params(path, dtype=dtype_of(dtype), shardings=shardings)
 
 
 # ------------------------------------------------------------------------------- jitted forwards

@@ -10,7 +10,7 @@ from compress_helpers import CFG, inputs, rel_l2, sample, tiny_params
 from m141jax import checkpoint, cli, parallel, sampling
 from m141jax.compress import bits as bitpack
 from m141jax.compress.box import densify, is_box, nbytes
-from m141jax.compress import io, layout, quant
+from m141jax.compress import layout, quant
 from m141jax.config import CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, preset, to_json_dict
 from m141jax.models import clip, dit, llama, llava
 
@@ -137,27 +137,27 @@ def test_generate_quantize_flag(monkeypatch, tmp_path):
 
 def test_quantized_checkpoint_round_trip(tmp_path):
     q = quant.quantize_dit(tiny_params(), CFG, "int4")
-    io.save(tmp_path / "q", "dit", to_json_dict(CFG), q)
-    info, back = io.load(tmp_path / "q")
+    checkpoint.save(tmp_path / "q", "dit", to_json_dict(CFG), q)
+    info, back = checkpoint.read_meta(tmp_path / "q"), checkpoint.load(tmp_path / "q", dtype=None)[2]
     assert info["component"] == "dit" and len(info["compressed"]) == len(layout.select(tiny_params(), quant.dit_layouts(CFG)))
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(q)
     for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(sample(back), sample(q))
-    _, half = io.load(tmp_path / "q", dtype=jnp.bfloat16)
+    half = checkpoint.load(tmp_path / "q", dtype="bf16")[2]
     box = half["double_blocks"]["img_mlp"]["fc1"]["kernel"]
     assert box.dtype == "bfloat16" and box.unbox().dtype == jnp.bfloat16 and box.channel_unit.dtype == jnp.float32
     assert half["img_in"]["bias"].dtype == jnp.bfloat16 and half["img_in"]["kernel"].dtype == "bfloat16"
-    with pytest.raises(checkpoint.CheckpointError, match="holds a 'dit' checkpoint, not 'vae'"):
-        io.load(tmp_path / "q", component="vae")
+    with pytest.raises(checkpoint.CheckpointError, match="holds a 'dit' checkpoint; accepted: vae"):
+        checkpoint.load(tmp_path / "q", ("vae",))
 
 
 def test_quantize_command(tmp_path):
     checkpoint.save(tmp_path / "dense", "dit", to_json_dict(CFG), tiny_params())
     assert cli.main(["quantize", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "q8"),
                      "--mode", "int8"]) == 0
-    _, q = io.load(tmp_path / "q8")
+    q = checkpoint.load(tmp_path / "q8", dtype=None)[2]
     assert isinstance(q["single_blocks"]["linear1_mlp"]["kernel"], quant.QArray)
     assert rel_l2(sample(q), sample(tiny_params())) < 0.02
     assert cli.main(["quantize", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "q8"),
@@ -174,7 +174,7 @@ def test_checkpoint_folder_with_a_quantized_dit(tmp_path):
                      "--mode", "int4"]) == 0
     c = components.load_component(tmp_path / "root", "dit", dtype="fp32")
     assert c.cfg == CFG and c.params["double_blocks"]["img_mlp"]["fc1"]["kernel"].bits == 4
-    np.testing.assert_array_equal(sample(c.params), sample(io.load(tmp_path / "root" / "dit")[1]))
+    np.testing.assert_array_equal(sample(c.params), sample(checkpoint.load(tmp_path / "root" / "dit", dtype=None)[2]))
 
     mesh = parallel.make_mesh("fsdp=2,tensor=4")
     m = components.load_component(tmp_path / "root", "dit", dtype="fp32", mesh=mesh)

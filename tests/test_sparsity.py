@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from compress_helpers import CFG, rel_l2, sample, tiny_params
-from m141jax import cli
+from m141jax import checkpoint, cli
 from m141jax.compress.box import nbytes
 from m141jax.compress import layout, nm, quant
 from m141jax.config import SparsityConfig, preset, to_json_dict
@@ -141,13 +141,13 @@ def test_export_load_round_trips_exactly(tmp_path):
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tiny_params())
     chosen = nm.select_dit(params, CFG)
     pruned = nm.prune(params, nm.nm_masks(params, chosen, 2, 4))
-    nm.export(tmp_path / "sparse", "dit", to_json_dict(CFG), pruned, chosen)
-    info, back = nm.load(tmp_path / "sparse")
+    checkpoint.save(tmp_path / "sparse", "dit", to_json_dict(CFG), nm.compress(pruned, chosen))
+    info, back = checkpoint.read_meta(tmp_path / "sparse"), checkpoint.load(tmp_path / "sparse", dtype=None, dense=True)[2]
     assert set(info["compressed"]) == set(chosen)
     for a, b in zip(jax.tree_util.tree_leaves(pruned), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    _, boxes = nm.load(tmp_path / "sparse", dense=False)
+    boxes = checkpoint.load(tmp_path / "sparse", dtype=None)[2]
     box = _kernel(boxes, "double_blocks/img_attn_proj/kernel")
     assert isinstance(box, nm.NMSparse) and box.indices.dtype == jnp.uint8
     assert box.values.shape == (2, 32, 64) and box.indices.shape == (2, 8, 64)  # 2 of 4 of 64 inputs, 2 bits each
@@ -189,12 +189,10 @@ def test_hardware_2_4_operands():
 
 
 def test_sparsify_command(tmp_path):
-    from m141jax import checkpoint
-
     checkpoint.save(tmp_path / "dense", "dit", to_json_dict(CFG), tiny_params())
     assert cli.main(["sparsify", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "s"), "--nm", "2:4",
                      "--values", "int8"]) == 0
-    _, boxes = nm.load(tmp_path / "s", dense=False)
+    boxes = checkpoint.load(tmp_path / "s", dtype=None)[2]
     assert isinstance(_kernel(boxes, "double_blocks/img_mlp/fc1/kernel").values, quant.QArray)
     assert cli.main(["sparsify", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "t"), "--nm", "2-4"]) == 2
 

@@ -13,10 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m141jax import checkpoint, parallel
+from m141jax import checkpoint, parallel, sampling
 from m141jax.cli import devices
-from m141jax.config import dtype_of
 from m141jax.io import load_npz, save_npz
+from m141jax.models.clip import text_forward
+from m141jax.models.dit import dit_forward
+from m141jax.models.llama import hidden_states
+from m141jax.models.llava import check_image_tokens, llava_forward
+from m141jax.models.vae import decode, encode
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray]]] = {}
 
@@ -46,17 +50,12 @@ def load_component(args, *components: str):
 def load_dit(args):
     """(config, params) of the DiT checkpoint, placed on args.device_mesh when given (with the
     --sequence-parallel method for that mesh)."""
-    _, cfg = checkpoint.read_config(args.checkpoint, ("dit",), args.dtype)
-    shardings = None
-    if args.device_mesh is not None:
-        cfg, shardings = parallel.dit_on_mesh(cfg, args.device_mesh, args.sequence_parallel)
-    return cfg, checkpoint.load_params(args.checkpoint, dtype=dtype_of(cfg.param_dtype), shardings=shardings)
+    return checkpoint.load(args.checkpoint, ("dit",), args.dtype, mesh=args.device_mesh,
+                           sequence_parallel=args.sequence_parallel)[1:]
 
 
 @runner("dit")
 def run_dit(args) -> dict[str, np.ndarray]:
-    from m141jax.models.dit import dit_forward
-
     mesh = args.device_mesh
     z = load_npz(args.inputs, ("latents", "timestep", "text_states", "text_mask", "text_states_2"),
                  ("ref_latents", "guidance"))
@@ -79,8 +78,6 @@ def run_dit(args) -> dict[str, np.ndarray]:
 def run_sample(args) -> dict[str, np.ndarray]:
     """The whole sampling loop: --steps/--shift schedule, --guidance as CFG scale (neg_* arrays needed
     when > 1) or, for a DiT with a guidance embedding, as its embedded guidance scale."""
-    from m141jax import sampling
-
     cfg, params = load_dit(args)
     text = ("text_states", "text_mask", "text_states_2")
     cfg_on = not cfg.guidance_embed and sampling.uses_cfg(args.guidance)
@@ -98,8 +95,6 @@ def run_sample(args) -> dict[str, np.ndarray]:
 
 @runner("vae-encode")
 def run_vae_encode(args) -> dict[str, np.ndarray]:
-    from m141jax.models.vae import encode
-
     cfg, params = load_component(args, "vae")
     video = load_npz(args.inputs, ("video",))["video"]
     mean, logvar = encode(params, cfg, to_channels_last(video), tiling=args.tiling == "on")
@@ -108,8 +103,6 @@ def run_vae_encode(args) -> dict[str, np.ndarray]:
 
 @runner("vae-decode")
 def run_vae_decode(args) -> dict[str, np.ndarray]:
-    from m141jax.models.vae import decode
-
     cfg, params = load_component(args, "vae")
     latents = load_npz(args.inputs, ("latents",))["latents"]
     return {"video": to_channels_first(decode(params, cfg, to_channels_last(latents), tiling=args.tiling == "on"))}
@@ -118,8 +111,6 @@ def run_vae_decode(args) -> dict[str, np.ndarray]:
 @runner("llm")
 def run_llm(args) -> dict[str, np.ndarray]:
     """A Llama (an `llm` checkpoint, or the language model of a `vlm` one): hidden_states[-(K+1)]."""
-    from m141jax.models.llama import hidden_states
-
     kind, cfg, params = checkpoint.load(args.checkpoint, ("llm", "vlm"), args.dtype)
     if kind == "vlm":
         cfg, params = cfg.text, params["language_model"]
@@ -131,8 +122,6 @@ def run_llm(args) -> dict[str, np.ndarray]:
 
 @runner("clip")
 def run_clip(args) -> dict[str, np.ndarray]:
-    from m141jax.models.clip import text_forward
-
     cfg, params = load_component(args, "clip")
     z = load_npz(args.inputs, ("input_ids", "attention_mask"))
     last, pooled = jax.jit(lambda p, ids, m: text_forward(p, cfg, ids, m))(
@@ -143,8 +132,6 @@ def run_clip(args) -> dict[str, np.ndarray]:
 @runner("vlm")
 def run_vlm(args) -> dict[str, np.ndarray]:
     """LLaVA on expanded input_ids (one image token per feature position): the last layer after the norm."""
-    from m141jax.models.llava import check_image_tokens, llava_forward
-
     cfg, params = load_component(args, "vlm")
     z = load_npz(args.inputs, ("input_ids", "attention_mask", "pixel_values"))
     check_image_tokens(cfg, z["input_ids"], z["pixel_values"].shape[0])

@@ -20,8 +20,8 @@ from pathlib import Path
 import jax
 
 from m141jax import checkpoint, media
-from m141jax.config import DiTConfig, dtype_of, from_json_dict, to_json_dict
-from m141jax.models.dit import abstract_params, init_params
+from m141jax.config import DiTConfig, to_json_dict
+from m141jax.models.dit import init_params
 from m141jax.train import data as data_lib
 from m141jax.train import prepare
 from m141jax.train.checkpointing import RunCheckpoints
@@ -46,14 +46,9 @@ def _record_config(out: Path, cfg) -> None:
     tmp.replace(path)
 
 
-def _load_dit(path: str, model: DiTConfig, dtype: str, shardings):
-    """A DiT checkpoint's parameters in `dtype`, checked to match the model's architecture."""
-    meta = checkpoint.read_meta(path, "dit")
-    stored = from_json_dict(DiTConfig, meta["config"]).architecture()
-    if stored != model.architecture():
-        diff = sorted(k for k in stored if stored[k] != model.architecture()[k])
-        raise ValueError(f"{path} holds a DiT whose {', '.join(diff)} differ from the configured model")
-    return checkpoint.load_params(path, dtype=dtype_of(dtype), shardings=shardings)
+def _load_dit(path: str, model: DiTConfig, dtype: str, mesh):
+    """A DiT checkpoint's parameters in `dtype` on `mesh`, checked to match the model's architecture."""
+    return checkpoint.load(path, ("dit",), dtype, mesh=mesh, architecture=model)[2]
 
 
 class _Run:
@@ -71,7 +66,6 @@ class _Run:
         self.ckpt = RunCheckpoints(self.out / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints,
                                    cfg.run.async_checkpoints)
         self.console = not args.quiet
-        self.param_shardings = state_shardings(abstract_params(cfg.model), cfg.model, self.mesh)
 
     def place(self, make_state, *inputs):
         """make_state(*inputs) evaluated under jit straight into its fsdp shardings."""
@@ -104,7 +98,7 @@ def train_main(args) -> int:
     cfg = load_run_config(TRAIN_PRESETS, args.config, args.overrides)
     run = _Run(args, cfg, cfg.flow.n_image_tokens)
     if cfg.init:
-        params = _load_dit(cfg.init, cfg.model, cfg.model.param_dtype, run.param_shardings)
+        params = _load_dit(cfg.init, cfg.model, cfg.model.param_dtype, run.mesh)
         state = run.place(functools.partial(init_train_state, cfg), params)
     else:
         state = run.place(lambda key: init_train_state(cfg, init_params(cfg.model, key)),
@@ -120,7 +114,7 @@ def distill_main(args) -> int:
     cfg = load_run_config(DISTILL_PRESETS, args.config, args.overrides)
     run = _Run(args, cfg, cfg.n_image_tokens)
     if cfg.teacher:
-        teacher = _load_dit(cfg.teacher, cfg.model, cfg.teacher_dtype, run.param_shardings)
+        teacher = _load_dit(cfg.teacher, cfg.model, cfg.teacher_dtype, run.mesh)
     else:
         print("note: no teacher checkpoint given; distilling a randomly initialised teacher")
         model = dataclasses.replace(cfg.model, param_dtype=cfg.teacher_dtype)

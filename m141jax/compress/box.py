@@ -3,7 +3,7 @@
 A `Box` is a flax `AxisMetadata`, so when a layer reads the parameter, flax unboxes it: the dense kernel is
 rebuilt there, inside the jitted forward, one layer at a time (inside `nn.scan` too). The models need no
 change; `densify` rebuilds a whole tree at once. Every subclass registers itself by name in `BOX_TYPES`,
-which is how `compress.io.load` rebuilds boxes from a checkpoint (importing `m141jax.compress` registers
+which is how `checkpoint.load` rebuilds boxes from a checkpoint (importing `m141jax.compress` registers
 the int8/int4 and N:M formats).
 """
 
@@ -66,8 +66,6 @@ def densify(tree):
 def split_boxes(tree, mesh):
     """The tree with the arrays of every compressed kernel split along their output channels over `mesh`
     (`parallel.storage_sharding`); other leaves unchanged."""
-    from m141jax.parallel import storage_sharding
-
     def split(box):
         return jax.tree_util.tree_map(lambda a: jax.device_put(a, storage_sharding(a.shape, mesh)), box)
 

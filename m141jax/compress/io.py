@@ -1,20 +1,18 @@
-"""Orbax checkpoints of parameter trees holding compressed kernels (`m141jax.checkpoint` layout).
+"""How parameter trees holding compressed kernels are stored: each box as a dict of its arrays, its
+format (type and static fields) kept apart, e.g. under "compressed" in a checkpoint's metadata.
 
-The arrays of each box are stored as a dict in the Orbax tree, its format (type and static fields) under
-"compressed" in the checkpoint's metadata; `load` rebuilds the boxes (`box.BOX_TYPES`).
+`pack` splits a tree into (arrays, formats); `unpack` rebuilds the boxes (`box.BOX_TYPES`). The files
+themselves are written and read by `m141jax.checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from m141jax import checkpoint
-from m141jax.compress.box import BOX_TYPES, Box, is_box, nbytes
+from m141jax.compress.box import BOX_TYPES, Box, is_box
 from m141jax.parallel import path_str
 
 
@@ -45,49 +43,28 @@ def _box_from_state(arrays: dict, fmt: dict) -> Box:
     return cls(**kw)
 
 
-def save(dst: str | Path, component: str, config: dict[str, Any], tree, overwrite: bool = False) -> Path:
-    """An Orbax checkpoint (`m141jax.checkpoint` layout) of a parameter tree holding compressed kernels:
-    each box is stored as a dict of its arrays, its format under "compressed" in the metadata."""
+def pack(tree) -> tuple[dict, dict]:
+    """(arrays, formats) of a parameter tree: every box replaced by the dict of its arrays; formats maps
+    the box's '/'-joined path to its format."""
     formats = {}
 
-    def unpack(p, x):
+    def unpack_box(p, x):
         if not is_box(x):
             return x
         arrays, formats[path_str(p)] = _box_state(x)
         return arrays
 
-    arrays = jax.tree_util.tree_map_with_path(unpack, tree, is_leaf=is_box)
-    return checkpoint.save(dst, component, config, arrays, overwrite=overwrite, extra={"compressed": formats})
+    return jax.tree_util.tree_map_with_path(unpack_box, tree, is_leaf=is_box), formats
 
 
-def rewrite(src: str | Path, dst: str | Path, compress: Callable[[str, Any, Any], Any], components: Sequence[str],
-            overwrite: bool = False) -> str:
-    """Write compress(component, config, params) of checkpoint src (of one of `components`) to dst with
-    `save`; returns 'X GB -> Y GB'. dst is checked before any weights are read."""
-    component, cfg = checkpoint.read_config(src, tuple(components))
-    if Path(dst).exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
-    params = checkpoint.load_params(src)
-    before = nbytes(params)
-    tree = compress(component, cfg, params)
-    save(dst, component, checkpoint.read_meta(src)["config"], tree, overwrite=overwrite)
-    return f"{before / 1e9:.3f} GB -> {nbytes(tree) / 1e9:.3f} GB"
+def boxed_paths(formats: dict):
+    """A predicate on '/'-joined array paths: does the array belong to a stored box?"""
+    return lambda key: any(key.startswith(k + "/") for k in formats)
 
 
-def load(path: str | Path, dtype=None, component: str | None = None,
-         place: Callable[[str, Any, bool], Any] | None = None):
-    """(metadata, tree) of a checkpoint written by `save` (or a plain one): the compressed kernels as
-    boxes. `dtype`: floating-point parameters and the kernels' dense dtype become `dtype`; integer codes
-    and quantization scales keep theirs. `place(path, stored array shape/dtype, inside a box)`: the
-    sharding each stored array is restored onto (default: the first device)."""
-    info = checkpoint.read_meta(path, component)
-    formats = info.get("compressed", {})
-    shardings = None
-    if place is not None:
-        boxed = lambda key: any(key.startswith(k + "/") for k in formats)  # noqa: E731
-        shardings = jax.tree_util.tree_map_with_path(lambda p, a: place(path_str(p), a, boxed(path_str(p))),
-                                                     checkpoint.abstract_tree(path))
-    tree = checkpoint.load_params(path, shardings=shardings)
+def unpack(tree, formats: dict, dtype=None):
+    """The inverse of `pack`. `dtype`: floating-point parameters and the kernels' dense dtype become
+    `dtype`; integer codes and quantization scales keep theirs."""
     missing = set(formats)
 
     def rebuild(p, x):
@@ -101,8 +78,8 @@ def load(path: str | Path, dtype=None, component: str | None = None,
     is_stored_box = lambda p, x: isinstance(x, dict) and path_str(p) in formats  # noqa: E731
     tree = _map_with_path_until(rebuild, tree, is_stored_box)
     if missing:
-        raise checkpoint.CheckpointError(f"{path}: compressed kernels {sorted(missing)[:3]} are missing from the arrays")
-    return info, tree
+        raise ValueError(f"compressed kernels {sorted(missing)[:3]} are missing from the arrays")
+    return tree
 
 
 def _map_with_path_until(fn, tree, stop, path=()):

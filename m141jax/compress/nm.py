@@ -6,7 +6,7 @@
   layer are excluded by default, `config.SPARSITY_EXCLUDE`). `prune` applies masks once (one-shot).
 - `NMSparse`: the compact format (the n kept values of each group and their positions in it, packed in
   1, 2, 4 or 8-bit codes; the kept values optionally int8), a `Box` that each layer rebuilds as a dense
-  kernel when it reads it; `compress` / `export` / `load` make, save and read it.
+  kernel when it reads it; `compress` makes it, `checkpoint.save` / `checkpoint.load` store and read it.
 - `nm_operands` / `nm_matmul`: the same kernel as the operands of a hardware 2:4 sparse matmul
   (`jax.experimental.sparse.nm`, NVIDIA GPUs, jax versions that ship it): a benchmark path only.
 
@@ -17,15 +17,13 @@ Training that keeps the kernels sparse (the gradual schedule, sparsity-preservin
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from m141jax.compress import io
 from m141jax.compress.bits import code_bits, pack_bits, unpack_bits
-from m141jax.compress.box import Box, densify, is_box, static
+from m141jax.compress.box import Box, is_box, static
 from m141jax.compress.layout import Layout, as_matrix, from_matrix, map_selected, select
 from m141jax.compress.quant import dit_layouts, quantize_dit, quantize_matrix
 from m141jax.config import DiTConfig, SparsityConfig
@@ -138,19 +136,6 @@ def compress(params, chosen: dict[str, Layout], n: int = 2, m: int = 4, values: 
         if (lay.k // m * n * bits) % 8:
             raise ValueError(f"{path}: {lay.k // m * n} kept positions of {bits} bits do not fill whole bytes")
     return map_selected(lambda w, lay, _: compress_kernel(w, lay, n, m, values), params, chosen)
-
-
-def export(dst: str | Path, component: str, config: dict, params, chosen: dict[str, Layout], n: int = 2,
-           m: int = 4, values: str = "dense", overwrite: bool = False) -> Path:
-    """Write the compact sparse checkpoint of params (`compress`) with Orbax, atomically."""
-    return io.save(dst, component, config, compress(params, chosen, n, m, values), overwrite=overwrite)
-
-
-def load(path: str | Path, dtype=None, dense: bool = True):
-    """(metadata, params) of a checkpoint written by `export`: dense kernels rebuilt (zeros at the pruned
-    weights) when `dense`, else NMSparse boxes that each layer rebuilds when it reads its kernel."""
-    info, tree = io.load(path, dtype)
-    return info, densify(tree) if dense else tree
 
 
 # ---------------------------------------------------------------------- hardware 2:4 (benchmark only)
