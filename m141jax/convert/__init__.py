@@ -251,7 +251,7 @@ def check_config(component: str, d: dict, where: str):
         cfg = translate(d)
     except ValueError as e:
         raise ValueError(f"{where}: {_one_line(e)}") from None
-    except (TypeError, AttributeError, KeyError, IndexError) as e:
+    except Exception as e:  # TypeError, AttributeError, KeyError, transformers' validation errors, ...
         # the field to blame: the one whose removal lets the translation succeed (else changes its error)
         def outcome(k):
             try:
@@ -274,8 +274,8 @@ def check_config(component: str, d: dict, where: str):
         same = [k for k, v in d.items() if v is value]  # the JSON key, when the value was passed through
         names = [k for k in same if k == field] or (same if len(same) == 1 else [field])
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"{where}: field {names[0]!r} must be {want}, found {type(value).__name__} "
-                         f"{json.dumps(value) if isinstance(value, (str, int, float, bool, list)) else value!r}{more}")
+        shown = json.dumps(value) if isinstance(value, (str, int, float, bool, list)) else repr(value)
+        raise ValueError(f"{where}: field {names[0]!r} must be {want}, found {type(value).__name__} {shown}{more}")
     return cfg
 
 

@@ -166,6 +166,6 @@ def execute(plan: Sequence[Recipe], src: TensorSource, abstract: dict, dtype, pr
         del buf
     bar.close()
     if bad:
-        raise PlanError(f"{len(bad)} tensors hold NaN or Inf values: {_named([f'{k} ({v})' for k, v in bad.items()])}; "
+        raise PlanError(f"{len(bad)} tensors hold NaN or Inf values: {_named([f'{k} ({v})' for k, v in sorted(bad.items())])}; "
                         f"refusing to convert them (pass --allow-nonfinite to convert them anyway)")
     return out

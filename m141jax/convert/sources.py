@@ -199,11 +199,11 @@ def _load_pickle(path: Path) -> tuple[object, bool]:
                                   f"torch.load(weights_only=False) and torch.save its state dict") from None
             raise SourceError(f"cannot read {path}: not a PyTorch checkpoint (the bytes are neither a torch zip "
                               f"archive nor a pickle; damaged or not a weights file)") from None
-        if isinstance(e, EOFError) or not msg:
-            reason = f"unexpected end of file ({type(e).__name__}); the file is truncated or not a PyTorch checkpoint" \
-                if isinstance(e, EOFError) else type(e).__name__
-        else:
-            reason = msg.splitlines()[0]
+        reason = msg.splitlines()[0] if msg else type(e).__name__
+        if isinstance(e, EOFError):
+            reason = "unexpected end of file: the file is truncated or not a PyTorch checkpoint"
+        elif not mmap and not _is_pickle_stream(path, mmap):
+            reason = f"not a PyTorch checkpoint (the bytes are neither a torch zip archive nor a pickle; torch: {reason})"
         raise SourceError(f"cannot read {path}: {reason}") from None
 
 
