@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import fcntl
 import importlib
 import json
 import os
@@ -104,9 +103,11 @@ def check_destination(dst: str | Path, component: str, src: str | Path, overwrit
     component, or anything else). Raises DestinationError / FileExistsError."""
     dst = Path(dst).absolute()
     if dst.exists() or dst.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
         why = _not_replaceable(dst, component, Path(src).absolute())
+        if not overwrite:
+            raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it" if not why else
+                                  f"{dst} already exists and --overwrite would not replace it ({why}); "
+                                  f"choose another --dst")
         if why:
             raise DestinationError(f"--overwrite refuses to replace {dst}: {why}; it replaces only an m141jax "
                                    f"checkpoint of the same component ({component!r})")
@@ -149,6 +150,8 @@ def clean_stale_partials(dst: Path, started: float) -> tuple[list[Path], list[st
     and its lock can be taken (a live writer holds an flock on it, see checkpoint.atomic_dir). A
     partial that holds a complete checkpoint while dst is missing (a replace interrupted between its
     two renames) is kept and reported, as is one whose lock cannot be tested."""
+    import fcntl
+
     from m141jax.checkpoint import META
 
     pattern = _partial_pattern(dst)
