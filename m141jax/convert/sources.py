@@ -17,6 +17,7 @@ import ctypes
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -186,7 +187,9 @@ def _load_pickle(path: Path) -> tuple[object, bool]:
         raise SourceError(f"cannot read {path}: the file is empty")
     mmap = zipfile.is_zipfile(path)  # mmap needs the zip format (torch >= 1.6 default)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), mmap
+        with warnings.catch_warnings():  # a plain pickle's protocol is refused (or read) below, in one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), mmap
     except Exception as e:
         msg = str(e).strip()
         if "Weights only load failed" in msg or "UnpicklingError" in type(e).__name__:
