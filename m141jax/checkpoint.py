@@ -46,7 +46,9 @@ class CheckpointError(ValueError):
 
 def partial_dir(dst: Path, token: str | None = None) -> Path:
     """A fresh hidden sibling of dst to write into before the atomic rename (`token`: the same name on
-    every process of a multi-process run)."""
+    every process of a multi-process run). The converter recognises these names to remove the ones an
+    interrupted run left behind (m141jax.convert.clean_stale_partials): `.NAME.partial-PID-HEX8` or
+    `.NAME.partial-TOKEN` with a 16-hex-digit token."""
     return dst.parent / f".{dst.name}.partial-{token or f'{os.getpid()}-{uuid.uuid4().hex[:8]}'}"
 
 
@@ -54,16 +56,27 @@ def atomic_dir(dst: str | Path, write: Callable[[Path], None], overwrite: bool =
     """Run write(tmp) on a fresh sibling directory, then rename it to dst: dst is complete or absent.
 
     In a multi-process run every process calls this: process 0 makes and renames the directory and
-    `write` runs on all of them (Orbax writes each process's shards), with barriers in between."""
+    `write` runs on all of them (Orbax writes each process's shards), with barriers in between.
+    Process 0 holds an flock on the directory while it is being written, so a later run can tell a
+    partial folder whose writer was killed from one still being written (best effort: where the file
+    system does not support the lock, it is written unlocked)."""
+    import fcntl
+
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     primary = jax.process_index() == 0
     tmp = partial_dir(dst, shared_token() if jax.process_count() > 1 else None)
+    lock = None
     try:
         if primary:
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
+            try:
+                lock = os.open(tmp, os.O_RDONLY)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass
         sync(f"m141jax mkdir {tmp.name}")
         write(tmp)
         sync(f"m141jax written {tmp.name}")
@@ -79,6 +92,9 @@ def atomic_dir(dst: str | Path, write: Callable[[Path], None], overwrite: bool =
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     return dst
 
 
