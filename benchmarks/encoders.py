@@ -163,7 +163,7 @@ def bench_forward(size: str, repeats: int) -> None:
     prompt = jax.jit(lambda p, i, m: llama.hidden_states(p, cfg.text, i, m, 2))
     with torch.no_grad():
         _compare("llm", lambda: prompt(lm, ids, mask),
-                 lambda: model.model.language_model(input_ids=tids, attention_mask=tmask, output_hidden_states=True
+                 lambda: model.model.language_model(input_ids=tids, attention_mask=tmask, output_hidden_states=True  # noqa: F821
                                                     ).hidden_states[-3], repeats, sync, size=size, batch=1, tokens=351)
 
     n_text = 153  # the release's VLM prompt: 153 text tokens + 576 image positions with Llama-3
@@ -174,8 +174,8 @@ def bench_forward(size: str, repeats: int) -> None:
     tv, tpx = torch.from_numpy(vids).long().to(device), torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device, tdtype)
     vmask = np.ones_like(vids)
     with torch.no_grad():
-        _compare("vlm", lambda: vlm(params, vids, vmask, pixels),
-                 lambda: model(input_ids=tv, pixel_values=tpx, output_hidden_states=True).hidden_states[-1],
+        _compare("vlm", lambda: vlm(params, vids, vmask, pixels),  # noqa: F821
+                 lambda: model(input_ids=tv, pixel_values=tpx, output_hidden_states=True).hidden_states[-1],  # noqa: F821
                  repeats, sync, size=size, batch=1, tokens=vids.shape[1])
     del model, params
 

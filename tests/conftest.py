@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from m141jax import cli  # noqa: E402
-from m141jax.convert import main as convert_main  # noqa: E402
+from m141jax.cli.convert import main as convert_main  # noqa: E402
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from m141jax.convert import main as convert_main
+from m141jax.cli.convert import main as convert_main
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -18,7 +18,9 @@ import torch
 from dit_reference import make_model, to_release_names
 from safetensors.torch import save_file
 
-from m141jax import checkpoint, convert
+from m141jax import checkpoint, config
+from m141jax.convert.configs import config_type_problems
+from m141jax.convert.destination import clean_stale_partials, partial_pattern
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,12 +236,10 @@ def test_config_with_wrong_types_gives_one_line(component, config, expect, run_c
 
 
 def test_type_check_accepts_every_preset():
-    from m141jax import config
-
     for table in (config.DIT_PRESETS, config.VAE_PRESETS, config.LLAMA_PRESETS, config.CLIP_TEXT_PRESETS,
                   config.LLAVA_PRESETS):
         for name, cfg in table.items():
-            assert convert._config_type_problems(cfg) == [], name
+            assert config_type_problems(cfg) == [], name
 
 
 def test_folder_config_is_checked_too(release_sd, run_convert, tmp_path, capsys):
@@ -335,16 +335,16 @@ def test_a_running_writers_partial_is_kept(tmp_path):
         fd = os.open(token, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            assert convert.clean_stale_partials(dst, started=time.time()) == ([], [])
+            assert clean_stale_partials(dst, started=time.time()) == ([], [])
         finally:
             os.close(fd)
         assert live.is_dir() and token.is_dir()
-        assert convert.clean_stale_partials(dst, started=time.time()) == ([token], [])  # unlocked now
+        assert clean_stale_partials(dst, started=time.time()) == ([token], [])  # unlocked now
         assert live.is_dir()
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    assert convert.clean_stale_partials(dst, started=time.time()) == ([live], [])
+    assert clean_stale_partials(dst, started=time.time()) == ([live], [])
 
 
 def test_only_this_destinations_stale_partials_are_touched(tmp_path):
@@ -360,12 +360,12 @@ def test_only_this_destinations_stale_partials_are_touched(tmp_path):
         os.utime(q, (1, 1))
     os.utime(others[-1], None)  # newer than the run: possibly a writer that has not taken its lock yet
     started = os.stat(others[-1]).st_mtime
-    removed, notes = convert.clean_stale_partials(dst, started=started)
+    removed, notes = clean_stale_partials(dst, started=started)
     assert sorted(removed) == sorted(stale) and notes == []
     assert all(q.is_dir() for q in others)
     (tmp_path / "link").mkdir()
     (tmp_path / f".dst.partial-{dead}-0000aaaa").symlink_to(tmp_path / "link")
-    assert convert.clean_stale_partials(dst, started=started) == ([], [])
+    assert clean_stale_partials(dst, started=started) == ([], [])
     assert (tmp_path / "link").is_dir()
 
 
@@ -374,15 +374,15 @@ def test_a_complete_checkpoint_left_by_an_interrupted_replace_is_kept(tmp_path):
     dst = tmp_path / "dst"
     old = _fake_checkpoint(checkpoint.partial_dir(dst).with_name(f".dst.partial-{2 ** 22 + 1}-0badc0de"), "dit")
     os.utime(old, (1, 1))
-    removed, notes = convert.clean_stale_partials(dst, started=time.time())
+    removed, notes = clean_stale_partials(dst, started=time.time())
     assert removed == [] and len(notes) == 1 and "complete checkpoint" in notes[0] and old.is_dir()
     dst.mkdir()
-    assert convert.clean_stale_partials(dst, started=time.time()) == ([old], [])
+    assert clean_stale_partials(dst, started=time.time()) == ([old], [])
 
 
 def test_partial_names_match_the_cleanup_pattern(tmp_path):
     dst = tmp_path / "my.ck"
-    pattern = convert._partial_pattern(dst)
+    pattern = partial_pattern(dst)
     assert pattern.fullmatch(checkpoint.partial_dir(dst).name)
     assert pattern.fullmatch(checkpoint.partial_dir(dst, "00ff00ff00ff00ff").name)
     assert not pattern.fullmatch(checkpoint.partial_dir(tmp_path / "myxck").name)

@@ -56,7 +56,7 @@ def i2v(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def i2v_ckpt(i2v):
-    from m141jax.convert import main
+    from m141jax.cli.convert import main
     model, d = i2v
     assert main(["dit", "--src", str(d / "hf"), "--dst", str(d / "ck"), "--dtype", "fp32", "--quiet"]) == 0
     return d / "ck"

@@ -71,7 +71,7 @@ def test_bin_shards_and_checked_keys(tiny_llama_hf, tmp_path, capsys):
     import jax
 
     from m141jax import checkpoint
-    from m141jax.convert import main as convert_main
+    from m141jax.cli.convert import main as convert_main
 
     model, folder = tiny_llama_hf
     state = {f"model.{k}": v for k, v in model.state_dict().items()}

@@ -13,7 +13,7 @@ from safetensors.torch import save_file  # noqa: E402
 from m141jax import checkpoint  # noqa: E402
 from m141jax.cli import main as cli_main  # noqa: E402
 from m141jax.config import VAEConfig  # noqa: E402
-from m141jax.convert import main as convert_main  # noqa: E402
+from m141jax.cli.convert import main as convert_main  # noqa: E402
 from m141jax.convert import vae as convert_vae  # noqa: E402
 from m141jax.convert.plan import PlanError  # noqa: E402
 from m141jax.convert.vae import vae_config_from_dict  # noqa: E402
