@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from m141jax import sampling
-from m141jax.compress.box import nbytes
 from m141jax.compress import layout, nm, quant
+from m141jax.compress.box import nbytes
 from m141jax.config import preset
 from m141jax.models import dit
 

@@ -63,7 +63,8 @@ def main() -> int:
         acc = quality.accuracies(clips, captions)
         print(f"RESULT demo_quality_{name} " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
     gaps = {f"student4_vs_{t}": quality.paired_gap(per_clip["student4"], per_clip[t]) for t in ("teacher4", "teacher50")}
-    print("RESULT demo_quality_gap " + " ".join(f"{k}={g:+.3f} ci95={lo:+.3f}..{hi:+.3f}" for k, (g, lo, hi) in gaps.items()))
+    print("RESULT demo_quality_gap "
+          + " ".join(f"{k}={g:+.3f} ci95={lo:+.3f}..{hi:+.3f}" for k, (g, lo, hi) in gaps.items()))
     t2i = components.load_component(root, "t2i", "fp32")
     images = {"t2i": quality.text_to_image(t2i.cfg, t2i.params, vae, prepared),
               "t2i_vae": np.asarray(pipeline.decode_frames(vae, prepared.ref_latents))[:, 0]}

@@ -35,8 +35,15 @@ from m141jax import sampling
 from m141jax.config import DiTConfig
 from m141jax.models.dit import init_params
 from m141jax.train import dmd, flow
-from m141jax.train.config import (DataConfig, DistillConfig, DMDConfig, FlowConfig, OptimizerConfig, RunConfig,
-                                  TrainConfig)
+from m141jax.train.config import (
+    DataConfig,
+    DistillConfig,
+    DMDConfig,
+    FlowConfig,
+    OptimizerConfig,
+    RunConfig,
+    TrainConfig,
+)
 from m141jax.train.data import make_iterator
 
 F, H, W, C = 3, 4, 4, 4  # latent frames, height, width, channels

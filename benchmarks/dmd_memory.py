@@ -34,6 +34,7 @@ def shard_bytes(tree, model, n: int) -> int:
     fsdp=n mesh (an abstract mesh: no devices needed)."""
     import jax
     from jax.sharding import AbstractMesh
+
     from m141jax.axes import MESH_AXES
     from m141jax.train.mesh import state_shardings
 
@@ -47,6 +48,7 @@ def state_table(devices=(8, 64, 256)):
     import dataclasses
 
     import jax
+
     from m141jax.models.dit import abstract_params
     from m141jax.train.config import DISTILL_PRESETS
     from m141jax.train.dmd import init_dmd_state
@@ -76,6 +78,7 @@ def compile_step(cfg, state, teacher, frames: int, size: int, text_len: int):
     """AOT-compile the generator-turn DMD2 step on the 8 host devices; print XLA's memory analysis."""
     import jax
     import jax.numpy as jnp
+
     from m141jax.train.dmd import make_dmd_step
     from m141jax.train.mesh import batch_shardings, make_mesh, state_shardings
 

@@ -43,14 +43,14 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m141jax.config import (CLIP_TEXT_PRESETS, LLAVA_PRESETS, CLIPVisionConfig,  # noqa: E402
-                            LlamaConfig, LlavaConfig)
+from common import result  # noqa: E402
+
+from m141jax.config import CLIP_TEXT_PRESETS, LLAVA_PRESETS, CLIPVisionConfig, LlamaConfig, LlavaConfig  # noqa: E402
 from m141jax.convert.clip import VISION_ANCHOR  # noqa: E402
 from m141jax.convert.clip import _plan_for as clip_plan_for  # noqa: E402
 from m141jax.convert.llava import _plan_for as llava_plan_for  # noqa: E402
 from m141jax.convert.plan import execute  # noqa: E402
 from m141jax.models import clip, llama, llava  # noqa: E402
-from common import result  # noqa: E402
 
 SMALL_LLAMA = LlamaConfig(vocab_size=32000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
                           mlp_hidden=1536)
@@ -126,7 +126,8 @@ def _compare(name: str, jax_fn, torch_fn, repeats: int, sync, **info) -> None:
 
 def bench_forward(size: str, repeats: int) -> None:
     from transformers import CLIPTextConfig as HFClipText
-    from transformers import CLIPTextModel, LlavaConfig as HFLlava, LlavaForConditionalGeneration
+    from transformers import CLIPTextModel, LlavaForConditionalGeneration
+    from transformers import LlavaConfig as HFLlava
 
     accelerated = jax.default_backend() != "cpu"
     torch, device, tdtype, sync = _torch_env(accelerated)

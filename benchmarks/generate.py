@@ -27,11 +27,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import best_of, result
 
 from m141jax import pipeline, sampling
 from m141jax.config import preset
 from m141jax.models import dit as dit_lib
-from common import best_of, result
 
 PAPER_SECONDS_PER_VIDEO_SECOND = 3.0 / 5.0  # "5-second video clips within 3 seconds"
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "v5e": 197.0, "v5 lite": 197.0, "v5p": 459.0,
@@ -90,7 +90,8 @@ def bench_sampler_vs_torch(repeats: int, config: str = "small-i2v", frames: int 
     x0, r0 = torch.from_numpy(np.moveaxis(noise, -1, 1)), torch.from_numpy(np.moveaxis(ref, -1, 1))
     f = x0.shape[2]
     cond = torch.cat([r0, torch.zeros_like(x0[:, :, 1:])], 2)
-    mask = torch.zeros_like(x0[:, :1]); mask[:, :, 0] = 1
+    mask = torch.zeros_like(x0[:, :1])
+    mask[:, :, 0] = 1
     states, tmask, pooled = (torch.from_numpy(np.asarray(a)) for a in text)
 
     def theirs():  # the release's loop: one forward per step, Euler step in fp32
@@ -103,7 +104,9 @@ def bench_sampler_vs_torch(repeats: int, config: str = "small-i2v", frames: int 
         return x
 
     jax_first, jax_s = best_of(ours, repeats)
-    start = time.perf_counter(); theirs(); torch_first = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs()
+    torch_first = time.perf_counter() - start
     torch_s = min(_timed(theirs) for _ in range(repeats))
     err = float(np.abs(np.moveaxis(np.asarray(ours()), -1, 1) - theirs().numpy()).max())
     result("sampler_cpu_vs_torch", config=config, latents=f"{f}x{size[0] // 8}x{size[1] // 8}", steps=steps,

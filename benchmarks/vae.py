@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from common import best_of, result  # noqa: E402
 
 from m141jax.config import VAE_PRESETS, preset  # noqa: E402
 from m141jax.convert import vae as convert_vae  # noqa: E402
 from m141jax.models import vae  # noqa: E402
-from common import best_of, result  # noqa: E402
 
 # name -> (preset, video [B, F, H, W, 3] to encode, latents [B, f, h, w, C] to decode)
 CPU_SIZES = {"tiny": ("tiny-vae", (1, 9, 64, 64, 3), (1, 3, 8, 8, 16)),

@@ -34,8 +34,16 @@ import jax.numpy as jnp
 from m141jax import checkpoint
 from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig
 from m141jax.models import clip, llama, llava
-from m141jax.prompts import (MAX_LENGTH, NEGATIVE_PROMPT, TEMPLATES, VLMPrompt, clip_tokens, llm_tokens, template_crop,
-                             vlm_prompt)
+from m141jax.prompts import (
+    MAX_LENGTH,
+    NEGATIVE_PROMPT,
+    TEMPLATES,
+    VLMPrompt,
+    clip_tokens,
+    llm_tokens,
+    template_crop,
+    vlm_prompt,
+)
 from m141jax.vision_input import ImageProcessing, preprocess
 
 SKIP_LAYER = 2  # the release's hidden_state_skip_layer: hidden_states[-3]

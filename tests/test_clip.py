@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from hf_encoders import convert, randomize, save_hf
+from util import rel_err
 
 from m141jax.config import CLIP_TEXT_PRESETS
 from m141jax.models import clip
-
-from hf_encoders import convert, randomize, save_hf
-from util import rel_err
 
 V = 120  # vocabulary; V-1 is the EOS id (the largest, as in CLIP's vocabulary)
 

@@ -12,13 +12,12 @@ import pytest
 import yaml
 
 from m141jax import presets
-from m141jax.cli import generate
+from m141jax.cli import build_parser, generate, main
 from m141jax.cli import train as train_cli
-from m141jax.cli import build_parser, main
 from m141jax.config import DiTConfig, VAEConfig
 from m141jax.demo import SHIFT, recipe
-from m141jax.presets import GENERATE_KEYS, load_generate_config
 from m141jax.parallel import parse_mesh
+from m141jax.presets import GENERATE_KEYS, load_generate_config
 from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

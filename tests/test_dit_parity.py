@@ -18,8 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from dit_reference import (correctly_rounded_timestep_embedding, make_inputs, make_model, reference_velocity,
-                           to_release_names)
+from dit_reference import (
+    correctly_rounded_timestep_embedding,
+    make_inputs,
+    make_model,
+    reference_velocity,
+    to_release_names,
+)
 from util import rel_err
 
 from m141jax.models.layers import timestep_sinusoid

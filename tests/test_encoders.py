@@ -10,14 +10,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hf_encoders import clip_tokenizer, convert, llama3_tokenizer, randomize, save_hf
 from PIL import Image
+from util import rel_err
 
 from m141jax import prompts as P
 from m141jax.encoders import Encoders, encode, encode_empty, encode_with_negative, text_conditioning
 from m141jax.vision_input import ImageProcessing, preprocess
-
-from hf_encoders import clip_tokenizer, convert, llama3_tokenizer, randomize, save_hf
-from util import rel_err
 
 CORPUS = [P.PROMPT_TEMPLATE_VIDEO, P.VLM_TEMPLATE, P.NEGATIVE_PROMPT, "\n\n" * 20,
           "A cat walks on the grass, realistic style. A red car drives through a rainy city at night."] * 10

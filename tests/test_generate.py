@@ -8,13 +8,12 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_checkpoints import save_random, write_tiny_checkpoints
 
 from m141jax import checkpoint, components, encoders, media, pipeline
 from m141jax.cli import main
 from m141jax.config import preset
 from m141jax.models import dit, vae
-
-from tiny_checkpoints import save_random, write_tiny_checkpoints
 
 # reading MP4s back starts ffmpeg by fork + exec, which JAX warns about needlessly
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork")

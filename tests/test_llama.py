@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from hf_encoders import convert, randomize, save_hf
+from util import rel_err
 
 from m141jax.config import LLAMA_PRESETS
 from m141jax.models import llama
-
-from hf_encoders import convert, randomize, save_hf
-from util import rel_err
 
 
 @pytest.fixture(scope="module")

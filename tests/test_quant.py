@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compress_helpers import CFG, inputs, rel_l2, sample, tiny_params
 from PIL import Image
 
-from compress_helpers import CFG, inputs, rel_l2, sample, tiny_params
 from m141jax import checkpoint, cli, parallel, sampling
 from m141jax.compress import bits as bitpack
-from m141jax.compress.box import densify, is_box, nbytes
 from m141jax.compress import layout, quant
+from m141jax.compress.box import densify, is_box, nbytes
 from m141jax.config import CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, preset, to_json_dict
 from m141jax.models import clip, dit, llama, llava
 
@@ -139,7 +139,8 @@ def test_quantized_checkpoint_round_trip(tmp_path):
     q = quant.quantize_dit(tiny_params(), CFG, "int4")
     checkpoint.save(tmp_path / "q", "dit", to_json_dict(CFG), q)
     info, back = checkpoint.read_meta(tmp_path / "q"), checkpoint.load(tmp_path / "q", dtype=None)[2]
-    assert info["component"] == "dit" and len(info["compressed"]) == len(layout.select(tiny_params(), quant.dit_layouts(CFG)))
+    kernels = layout.select(tiny_params(), quant.dit_layouts(CFG))
+    assert info["component"] == "dit" and len(info["compressed"]) == len(kernels)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(q)
     for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype

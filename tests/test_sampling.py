@@ -4,13 +4,13 @@ import jax
 import jax.monitoring
 import numpy as np
 import pytest
+from util import rel_err
 
 from m141jax import checkpoint, sampling
 from m141jax.cli import main
 from m141jax.config import preset, to_json_dict
 from m141jax.io import save_npz
 from m141jax.models.dit import dit_forward, init_params
-from util import rel_err
 
 SPEC_SIGMAS = {4: [1.0, 0.9375, 0.83333, 0.625, 0.0],
                8: [1.0, 0.97222, 0.9375, 0.89286, 0.83333, 0.75, 0.625, 0.41667, 0.0]}

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from m141jax import checkpoint, cli, parallel, sampling
 from m141jax.axes import MESH_AXES
-from m141jax import checkpoint, cli, sampling, parallel
 from m141jax.config import to_json_dict
 from m141jax.io import save_npz
 from m141jax.models.attention import attention

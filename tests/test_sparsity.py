@@ -6,11 +6,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-
 from compress_helpers import CFG, rel_l2, sample, tiny_params
+
 from m141jax import checkpoint, cli
-from m141jax.compress.box import nbytes
 from m141jax.compress import layout, nm, quant
+from m141jax.compress.box import nbytes
 from m141jax.config import SparsityConfig, preset, to_json_dict
 from m141jax.models import dit
 from m141jax.train import sparsity
@@ -215,8 +215,8 @@ def test_train_and_distill_configs_keep_the_dit_sparse():
     """`sparsity` in TrainConfig / DistillConfig wraps the flow step's and the generator's optimizers."""
     import dataclasses
 
-    from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
     from m141jax.train import dmd, flow
+    from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
 
     assert load_run_config(TRAIN_PRESETS, None, ["preset=tiny-i2v"]).sparsity is None
     cfg = load_run_config(TRAIN_PRESETS, None, ["preset=tiny-i2v", "sparsity.end_step=0", "run.steps=3"])

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import jax
 import pytest
+from train_helpers import write_prepared
 
 from m141jax import checkpoint
 from m141jax.cli import main
-from m141jax.train.config import TRAIN_PRESETS, load_run_config
 from m141jax.train.checkpointing import RunCheckpoints
-from train_helpers import write_prepared
+from m141jax.train.config import TRAIN_PRESETS, load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import pixel_dmd_step, pixel_params, pixel_velocity, tiny_distill_config, tree_equal
 
 from m141jax import sampling
 from m141jax.train import dmd, flow
 from m141jax.train.data import SyntheticSource
-from train_helpers import pixel_dmd_step, pixel_params, pixel_velocity, tiny_distill_config, tree_equal
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import pixel_params, pixel_velocity, tiny_train_config
 
 from m141jax import sampling
-from m141jax.train.config import FlowConfig, OptimizerConfig
 from m141jax.models.dit import abstract_params
 from m141jax.train import flow
+from m141jax.train.config import FlowConfig, OptimizerConfig
 from m141jax.train.data import SyntheticSource
 from m141jax.train.optim import ema_init, ema_update, lr_schedule, make_optimizer
-from train_helpers import pixel_params, pixel_velocity, tiny_train_config
 
 
 def test_time_shift_is_the_inference_schedule_s():

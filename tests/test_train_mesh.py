@@ -2,13 +2,14 @@
 
 import jax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from m141jax.axes import MESH_AXES
 from m141jax.config import preset
-from m141jax.train.config import OptimizerConfig
 from m141jax.models.dit import abstract_params
 from m141jax.parallel import Strategy, path_str
+from m141jax.train.config import OptimizerConfig
 from m141jax.train.mesh import check_batch, make_mesh, state_shardings
 from m141jax.train.optim import make_optimizer
 

@@ -4,13 +4,13 @@ result feeds the training pipeline."""
 import json
 
 import numpy as np
+from tiny_checkpoints import write_tiny_checkpoints
 
 from m141jax import media
 from m141jax.cli import main
 from m141jax.config import preset
 from m141jax.train import data
 from m141jax.train.config import DataConfig
-from tiny_checkpoints import write_tiny_checkpoints
 
 
 def _video(path, frames, seed):

@@ -4,13 +4,19 @@ cheap; the DiT's own steps are exercised by the CLI and sharding tests)."""
 
 import jax
 import pytest
+from train_helpers import (
+    pixel_dmd_step,
+    pixel_flow_step,
+    pixel_params,
+    tiny_distill_config,
+    tiny_train_config,
+    tree_equal,
+)
 
 from m141jax.train import dmd, flow
 from m141jax.train.checkpointing import RunCheckpoints
 from m141jax.train.data import SyntheticSource, make_iterator
 from m141jax.train.loop import MetricsLog, run_loop
-from train_helpers import (pixel_dmd_step, pixel_flow_step, pixel_params, tiny_distill_config, tiny_train_config,
-                           tree_equal)
 
 
 class Interrupted(Exception):

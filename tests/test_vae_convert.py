@@ -12,8 +12,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from m141jax import checkpoint  # noqa: E402
 from m141jax.cli import main as cli_main  # noqa: E402
-from m141jax.config import VAEConfig  # noqa: E402
 from m141jax.cli.convert import main as convert_main  # noqa: E402
+from m141jax.config import VAEConfig  # noqa: E402
 from m141jax.convert import vae as convert_vae  # noqa: E402
 from m141jax.convert.plan import PlanError  # noqa: E402
 from m141jax.convert.vae import vae_config_from_dict  # noqa: E402
@@ -55,7 +55,8 @@ def test_release_checkpoint_with_vae_prefix_and_foreign_keys(ref, state, tmp_pat
                                   w.transpose(2, 3, 4, 1, 0))
     w = state["encoder.mid_block.attentions.0.to_out.0.weight"].numpy()
     np.testing.assert_array_equal(params["encoder"]["mid_block"]["attentions_0"]["to_out_0"]["kernel"], w.T)
-    np.testing.assert_array_equal(params["quant_conv"]["kernel"][0, 0, 0], state["quant_conv.weight"].numpy()[:, :, 0, 0, 0].T)
+    np.testing.assert_array_equal(params["quant_conv"]["kernel"][0, 0, 0],
+                                  state["quant_conv.weight"].numpy()[:, :, 0, 0, 0].T)
     np.testing.assert_array_equal(params["encoder"]["conv_norm_out"]["scale"], state["encoder.conv_norm_out.weight"].numpy())
 
 

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from hf_encoders import clip_tokenizer, llama3_tokenizer
 
 from m141jax import checkpoint
 from m141jax.config import CLIP_TEXT_PRESETS, LLAVA_PRESETS, VAE_PRESETS, preset, to_json_dict
 from m141jax.models import clip, dit, llava, vae
-
-from hf_encoders import clip_tokenizer, llama3_tokenizer
 
 CORPUS = ["Describe the video by detailing the following aspects. A cat walks on the grass, a red car drives "
           "through a rainy city at night. Aerial view, overexposed, low quality, deformation."] * 20

@@ -23,8 +23,8 @@ from m141jax.convert.plan import nonfinite_allowed
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_torch_weights.py",
-                                description="Convert PyTorch weights (release or diffusers/HF names) to an m141jax Orbax checkpoint.")
+    p = argparse.ArgumentParser(prog="convert_torch_weights.py", description="Convert PyTorch weights (release or "
+                                "diffusers/HF names) to an m141jax Orbax checkpoint.")
     p.add_argument("component", choices=sorted(COMPONENTS))
     p.add_argument("--src", required=True, help="a .pt/.pth/.bin/.safetensors file or a model directory")
     p.add_argument("--dst", required=True, help="the Orbax checkpoint directory to create")

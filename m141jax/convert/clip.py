@@ -5,9 +5,19 @@ that the `vlm` converter uses. Projections and logit scale are not part of the e
 from __future__ import annotations
 
 from m141jax.config import CLIP_TEXT_PRESETS, CLIPTextConfig, CLIPVisionConfig
-from m141jax.convert.hf import (clip_text_config_from_hf, convert_with, find_prefix, heads_bias, heads_in, heads_out,
-                               ident, linear, unused)
+from m141jax.convert.hf import (
+    clip_text_config_from_hf,
+    convert_with,
+    find_prefix,
+    heads_bias,
+    heads_in,
+    heads_out,
+    ident,
+    linear,
+    unused,
+)
 from m141jax.convert.plan import Recipe, recipe
+from m141jax.models.clip import abstract_params
 
 TEXT_ANCHOR = "embeddings.token_embedding.weight"
 VISION_ANCHOR = "embeddings.patch_embedding.weight"
@@ -70,8 +80,6 @@ def _plan_for(cfg: CLIPTextConfig, keys):
 
 def convert(src: str, config: str | None, dtype, progress: bool = True):
     """(CLIPTextConfig, numpy parameter tree) from a Hugging Face CLIP folder / weights file."""
-    from m141jax.models.clip import abstract_params
-
     return convert_with(src, config, dtype, progress, what="clip", presets=CLIP_TEXT_PRESETS,
                         from_hf=clip_text_config_from_hf, default="clip-l", plan_for=_plan_for,
                         abstract=abstract_params)

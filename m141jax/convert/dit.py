@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from m141jax.config import DIT_PRESETS, DiTConfig, load_json, preset
-from m141jax.convert.plan import Recipe, recipe
+from m141jax.convert.plan import Recipe, check, execute, recipe
+from m141jax.convert.sources import open_source
+from m141jax.models.dit import abstract_params
 
 # ---- the release's constructor arguments and diffusers' config.json -> DiTConfig
 
@@ -335,10 +337,6 @@ def resolve_config(config: str | None, folder_config: dict | None) -> DiTConfig:
 def convert(src: str, config: str | None, dtype, progress: bool = True):
     """(DiTConfig, numpy parameter tree) from a PyTorch DiT checkpoint."""
     import dataclasses
-
-    from m141jax.convert.plan import check, execute
-    from m141jax.convert.sources import open_source
-    from m141jax.models.dit import abstract_params
 
     source, folder_config = open_source(src, strip=("model.", "module.", "hydit_unimodel.guidance_model.feedforward_model."))
     cfg = resolve_config(config, folder_config)

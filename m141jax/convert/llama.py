@@ -4,9 +4,18 @@ folder) onto `m141jax.models.llama`. Only the language model is converted; the L
 from __future__ import annotations
 
 from m141jax.config import LLAMA_PRESETS, LlamaConfig
-from m141jax.convert.hf import (convert_with, find_prefix, heads_in, heads_out, ident, linear, llama_config_from_hf,
-                               unused)
+from m141jax.convert.hf import (
+    convert_with,
+    find_prefix,
+    heads_in,
+    heads_out,
+    ident,
+    linear,
+    llama_config_from_hf,
+    unused,
+)
 from m141jax.convert.plan import Recipe, recipe
+from m141jax.models.llama import abstract_params
 
 ANCHOR = "embed_tokens.weight"
 
@@ -40,7 +49,5 @@ def _plan_for(cfg: LlamaConfig, keys):
 
 def convert(src: str, config: str | None, dtype, progress: bool = True):
     """(LlamaConfig, numpy parameter tree) from a Hugging Face Llama or LLaVA folder / weights file."""
-    from m141jax.models.llama import abstract_params
-
     return convert_with(src, config, dtype, progress, what="llm", presets=LLAMA_PRESETS, from_hf=llama_config_from_hf,
                         default="llama-3-8b", plan_for=_plan_for, abstract=abstract_params)

@@ -11,6 +11,7 @@ from m141jax.convert.hf import convert_with, find_prefix, ident, linear, llava_c
 from m141jax.convert.llama import ANCHOR as LLAMA_ANCHOR
 from m141jax.convert.llama import llama_plan
 from m141jax.convert.plan import recipe
+from m141jax.models.llava import abstract_params
 
 
 def projector_plan(c: LlavaConfig, prefix: str):
@@ -34,7 +35,5 @@ def _plan_for(cfg: LlavaConfig, keys):
 
 def convert(src: str, config: str | None, dtype, progress: bool = True):
     """(LlavaConfig, numpy parameter tree) from a Hugging Face LLaVA folder / weights file."""
-    from m141jax.models.llava import abstract_params
-
     return convert_with(src, config, dtype, progress, what="vlm", presets=LLAVA_PRESETS, from_hf=llava_config_from_hf,
                         default="llava-llama-3-8b", plan_for=_plan_for, abstract=abstract_params)

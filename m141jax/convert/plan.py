@@ -166,6 +166,7 @@ def execute(plan: Sequence[Recipe], src: TensorSource, abstract: dict, dtype, pr
         del buf
     bar.close()
     if bad:
-        raise PlanError(f"{len(bad)} tensors hold NaN or Inf values: {_named([f'{k} ({v})' for k, v in sorted(bad.items())])}; "
+        named = _named([f"{k} ({v})" for k, v in sorted(bad.items())])
+        raise PlanError(f"{len(bad)} tensors hold NaN or Inf values: {named}; "
                         f"refusing to convert them (pass --allow-nonfinite to convert them anyway)")
     return out

@@ -17,7 +17,9 @@ import jax
 import numpy as np
 
 from m141jax.config import VAE_PRESETS, VAEConfig, load_json, preset
-from m141jax.convert.plan import Recipe, recipe
+from m141jax.convert.plan import Recipe, check, execute, recipe
+from m141jax.convert.sources import open_source
+from m141jax.models.vae import abstract_params
 
 # ---- the release's / diffusers' VAE config.json -> VAEConfig
 
@@ -90,8 +92,6 @@ def _torch_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], object]:
 
 def plan(cfg: VAEConfig, prefix: str = "") -> list[Recipe]:
     """One recipe per JAX leaf of the model built from cfg, reading `prefix + torch_key(path)`."""
-    from m141jax.models.vae import abstract_params
-
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
         keys = tuple(k.key for k in path)
@@ -119,10 +119,6 @@ def resolve_config(config: str | None, folder_config: dict | None) -> VAEConfig:
 def convert(src: str, config: str | None, dtype, progress: bool = True):
     """(VAEConfig, numpy parameter tree) from a PyTorch VAE checkpoint."""
     import dataclasses
-
-    from m141jax.convert.plan import check, execute
-    from m141jax.convert.sources import open_source
-    from m141jax.models.vae import abstract_params
 
     source, folder_config = open_source(src, strip=("vae.", "model.", "module."))
     cfg = resolve_config(config, folder_config)

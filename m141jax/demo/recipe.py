@@ -36,8 +36,15 @@ from m141jax.models import dit as dit_lib
 from m141jax.models import vae as vae_lib
 from m141jax.train import dmd, flow
 from m141jax.train import vae as vae_train
-from m141jax.train.config import (DataConfig, DistillConfig, DMDConfig, FlowConfig, OptimizerConfig, RunConfig,
-                                  TrainConfig)
+from m141jax.train.config import (
+    DataConfig,
+    DistillConfig,
+    DMDConfig,
+    FlowConfig,
+    OptimizerConfig,
+    RunConfig,
+    TrainConfig,
+)
 from m141jax.train.data import make_iterator
 
 LATENT = 8  # latent channels

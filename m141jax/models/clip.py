@@ -20,13 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m141jax import axes
 from m141jax.config import CLIPTextConfig, CLIPVisionConfig, dtype_of
 from m141jax.models import params as P
 from m141jax.models.attention import attention, causal_padding_mask
 from m141jax.models.layers import MLP, LayerNorm, dense
 from m141jax.models.stack import init_stack, run_stack
 
-_ACT = ("activation_batch", "activation_length", "activation_embed")
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
                "gelu": functools.partial(jax.nn.gelu, approximate=False)}
 
@@ -60,7 +60,7 @@ class CLIPLayer(nn.Module):
         x = x + dense(c.hidden_size, ("heads", "kv", "embed"), axis=(-2, -1), name="out_proj", **kw)(o).astype(x.dtype)
         h = _layer_norm(c, "layer_norm2")(x).astype(kw["dtype"])
         x = x + MLP(c.mlp_hidden, c.hidden_size, act=ACTIVATIONS[c.act], name="mlp", **kw)(h).astype(x.dtype)
-        return nn.with_logical_constraint(x, _ACT), None
+        return nn.with_logical_constraint(x, axes.ACTIVATIONS), None
 
 
 # ----------------------------------------------------------------------------------------- text

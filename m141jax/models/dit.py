@@ -18,15 +18,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m141jax.axes import ACTIVATIONS
 from m141jax.config import DiTConfig, dtype_of
 from m141jax.models.attention import attention
-from m141jax.models.sequence_parallel import attend
-from m141jax.models.layers import (MLP, LayerNorm, Modulation, RMSNorm, TextProjection, TimestepEmbedder,
-                                   dense, gelu_tanh, modulate)
+from m141jax.models.layers import (
+    MLP,
+    LayerNorm,
+    Modulation,
+    RMSNorm,
+    TextProjection,
+    TimestepEmbedder,
+    dense,
+    gelu_tanh,
+    modulate,
+)
 from m141jax.models.params import views
 from m141jax.models.rope import apply_rope, rope_tables
+from m141jax.models.sequence_parallel import attend
 
-_ACT = ("activation_batch", "activation_length", "activation_embed")
 _REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
           "nothing": jax.checkpoint_policies.nothing_saveable}
 
@@ -90,7 +99,7 @@ class DoubleStreamBlock(nn.Module):
             x = x + (g1[:, None] * _out_proj(c, f"{s}_attn_proj")(o_s)).astype(x.dtype)
             h = modulate(LayerNorm()(x), s2, c2).astype(kw["dtype"])
             x = x + (g2[:, None] * MLP(c.mlp_hidden, c.hidden_size, name=f"{s}_mlp", **kw)(h)).astype(x.dtype)
-            out.append(nn.with_logical_constraint(x, _ACT))
+            out.append(nn.with_logical_constraint(x, ACTIVATIONS))
         return tuple(out), None
 
 
@@ -116,7 +125,7 @@ class SingleStreamBlock(nn.Module):
         y = _out_proj(c, "linear2_attn", use_bias=False)(o) + dense(c.hidden_size, ("mlp", "embed"),
                                                                      name="linear2_mlp", **kw)(mlp)
         x = x + (gate[:, None] * y).astype(x.dtype)
-        return nn.with_logical_constraint(x, _ACT), None
+        return nn.with_logical_constraint(x, ACTIVATIONS), None
 
 
 class RefinerBlock(nn.Module):
@@ -194,7 +203,7 @@ class MMDiT(nn.Module):
         grid = (f // pt, hh // ph, ww // pw)
         patches = x.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, -1).transpose(0, 1, 3, 5, 2, 4, 6, 7)
         patches = patches.reshape(b, grid[0] * grid[1] * grid[2], -1).astype(kw["dtype"])
-        img = nn.with_logical_constraint(dense(c.hidden_size, (None, "embed"), name="img_in", **kw)(patches), _ACT)
+        img = nn.with_logical_constraint(dense(c.hidden_size, (None, "embed"), name="img_in", **kw)(patches), ACTIVATIONS)
 
         vec = (TimestepEmbedder(c.hidden_size, name="time_in", **kw)(t)
                + TextProjection(c.hidden_size, name="vector_in", **kw)(text_states_2.astype(kw["dtype"])))

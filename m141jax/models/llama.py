@@ -16,13 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m141jax.axes import ACTIVATIONS
 from m141jax.config import LlamaConfig, dtype_of
 from m141jax.models import params as P
 from m141jax.models.attention import attention, causal_padding_mask
 from m141jax.models.layers import RMSNorm, dense
 from m141jax.models.stack import init_stack, run_stack
-
-_ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 def _kw(cfg: LlamaConfig):
@@ -71,7 +70,7 @@ class LlamaBlock(nn.Module):
                     for n in ("gate", "up"))
         x = x + dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(nn.silu(gate) * up
                                                                                                 ).astype(x.dtype)
-        return nn.with_logical_constraint(x, _ACT), None
+        return nn.with_logical_constraint(x, ACTIVATIONS), None
 
 
 def embed_tokens(params, cfg: LlamaConfig, input_ids):

@@ -8,8 +8,19 @@ from m141jax.parallel.dit import dit_forward_fn, dit_on_mesh, dit_param_sharding
 from m141jax.parallel.hosts import gather, initialize_distributed, put, shared_token, sync
 from m141jax.parallel.jit import MeshFunction, activate, jit_sharded
 from m141jax.parallel.mesh import format_mesh, host_split, make_mesh, parse_mesh
-from m141jax.parallel.rules import (DEFAULT, RULES, Strategy, batch_axes, batch_sharding, logical_sharding, path_str,
-                                    rules_for_batch, state_shardings, storage_sharding, tree_shardings)
+from m141jax.parallel.rules import (
+                                    DEFAULT,
+                                    RULES,
+                                    Strategy,
+                                    batch_axes,
+                                    batch_sharding,
+                                    logical_sharding,
+                                    path_str,
+                                    rules_for_batch,
+                                    state_shardings,
+                                    storage_sharding,
+                                    tree_shardings,
+)
 
 __all__ = ["DEFAULT", "RULES", "MeshFunction", "Strategy", "activate", "batch_axes", "batch_sharding",
            "dit_forward_fn", "dit_on_mesh", "dit_param_shardings", "format_mesh", "gather", "host_split",

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from m141jax import axes as ax
 from m141jax.axes import BATCH_AXES, MESH_AXES, fit_axes

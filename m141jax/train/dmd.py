@@ -34,8 +34,17 @@ from m141jax import sampling
 from m141jax.config import dtype_of
 from m141jax.models.layers import LayerNorm, dense
 from m141jax.train.config import DistillConfig, DMDConfig
-from m141jax.train.flow import (Velocity, dit_velocity, drop_text, euler_sample, flow_loss,
-                                interpolate, predict_x0, shift_sigma, split_batch)
+from m141jax.train.flow import (
+    Velocity,
+    dit_velocity,
+    drop_text,
+    euler_sample,
+    flow_loss,
+    interpolate,
+    predict_x0,
+    shift_sigma,
+    split_batch,
+)
 from m141jax.train.optim import make_optimizer
 
 sg = jax.lax.stop_gradient

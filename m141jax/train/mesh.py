@@ -8,7 +8,8 @@ their leading axis over data × fsdp.
 
 from __future__ import annotations
 
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from m141jax import parallel
 from m141jax.axes import BATCH_AXES
