@@ -76,11 +76,6 @@ class DiTConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
     @property
-    def latent_channels(self) -> int:
-        """Channels of the noisy latent the sampler integrates (the I2V input adds ref + mask)."""
-        return self.out_channels
-
-    @property
     def image_conditioned(self) -> bool:
         """True for the 33-channel I2V input (noise ‖ reference ‖ mask), False for the plain T2V form."""
         return self.in_channels == 2 * self.out_channels + 1
@@ -202,10 +197,6 @@ class VAEConfig:
                              f"or both hold {self.latent_channels} values (one per latent channel), every std > 0")
         dtype_of(self.param_dtype), dtype_of(self.dtype)
 
-    def architecture(self) -> dict[str, Any]:
-        """Architecture fields only (what a checkpoint must match)."""
-        skip = {"param_dtype", "dtype", "sample_size", "sample_tsize", "scaling_factor", "latents_mean", "latents_std"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {

@@ -3,6 +3,7 @@
 - `load_image` / `fit_image`: pick the closest 540p aspect-ratio bucket (or a given size), resize with
   the aspect ratio kept so the image covers the target (bilinear, antialiased: torchvision's `Resize`
   on PIL images is PIL's), then centre-crop. A 16:9 image becomes 544×960 (H×W).
+- `to_signed`: uint8 frames -> float32 in [-1, 1] (x/255·2 − 1; the one formula every VAE input uses).
 - `to_uint8`: decoded video in [-1, 1] -> uint8 frames by `(x/2 + 0.5).clip(0, 1) · 255`, truncated as
   the release's `.byte()` does.
 - `VideoWriter`: streams frames into an H.264 MP4 (imageio + its ffmpeg) as they arrive; the file is
@@ -86,6 +87,11 @@ def open_image(path: str | Path) -> Image.Image:
         raise ValueError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image {path} cannot be read as an image ({e})") from None
+
+
+def to_signed(frames) -> np.ndarray:
+    """uint8 frames -> float32 in [-1, 1] as the release scales its first frame: x/255 (ToTensor), then ×2 − 1."""
+    return np.asarray(frames, np.float32) / 255.0 * 2.0 - 1.0
 
 
 def to_uint8(video) -> jax.Array:

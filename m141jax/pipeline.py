@@ -174,7 +174,7 @@ def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], key
 
 def reference_latents(vae: Component, frames, keys, clip: int, use_mean: bool) -> jax.Array:
     """The scaled reference latent [B, 1, h, w, C] of first frames uint8 [B, H, W, 3] (release.md A.3 step 3)."""
-    video = jnp.asarray(frames, jnp.float32)[:, None] / 255.0 * 2.0 - 1.0
+    video = jnp.asarray(media.to_signed(frames))[:, None]
     mean, logvar = vae_lib.encode(vae.params, vae.cfg, video, tiling=True)
     if not use_mean:
         draw = lambda m, lv, k: vae_lib.sample_posterior(m, lv, _key(k, _POSTERIOR, clip))

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from m141jax import encoders, pipeline
+from m141jax import encoders, media, pipeline
 from m141jax.components import Component
 from m141jax.models import vae as vae_lib
 
@@ -52,7 +52,7 @@ def clean_latents(vae: Component, videos: np.ndarray, batch: int = 16, progress:
     """x₀ = the scaled posterior means [N, f, h, w, C] of uint8 videos [N, F, H, W, 3]."""
     out = []
     for i in _batches(len(videos), batch, "vae-encode", progress):
-        x = videos[i:i + batch].astype(np.float32) / 127.5 - 1.0
+        x = media.to_signed(videos[i:i + batch])
         mean, _ = vae_lib.encode(vae.params, vae.cfg, x, tiling=True)
         out.append(np.asarray(vae_lib.scale_latents(vae.cfg, mean)))
     return np.concatenate(out)

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from m141jax import sampling
+from m141jax import media, sampling
 from m141jax.config import DiTConfig, VAEConfig
 from m141jax.demo import SHIFT
 from m141jax.models import dit as dit_lib
@@ -85,11 +85,11 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, 
     for i in bar:
         clips = videos[rng.integers(0, len(videos), batch)]
         clips = np.roll(clips, tuple(int(r) for r in rng.integers(0, videos.shape[2], 2)), axis=(2, 3))
-        x = clips.astype(np.float32) / 127.5 - 1.0
+        x = media.to_signed(clips)
         state, m = step(state, x, jax.random.fold_in(base, i))
         if i % 10 == 0:
             bar.set_postfix(l1=f"{float(m['l1']):.4f}")
-    sample = videos[:256].astype(np.float32) / 127.5 - 1.0
+    sample = media.to_signed(videos[:256])
     mean, std = vae_train.latent_statistics(state.params, VAE, (sample[i:i + 16] for i in range(0, len(sample), 16)))
     return dataclasses.replace(VAE, latents_mean=mean, latents_std=std), jax.device_get(state.params)
 

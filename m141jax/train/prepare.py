@@ -71,7 +71,7 @@ def read_frames(path: Path, frames: int) -> list[Image.Image]:
 
 
 def _encode_video(vae, frames: np.ndarray):
-    video = jnp.asarray(frames, jnp.float32)[None] / 255.0 * 2.0 - 1.0
+    video = jnp.asarray(media.to_signed(frames))[None]
     mean, _ = vae_lib.encode(vae.params, vae.cfg, video, tiling=True)
     return vae_lib.scale_latents(vae.cfg, mean[0])
 
