@@ -127,7 +127,7 @@ def bench_vs_torch(name: str, repeats: int, attention: str):
 
 
 def compile_seconds(cfg) -> float:
-    x = dit._dummy_inputs(cfg)
+    x = dit.dummy_inputs(cfg)
     params = dit.abstract_params(cfg)
     t0 = time.perf_counter()
     jax.jit(lambda p, *a: dit.MMDiT(cfg).apply({"params": p}, *a)).lower(params, *x).compile()

@@ -47,8 +47,8 @@ from common import result  # noqa: E402
 
 from m141jax.config import CLIP_TEXT_PRESETS, LLAVA_PRESETS, CLIPVisionConfig, LlamaConfig, LlavaConfig  # noqa: E402
 from m141jax.convert.clip import VISION_ANCHOR  # noqa: E402
-from m141jax.convert.clip import _plan_for as clip_plan_for  # noqa: E402
-from m141jax.convert.llava import _plan_for as llava_plan_for  # noqa: E402
+from m141jax.convert.clip import plan_for as clip_plan_for  # noqa: E402
+from m141jax.convert.llava import plan_for as llava_plan_for  # noqa: E402
 from m141jax.convert.plan import execute  # noqa: E402
 from m141jax.models import clip, llama, llava  # noqa: E402
 

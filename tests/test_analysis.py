@@ -26,7 +26,7 @@ def test_track_follows_the_scene(videos):
     a = analysis.analyse(video)
     step = np.asarray(shapes.DIRECTIONS[scene.direction]) * scene.speed
     expected = (np.asarray(scene.start) + np.arange(len(video))[:, None] * step) % shapes.SIZE
-    assert np.abs(analysis._wrap(a.track - expected, shapes.SIZE)).max() < 0.6
+    assert np.abs(analysis.wrap(a.track - expected, shapes.SIZE)).max() < 0.6
 
 
 def _captions(n):

@@ -60,7 +60,7 @@ def test_release_json_and_diffusers_config():
 
 
 def _jaxpr_size(cfg):
-    x = dit._dummy_inputs(cfg)
+    x = dit.dummy_inputs(cfg)
     params = dit.abstract_params(cfg)
     return str(jax.make_jaxpr(lambda p: dit.MMDiT(cfg).apply({"params": p}, *x))(params)).count("\n")
 

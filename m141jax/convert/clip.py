@@ -73,7 +73,8 @@ def vision_plan(c: CLIPVisionConfig, prefix: str, root: tuple[str, ...] = ()) ->
             + _layer_norm((*root, "pre_layrnorm"), None, f"{prefix}pre_layrnorm", D) + _layers(c, prefix, root))
 
 
-def _plan_for(cfg: CLIPTextConfig, keys):
+def plan_for(cfg: CLIPTextConfig, keys):
+    """(conversion plan, predicate of the source keys the plan leaves unused) for a state dict's keys."""
     prefix = find_prefix(keys, TEXT_ANCHOR, "CLIP text model")
     return text_plan(cfg, prefix), lambda k: unused(k) or not k.startswith(prefix)
 
@@ -81,5 +82,5 @@ def _plan_for(cfg: CLIPTextConfig, keys):
 def convert(src: str, config: str | None, dtype, progress: bool = True):
     """(CLIPTextConfig, numpy parameter tree) from a Hugging Face CLIP folder / weights file."""
     return convert_with(src, config, dtype, progress, what="clip", presets=CLIP_TEXT_PRESETS,
-                        from_hf=clip_text_config_from_hf, default="clip-l", plan_for=_plan_for,
+                        from_hf=clip_text_config_from_hf, default="clip-l", plan_for=plan_for,
                         abstract=abstract_params)

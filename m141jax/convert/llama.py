@@ -42,7 +42,8 @@ def llama_plan(c: LlamaConfig, prefix: str, root: tuple[str, ...] = ()) -> list[
     return out
 
 
-def _plan_for(cfg: LlamaConfig, keys):
+def plan_for(cfg: LlamaConfig, keys):
+    """(conversion plan, predicate of the source keys the plan leaves unused) for a state dict's keys."""
     prefix = find_prefix(keys, ANCHOR, "Llama language model")
     return llama_plan(cfg, prefix), lambda k: unused(k) or not k.startswith(prefix)
 
@@ -50,4 +51,4 @@ def _plan_for(cfg: LlamaConfig, keys):
 def convert(src: str, config: str | None, dtype, progress: bool = True):
     """(LlamaConfig, numpy parameter tree) from a Hugging Face Llama or LLaVA folder / weights file."""
     return convert_with(src, config, dtype, progress, what="llm", presets=LLAMA_PRESETS, from_hf=llama_config_from_hf,
-                        default="llama-3-8b", plan_for=_plan_for, abstract=abstract_params)
+                        default="llama-3-8b", plan_for=plan_for, abstract=abstract_params)

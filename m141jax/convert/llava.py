@@ -24,7 +24,8 @@ def projector_plan(c: LlavaConfig, prefix: str):
     return out
 
 
-def _plan_for(cfg: LlavaConfig, keys):
+def plan_for(cfg: LlavaConfig, keys):
+    """(conversion plan, predicate of the source keys the plan leaves unused) for a state dict's keys."""
     lm = find_prefix(keys, LLAMA_ANCHOR, "LLaVA language model")
     vt = find_prefix(keys, VISION_ANCHOR, "LLaVA vision tower")
     proj = find_prefix(keys, "multi_modal_projector.linear_1.weight", "LLaVA projector") + "multi_modal_projector."
@@ -36,4 +37,4 @@ def _plan_for(cfg: LlavaConfig, keys):
 def convert(src: str, config: str | None, dtype, progress: bool = True):
     """(LlavaConfig, numpy parameter tree) from a Hugging Face LLaVA folder / weights file."""
     return convert_with(src, config, dtype, progress, what="vlm", presets=LLAVA_PRESETS, from_hf=llava_config_from_hf,
-                        default="llava-llama-3-8b", plan_for=_plan_for, abstract=abstract_params)
+                        default="llava-llama-3-8b", plan_for=plan_for, abstract=abstract_params)

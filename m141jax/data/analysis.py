@@ -54,7 +54,7 @@ def _circular_mean(coords, weights, size: int) -> float:
     return float(np.arctan2((weights * np.sin(angle)).sum(), (weights * np.cos(angle)).sum()) * size / (2 * np.pi)) % size
 
 
-def _wrap(d, size: int):
+def wrap(d, size: int):
     """A difference of positions on a torus of `size`, mapped into [−size/2, size/2)."""
     return (d + size / 2) % size - size / 2
 
@@ -147,7 +147,7 @@ def analyse(video: np.ndarray) -> Analysis:
         if len(set(colours)) > 1 else colours[0]
     fill = float(np.median(fills))
     shape = "triangle" if fill < FILL_TRIANGLE else "circle" if fill < FILL_CIRCLE else "square"
-    steps = _wrap(np.diff(track, axis=0), np.asarray([h, w]))
+    steps = wrap(np.diff(track, axis=0), np.asarray([h, w]))
     steps = steps[~np.isnan(steps).any(axis=1)]
     direction, forward = None, 0.0
     if len(steps):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
-# `m141jax generate --preset demo` defaults (see m141jax/generate.py): the shapes clips (17 frames of
+# `m141jax generate --preset demo` defaults (see m141jax/cli/generate.py): the shapes clips (17 frames of
 # 32×32 at 8 fps), the student's 4 steps at the shift it was distilled with, the text-to-image model's
 # sampling, fp32 (tiny models run faster in fp32 on CPUs), the demo encoders' 16-token prompt window.
 SHIFT = 3.0

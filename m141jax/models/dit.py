@@ -285,7 +285,8 @@ def dit_forward(params, cfg: DiTConfig, latents, ref_latents, timestep, text_sta
     return out.astype(jnp.float32)
 
 
-def _dummy_inputs(cfg: DiTConfig):
+def dummy_inputs(cfg: DiTConfig):
+    """The smallest inputs that trace the DiT (initialisation, compile checks)."""
     pt, ph, pw = cfg.patch_size
     return (jnp.zeros((1, pt, ph, pw, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cfg.text_dim)),
             jnp.ones((1, 2), jnp.int32), jnp.zeros((1, cfg.pooled_dim)),
@@ -294,7 +295,7 @@ def _dummy_inputs(cfg: DiTConfig):
 
 def boxed_params(cfg: DiTConfig, rng):
     """Initialised parameters wrapped in their logical axis names."""
-    return MMDiT(cfg).init(rng, *_dummy_inputs(cfg))["params"]
+    return MMDiT(cfg).init(rng, *dummy_inputs(cfg))["params"]
 
 
 init_params, abstract_params, param_logical_axes, kernel_layouts = views(boxed_params)

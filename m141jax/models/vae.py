@@ -365,14 +365,15 @@ def decode(params, cfg: VAEConfig, latents, tiling: bool = True):
     return video.astype(jnp.float32)
 
 
-def _dummy_inputs(cfg: VAEConfig):
+def dummy_inputs(cfg: VAEConfig):
+    """The smallest inputs that trace the VAE (initialisation)."""
     s = cfg.spatial_compression_ratio
     return jnp.zeros((1, 1, s, s, cfg.in_channels)), jnp.zeros((1, 1, 1, 1, cfg.latent_channels))
 
 
 def boxed_params(cfg: VAEConfig, rng):
     """Initialised parameters wrapped in their logical axis names."""
-    return CausalVAE(cfg).init(rng, *_dummy_inputs(cfg))["params"]
+    return CausalVAE(cfg).init(rng, *dummy_inputs(cfg))["params"]
 
 
 init_params, abstract_params, param_logical_axes, kernel_layouts = views(boxed_params)
