@@ -42,7 +42,7 @@ def to_channels_first(x) -> np.ndarray:
     return np.asarray(jnp.moveaxis(x, -1, 1), np.float32)
 
 
-def load_component(args, *components: str):
+def load_checked(args, *components: str):
     """(config, params) of the checkpoint in args.checkpoint, one of `components`, in args.dtype."""
     return checkpoint.load(args.checkpoint, components, args.dtype)[1:]
 
@@ -95,7 +95,7 @@ def run_sample(args) -> dict[str, np.ndarray]:
 
 @runner("vae-encode")
 def run_vae_encode(args) -> dict[str, np.ndarray]:
-    cfg, params = load_component(args, "vae")
+    cfg, params = load_checked(args, "vae")
     video = load_npz(args.inputs, ("video",))["video"]
     mean, logvar = encode(params, cfg, to_channels_last(video), tiling=args.tiling == "on")
     return {"latent_mean": to_channels_first(mean), "latent_logvar": to_channels_first(logvar)}
@@ -103,7 +103,7 @@ def run_vae_encode(args) -> dict[str, np.ndarray]:
 
 @runner("vae-decode")
 def run_vae_decode(args) -> dict[str, np.ndarray]:
-    cfg, params = load_component(args, "vae")
+    cfg, params = load_checked(args, "vae")
     latents = load_npz(args.inputs, ("latents",))["latents"]
     return {"video": to_channels_first(decode(params, cfg, to_channels_last(latents), tiling=args.tiling == "on"))}
 
@@ -122,7 +122,7 @@ def run_llm(args) -> dict[str, np.ndarray]:
 
 @runner("clip")
 def run_clip(args) -> dict[str, np.ndarray]:
-    cfg, params = load_component(args, "clip")
+    cfg, params = load_checked(args, "clip")
     z = load_npz(args.inputs, ("input_ids", "attention_mask"))
     last, pooled = jax.jit(lambda p, ids, m: text_forward(p, cfg, ids, m))(
         params, jnp.asarray(z["input_ids"], jnp.int32), jnp.asarray(z["attention_mask"], jnp.int32))
@@ -132,7 +132,7 @@ def run_clip(args) -> dict[str, np.ndarray]:
 @runner("vlm")
 def run_vlm(args) -> dict[str, np.ndarray]:
     """LLaVA on expanded input_ids (one image token per feature position): the last layer after the norm."""
-    cfg, params = load_component(args, "vlm")
+    cfg, params = load_checked(args, "vlm")
     z = load_npz(args.inputs, ("input_ids", "attention_mask", "pixel_values"))
     check_image_tokens(cfg, z["input_ids"], z["pixel_values"].shape[0])
     pixels = jnp.moveaxis(jnp.asarray(z["pixel_values"], jnp.float32), 1, -1)  # [N, 3, H, W] -> [N, H, W, 3]
