@@ -168,7 +168,7 @@ def read_config(path: str | Path, components: tuple[str, ...] | None = None, dty
 
 
 def load(path: str | Path, components: tuple[str, ...] | None = None, dtype: str | None = "bf16", *, mesh=None,
-         sequence_parallel: str = "auto", dense: bool = False, architecture=None):
+         sequence_parallel: str = "auto", dense: bool = False, architecture=None, what: str | None = None):
     """(component, config, params) of a checkpoint, checked, in `dtype` (parameters and activations;
     None: as stored).
 
@@ -180,6 +180,7 @@ def load(path: str | Path, components: tuple[str, ...] | None = None, dtype: str
       shards); a DiT's config then gets the `sequence_parallel` method for that mesh; the arrays of
       compressed kernels are split along their output channels.
     - Compressed kernels stay compressed (boxes each layer rebuilds as it runs) unless `dense`.
+    - `what`: how errors name the checkpoint (default: its component).
     """
     path = Path(path)
     component, cfg = read_config(path, components, dtype)
@@ -191,7 +192,7 @@ def load(path: str | Path, components: tuple[str, ...] | None = None, dtype: str
     model = COMPONENTS[component][1]
     expected = model.abstract_params(cfg)
     stored = abstract_tree(path)
-    _check_arrays(path, component, expected, jax.eval_shape(lambda t: box.densify_traced(io.unpack(t, formats)), stored))
+    _check_arrays(path, what or component, expected, jax.eval_shape(lambda t: box.densify_traced(io.unpack(t, formats)), stored))
     shardings = None
     if mesh is not None:
         if component == "dit":
@@ -211,7 +212,7 @@ def load(path: str | Path, components: tuple[str, ...] | None = None, dtype: str
     return component, cfg, params
 
 
-def _check_arrays(path: Path, component: str, expected, stored) -> None:
+def _check_arrays(path: Path, what: str, expected, stored) -> None:
     """One-line error naming the first stored array whose shape or kind differs from the config's."""
     def table(tree):
         return {parallel.path_str(p): a for p, a in jax.tree_util.tree_leaves_with_path(tree)}
@@ -223,7 +224,7 @@ def _check_arrays(path: Path, component: str, expected, stored) -> None:
     if bad:
         k = bad[0]
         show = lambda t: "absent" if k not in t else f"{tuple(t[k].shape)} {t[k].dtype}"  # noqa: E731
-        raise CheckpointError(f"{path} ({component}): its parameters do not match its config at {len(bad)} "
+        raise CheckpointError(f"{path} ({what}): its parameters do not match its config at {len(bad)} "
                               f"entries, e.g. {k}: stored {show(have)}, config {show(want)}")
 
 

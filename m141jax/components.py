@@ -71,11 +71,11 @@ def load_component(root: str | Path, name: str, dtype: str = "bf16", mesh=None,
     """The DiT or VAE in root/name by the checked loader (`checkpoint.load`), in `dtype`; a DiT with a
     `mesh` is restored straight onto it. A DiT written by `m141jax quantize` / `m141jax sparsify` is kept
     compressed (its layers rebuild dense kernels as they run), so it is read at its compressed size."""
-    component = LAYOUT[name][0]
+    component, what = LAYOUT[name]
     if mesh is not None and component != "dit":
         raise ValueError(f"{name}/ cannot be placed on a mesh; only the DiTs are sharded")
     _, cfg, params = checkpoint.load(locate(root, name), (component,), dtype, mesh=mesh,
-                                     sequence_parallel=sequence_parallel)
+                                     sequence_parallel=sequence_parallel, what=what)
     return Component(cfg, params, mesh)
 
 
