@@ -192,7 +192,8 @@ def load(path: str | Path, components: tuple[str, ...] | None = None, dtype: str
     model = COMPONENTS[component][1]
     expected = model.abstract_params(cfg)
     stored = abstract_tree(path)
-    _check_arrays(path, what or component, expected, jax.eval_shape(lambda t: box.densify_traced(io.unpack(t, formats)), stored))
+    rebuilt = jax.eval_shape(lambda t: box.densify_traced(io.unpack(t, formats)), stored)
+    _check_arrays(path, what or component, expected, rebuilt)
     shardings = None
     if mesh is not None:
         if component == "dit":
