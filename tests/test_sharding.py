@@ -21,7 +21,7 @@ from m141jax import checkpoint, cli, parallel, sampling
 from m141jax.axes import MESH_AXES
 from m141jax.config import to_json_dict
 from m141jax.io import save_npz
-from m141jax.models.attention import attention
+from m141jax.models.sequence_parallel import attend
 from m141jax.models.dit import dit_forward, init_params
 from tests.sharding_cases import CFG, inputs
 
@@ -104,7 +104,7 @@ def test_sequence_parallel_attention_and_grads(method):
 
     def loss(sp):
         def f(q, k, v):
-            o = attention(q, k, v, valid_len=valid_len, impl="blockwise", block=8, sequence_parallel=sp)
+            o = attend(q, k, v, valid_len=valid_len, impl="blockwise", block=8, method=sp)
             return (o * weight).sum(), o
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
@@ -117,8 +117,8 @@ def test_sequence_parallel_attention_and_grads(method):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6)
     # padding tokens never reach valid ones: changing them leaves valid outputs unchanged
     with jax.set_mesh(parallel.make_mesh("sequence=4,tensor=2")):
-        poked = jax.jit(lambda v: attention(q, k, v, valid_len=valid_len, impl="blockwise", block=8,
-                                            sequence_parallel=method))(jnp.where(valid, v, 1e3))
+        poked = jax.jit(lambda v: attend(q, k, v, valid_len=valid_len, impl="blockwise", block=8,
+                                         method=method))(jnp.where(valid, v, 1e3))
     np.testing.assert_allclose(np.asarray(jnp.where(valid, poked, 0)), np.asarray(jnp.where(valid, want, 0)),
                                atol=2e-6)
 
@@ -127,7 +127,7 @@ def test_ulysses_needs_divisible_heads():
     q, k, v, _ = _qkv(heads=4)
     mesh = parallel.make_mesh("sequence=8")
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="use --sequence-parallel ring"):
-        jax.jit(lambda q, k, v: attention(q, k, v, sequence_parallel="ulysses"))(q, k, v)
+        jax.jit(lambda q, k, v: attend(q, k, v, method="ulysses"))(q, k, v)
 
 
 # ------------------------------------------------------------------------------- sharded DiT forward
