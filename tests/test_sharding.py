@@ -21,8 +21,8 @@ from m141jax import checkpoint, cli, parallel, sampling
 from m141jax.axes import MESH_AXES
 from m141jax.config import to_json_dict
 from m141jax.io import save_npz
-from m141jax.models.sequence_parallel import attend
 from m141jax.models.dit import dit_forward, init_params
+from m141jax.models.sequence_parallel import attend
 from tests.sharding_cases import CFG, inputs
 
 ROOT = Path(__file__).resolve().parents[1]
