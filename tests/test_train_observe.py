@@ -82,7 +82,7 @@ def read_events(path):
             for value in _fields(summary).get(1, []):
                 v = _fields(value)
                 scalars[v[1][0].decode()] = struct.unpack("<f", v[2][0])[0]
-        session = _fields(f[6][0]).get(1, [None])[0] if 6 in f else None
+        session = _fields(f[7][0]).get(1, [None])[0] if 7 in f else None
         out.append((f.get(2, [0])[0], struct.unpack("<d", f[1][0])[0], scalars,
                     f[3][0].decode() if 3 in f else None, session))
     return out
@@ -98,10 +98,29 @@ def test_crc_and_event_file_round_trip(tmp_path):
     ev = read_events(path)
     assert ev[0][3] == "brain.Event:2" and [e[0] for e in ev] == [0, 3, 6]
     assert ev[1][2] == {"loss": 0.25, "memory_gib/dev0": 1.5} and ev[2][2] == {"loss": pytest.approx(-1e-3)}
-    resumed = observe.EventWriter(tmp_path / "b", resume_step=4)
+    resumed = observe.EventWriter(tmp_path / "a", resume_step=4)  # in the same second: a later name all the same
+    resumed.scalars(6, {"loss": 2.0})
     resumed.close()
-    (path,) = (tmp_path / "b").glob("events.out.tfevents.*")
-    assert [(e[0], e[4]) for e in read_events(path)] == [(0, None), (4, 1)]  # SessionLog START at the resume step
+    first, second = sorted((tmp_path / "a").glob("events.out.tfevents.*"))  # TensorBoard's reading order
+    assert first == path and second == resumed.path
+    assert [(e[0], e[4]) for e in read_events(second)] == [(0, None), (4, 1), (6, None)]  # SessionLog START
+
+
+def test_tensorboard_reads_the_files_when_installed(tmp_path):
+    """TensorBoard's own reader (not a dependency; skipped where it is not installed) sees the scalars, and
+    the START of a resumed run drops the earlier run's points after the resume step."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    w = observe.EventWriter(tmp_path)
+    w.scalars(2, {"loss": 0.5, "mfu": 0.25})
+    w.scalars(4, {"loss": 0.125})
+    w.close()
+    w = observe.EventWriter(tmp_path, resume_step=3)
+    w.scalars(4, {"loss": 9.0})
+    w.close()
+    acc = ea.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["loss", "mfu"]
+    assert [(s.step, s.value) for s in acc.Scalars("loss")] == [(2, 0.5), (4, 9.0)]
 
 
 def test_jaxpr_flops_counts_scans_grads_and_conds():

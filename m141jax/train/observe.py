@@ -75,7 +75,7 @@ def _field(number: int, payload: bytes) -> bytes:  # a length-delimited field (w
 def event_bytes(step: int, wall_time: float, *, scalars: dict[str, float] | None = None,
                 file_version: str | None = None, session_start: bool = False) -> bytes:
     """An `Event` protocol buffer: wall_time (1, double), step (2, int64), file_version (3),
-    summary (5: repeated value (1) {tag (1), simple_value (2, float)}), session_log (6: status (1) START = 1)."""
+    summary (5: repeated value (1) {tag (1), simple_value (2, float)}), session_log (7: status (1) START = 1)."""
     out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
     if file_version is not None:
         out += _field(3, file_version.encode())
@@ -84,19 +84,24 @@ def event_bytes(step: int, wall_time: float, *, scalars: dict[str, float] | None
                           for tag, value in sorted(scalars.items()))
         out += _field(5, values)
     if session_start:
-        out += _field(6, b"\x08\x01")
+        out += _field(7, b"\x08\x01")
     return out
 
 
 class EventWriter:
-    """Scalars to RUN/events.out.tfevents.TIME.HOST.PID (one new file per start; flushed at every write)."""
+    """Scalars to LOGDIR/events.out.tfevents.TIME.HOST.PID (one new file per start, TIME above any earlier
+    file's so TensorBoard reads them in order; flushed at every write)."""
 
     def __init__(self, logdir: str | Path, resume_step: int | None = None):
         self.dir = Path(logdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         now = time.time()
-        self.path = self.dir / f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
-        self._f = open(self.path, "ab")
+        # TensorBoard reads a directory's files in name order: a later start gets a larger timestamp
+        stamps = [int(p.name.split(".")[3]) for p in self.dir.glob("events.out.tfevents.*")
+                  if p.name.split(".")[3:4] and p.name.split(".")[3].isdigit()]
+        stamp = max([int(now), *(t + 1 for t in stamps)])
+        self.path = self.dir / f"events.out.tfevents.{stamp}.{socket.gethostname()}.{os.getpid()}"
+        self._f = open(self.path, "xb")
         self._f.write(tfrecord(event_bytes(0, now, file_version="brain.Event:2")))
         if resume_step:
             self._f.write(tfrecord(event_bytes(resume_step, now, session_start=True)))
