@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from m141jax.cli import compress, generate, parity, train
+from m141jax.cli import compress, generate, init_i2v, parity, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     compress.add_parsers(sub)
     train.add_parsers(sub)
+    init_i2v.add_parser(sub)
     return p
 
 

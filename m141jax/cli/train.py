@@ -5,8 +5,9 @@
 
 Starting points are configs/train/*.yaml and configs/distill/*.yaml; --mesh wins over the file's `mesh`.
 
-RUN receives config.json, checkpoints/ (Orbax, resumed from automatically), metrics.csv and, at the end,
-the trained DiT as an m141jax checkpoint: RUN/dit (the EMA when enabled) or RUN/generator.
+RUN receives config.json, checkpoints/ (Orbax, resumed from automatically), metrics.csv, TensorBoard event
+files (`tensorboard --logdir RUN`), profile/ (a jax.profiler trace when run.profile_steps > 0) and, at the
+end, the trained DiT as an m141jax checkpoint: RUN/dit (the EMA when enabled) or RUN/generator.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from m141jax import checkpoint, media
 from m141jax.config import DiTConfig, to_json_dict
 from m141jax.models.dit import init_params
 from m141jax.train import data as data_lib
-from m141jax.train import prepare
+from m141jax.train import observe, prepare
 from m141jax.train.checkpointing import RunCheckpoints
 from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
 from m141jax.train.dmd import generator_turn, init_dmd_state, make_dmd_step
@@ -80,14 +81,20 @@ class _Run:
         print(f"resuming from step {start} ({self.ckpt.manager.directory})")
         return self.ckpt.restore(state, self.data_iter, start), start
 
-    def loop(self, step_fn, state, start: int, desc: str):
+    def loop(self, step_fn, state, start: int, desc: str, flops=None):
+        """Run the steps; flops(state, batch, rng, step): the step's model FLOPs (throughput and MFU)."""
         to_device = functools.partial(data_lib.global_batch, sharding=self.batch_sharding)
+        run = self.cfg.run
+        events = observe.EventWriter(self.out, start) if jax.process_index() == 0 else None
+        profile = observe.ProfileWindow(self.out / "profile", run.profile_start, run.profile_steps)
         try:
-            return run_loop(step_fn, state, self.data_iter, to_device, self.cfg.run, self.ckpt,
+            return run_loop(step_fn, state, self.data_iter, to_device, run, self.ckpt,
                             MetricsLog(self.out / "metrics.csv", start), start, self.cfg.data.batch_size, desc,
-                            self.console)
+                            self.console, flops=flops if run.count_flops else None, events=events, profile=profile)
         finally:
             self.ckpt.close()
+            if events is not None:
+                events.close()
 
     def export(self, name: str, params) -> None:
         dst = checkpoint.save(self.out / name, "dit", to_json_dict(self.cfg.model), params, overwrite=True)
@@ -105,7 +112,9 @@ def train_main(args) -> int:
                           jax.random.PRNGKey(cfg.run.seed))
     state, start = run.resume(state)
     step = jax.jit(make_train_step(cfg), donate_argnums=0)
-    state = run.loop(lambda s, b, r, i: step(s, b, r), state, start, "train")
+    count = make_train_step(observe.model_flops_config(cfg))
+    flops = observe.FlopCounter(lambda s, b, r, i: observe.step_flops(count, s, b, r))
+    state = run.loop(lambda s, b, r, i: step(s, b, r), state, start, "train", flops)
     run.export("dit", state.params if state.ema is None else state.ema)
     return 0
 
@@ -122,7 +131,11 @@ def distill_main(args) -> int:
     state = run.place(functools.partial(init_dmd_state, cfg), teacher, jax.random.PRNGKey(cfg.run.seed + 1))
     state, start = run.resume(state)
     step = jax.jit(make_dmd_step(cfg), static_argnums=4, donate_argnums=0)
-    state = run.loop(lambda s, b, r, i: step(s, teacher, b, r, generator_turn(i, cfg.dmd)), state, start, "distill")
+    count = make_dmd_step(observe.model_flops_config(cfg))
+    turn = functools.partial(generator_turn, dmd=cfg.dmd)
+    flops = observe.FlopCounter(lambda s, b, r, i: observe.step_flops(count, s, teacher, b, r, turn(i), static_argnums=4),
+                                turn)
+    state = run.loop(lambda s, b, r, i: step(s, teacher, b, r, turn(i)), state, start, "distill", flops)
     run.export("generator", state.generator)
     return 0
 

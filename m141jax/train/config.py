@@ -85,6 +85,16 @@ class RunConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
+    profile_start: int = 5  # first step (0-based) of the jax.profiler trace written to RUN/profile ...
+    profile_steps: int = 0  # ... and how many steps it covers; 0 = no trace
+    count_flops: bool = True  # count each step's model FLOPs on its jaxpr (throughput, MFU in the metrics)
+
+    def __post_init__(self):
+        if self.profile_start < 0 or self.profile_steps < 0:
+            raise ValueError(f"run.profile_start {self.profile_start} and run.profile_steps {self.profile_steps} "
+                             f"must be ≥ 0")
+        if self.log_every < 1:
+            raise ValueError(f"run.log_every {self.log_every} must be ≥ 1")
 
 
 @dataclasses.dataclass(frozen=True)
