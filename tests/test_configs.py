@@ -219,3 +219,32 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
         dcfg.dmd.gan_sigma_max, dcfg.dmd.shift)
     assert dcfg.critic_optimizer == dcfg.generator_optimizer
     assert {k: getattr(dcfg.generator_optimizer, k) for k in r["optimizer"]} == r["optimizer"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.steps=-3", "run.steps -3 must be ≥ 1"),
+    ("run.steps=0", "run.steps 0 must be ≥ 1"),
+    ("ema_decay=true", "ema_decay=True must be a number (float), not a boolean"),
+    ("ema_decay=1.0", "ema_decay 1.0 must lie in [0, 1)"),
+    ("optimizer.learning_rate=NaN", "OptimizerConfig.learning_rate nan must be a finite number"),
+    ("optimizer.learning_rate=-1e-4", "must be ≥ 0"),
+    ("run.checkpoint_every=0", "run.checkpoint_every 0"),
+])
+def test_bad_training_values_are_refused_before_compiling(override, message):
+    with pytest.raises(ValueError) as e:
+        load_run_config(TRAIN_PRESETS, None, ["preset=tiny-i2v", override])
+    assert message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("broken.yaml", "run:\n  steps: [1, 2\n", "is not valid YAML at line"),
+    ("broken.json", "{\"run\": {\"steps\": 3,}}", "is not valid JSON"),
+])
+def test_broken_config_files_give_one_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_run_config(TRAIN_PRESETS, path)
+    assert f"config file {path} {message}" in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()

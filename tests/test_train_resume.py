@@ -71,3 +71,40 @@ def test_dmd_resume_is_bit_identical(tmp_path):
     _check_resume(tmp_path, cfg, cfg.n_image_tokens,
                   lambda: dmd.init_dmd_state(cfg, teacher, jax.random.PRNGKey(1), features=16),
                   lambda s, b, r, i: step(s, teacher, b, r, dmd.generator_turn(i, cfg.dmd)))
+
+
+def _damage(step_dir, how):
+    """Damage a saved checkpoint as a crash or a full disk would."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file())
+    if how == "metadata":
+        for p in files:
+            if p.name == "_METADATA":
+                p.unlink()
+    else:  # truncate every array data file
+        for p in files:
+            if "ocdbt" in str(p) or p.parent.name == "d":
+                p.write_bytes(p.read_bytes()[: max(1, p.stat().st_size // 3)])
+
+
+@pytest.mark.parametrize("how", ["metadata", "truncated"])
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, how):
+    """The newest checkpoint damaged: the run resumes from the one before, says which was skipped and why,
+    moves the damaged one aside, and still ends bit-identical to an uninterrupted run."""
+    cfg = tiny_train_config(steps=6, checkpoint_every=2)
+    params, step, n_img = pixel_params(cfg.model, jax.random.PRNGKey(0)), pixel_flow_step(cfg), cfg.flow.n_image_tokens
+    make_state = lambda: flow.init_train_state(cfg, params)  # noqa: E731
+    step_fn = lambda s, b, r, i: step(s, b, r)  # noqa: E731
+    full, full_pos = _session(tmp_path / "full", cfg, n_img, make_state, step_fn)
+    with pytest.raises(Interrupted):
+        _session(tmp_path / "split", cfg, n_img, make_state, step_fn, crash_at=5)
+    ckpts = tmp_path / "split" / "checkpoints"
+    _damage(ckpts / "4", how)
+    it = make_iterator(SyntheticSource(cfg.model, cfg.data, n_img), cfg.data)
+    ckpt = RunCheckpoints(ckpts, cfg.run.checkpoint_every, cfg.run.keep_checkpoints)
+    state, start = ckpt.restore_newest(jax.device_put(make_state(), jax.devices()[0]), it)
+    ckpt.close()
+    err = capsys.readouterr().err
+    assert start == 2 and "skipping checkpoint step 4" in err and "does not restore" in err, err
+    assert not (ckpts / "4").exists() and any((tmp_path / "split" / "damaged-checkpoints").iterdir())
+    split, split_pos = _session(tmp_path / "split", cfg, n_img, make_state, step_fn)
+    assert int(split.step) == 6 and split_pos == full_pos and tree_equal(full, split)

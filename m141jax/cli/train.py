@@ -74,12 +74,14 @@ class _Run:
         return jax.jit(make_state, out_shardings=state_shardings(shapes, self.cfg.model, self.mesh))(*inputs)
 
     def resume(self, state):
-        """(state, first step): the latest checkpoint's when there is one."""
-        start = self.ckpt.latest_step()
-        if start is None:
+        """(state, first step): the newest checkpoint that restores, when there is one; damaged newer ones are
+        skipped with a line saying which and why."""
+        restored = self.ckpt.restore_newest(state, self.data_iter)
+        if restored is None:
             return state, 0
+        state, start = restored
         print(f"resuming from step {start} ({self.ckpt.manager.directory})")
-        return self.ckpt.restore(state, self.data_iter, start), start
+        return state, start
 
     def loop(self, step_fn, state, start: int, desc: str, flops=None):
         """Run the steps; flops(state, batch, rng, step): the step's model FLOPs (throughput and MFU)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,13 @@ from typing import Any
 import yaml
 
 from m141jax.config import DiTConfig, SparsityConfig, preset
+
+
+def _finite(cfg, *names: str) -> None:
+    """One-line error for a NaN or infinite float field (caught before anything compiles)."""
+    for name in names:
+        if not math.isfinite(getattr(cfg, name)):
+            raise ValueError(f"{type(cfg).__name__}.{name} {getattr(cfg, name)} must be a finite number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +40,12 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.decay not in ("constant", "cosine", "linear"):
             raise ValueError(f"unknown decay {self.decay!r}; accepted: constant, cosine, linear")
+        _finite(self, "learning_rate", "final_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm")
+        if self.learning_rate < 0 or self.warmup_steps < 0 or self.clip_norm < 0 or self.eps <= 0:
+            raise ValueError(f"optimizer learning_rate {self.learning_rate}, warmup_steps {self.warmup_steps}, clip_norm "
+                             f"{self.clip_norm} must be ≥ 0 and eps {self.eps} > 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError(f"optimizer b1 {self.b1} and b2 {self.b2} must lie in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +104,11 @@ class RunConfig:
     count_flops: bool = True  # count each step's model FLOPs on its jaxpr (throughput, MFU in the metrics)
 
     def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"run.steps {self.steps} must be ≥ 1")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError(f"run.checkpoint_every {self.checkpoint_every} and run.keep_checkpoints "
+                             f"{self.keep_checkpoints} must be ≥ 1")
         if self.profile_start < 0 or self.profile_steps < 0:
             raise ValueError(f"run.profile_start {self.profile_start} and run.profile_steps {self.profile_steps} "
                              f"must be ≥ 0")
@@ -110,6 +129,10 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
     mesh: str = ""  # the mesh the run is meant for, e.g. 'data=8,fsdp=8' ('' = every device on fsdp); --mesh wins
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:  # 1 would export the initialisation unchanged
+            raise ValueError(f"ema_decay {self.ema_decay} must lie in [0, 1) (0 disables the EMA)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +210,8 @@ def _coerce(hint, value, where: str):
             raise ValueError(f"{where}={value!r} must be true or false")
         return value
     if origin in (int, float):
+        if isinstance(value, bool):  # YAML's true/false are not numbers
+            raise ValueError(f"{where}={value!r} must be a number ({origin.__name__}), not a boolean")
         try:
             out = origin(value)
         except (TypeError, ValueError):
@@ -256,11 +281,21 @@ def load_run_config(presets: dict[str, Any], path: str | Path | None = None, ove
     merged over it. Files are JSON or YAML."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"config file {path} cannot be read ({e.strerror or e})") from None
+        try:
+            if str(path).endswith((".yaml", ".yml")):
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {path} is not valid {'YAML' if str(path).endswith(('.yaml', '.yml')) else 'JSON'}"
+                             f"{at}: {reason}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of config fields")
     extra = parse_overrides(list(overrides))
