@@ -2,13 +2,14 @@
 
 import numpy as np
 import pytest
-import torch
 
-from m141jax.config import CLIP_TEXT_PRESETS
-from m141jax.models import clip
+torch = pytest.importorskip("torch")
 
-from hf_encoders import convert, randomize, save_hf
-from util import rel_err
+from m141jax.config import CLIP_TEXT_PRESETS  # noqa: E402
+from m141jax.models import clip  # noqa: E402
+
+from hf_encoders import convert, randomize, save_hf  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 V = 120  # vocabulary; V-1 is the EOS id (the largest, as in CLIP's vocabulary)
 

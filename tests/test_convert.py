@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from dit_reference import make_model, to_release_names
-from safetensors.torch import save_file
 
-from m141jax import checkpoint
-from m141jax.convert.sources import open_source
+torch = pytest.importorskip("torch")
+from dit_reference import make_model, to_release_names  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from m141jax import checkpoint  # noqa: E402
+from m141jax.convert.sources import open_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

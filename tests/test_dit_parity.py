@@ -13,30 +13,31 @@ The reference's timestep sinusoid uses the correctly rounded frequency table (se
 torch's own table.
 """
 
-import diffusers.models.embeddings
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from dit_reference import (correctly_rounded_timestep_embedding, make_inputs, make_model, reference_velocity,
-                           to_release_names)
-from util import rel_err
 
-from m141jax.models.layers import timestep_sinusoid
+torch = pytest.importorskip("torch")
+embeddings = pytest.importorskip("diffusers.models.embeddings")
+from dit_reference import (correctly_rounded_timestep_embedding, make_inputs, make_model,  # noqa: E402
+                           reference_velocity, to_release_names)
+from numerics import rel_err  # noqa: E402
+
+from m141jax.models.layers import timestep_sinusoid  # noqa: E402
 
 TOL = 1e-5
 
 
 @pytest.fixture(autouse=True)
 def _rounded_sinusoid(monkeypatch):
-    monkeypatch.setattr(diffusers.models.embeddings, "get_timestep_embedding", correctly_rounded_timestep_embedding)
+    monkeypatch.setattr(embeddings, "get_timestep_embedding", correctly_rounded_timestep_embedding)
 
 
 @pytest.mark.parametrize("t", [0.0, 1.0, 250.0, 1000.0, 6000.0])
 def test_timestep_embedding_vs_torch(t, monkeypatch):
     """Against torch's own float32 table (un-patched): equal up to a few ulps of t·frequency."""
     monkeypatch.undo()
-    want = diffusers.models.embeddings.get_timestep_embedding(torch.tensor([t]), 256, True, 0).numpy()
+    want = embeddings.get_timestep_embedding(torch.tensor([t]), 256, True, 0).numpy()
     got = np.asarray(timestep_sinusoid(jnp.asarray([t])))
     assert np.abs(got - want).max() <= 1e-6 + t * 2.0 ** -22
     assert np.abs(got - correctly_rounded_timestep_embedding(torch.tensor([t]), 256, True, 0).numpy()).max() <= 1e-6
@@ -112,5 +113,4 @@ def test_bf16_within_bf16_tolerance(i2v_ckpt, run_parity):
     err = np.abs(bf16 - fp32)
     # bf16 keeps 8 significant bits (relative step 2^-8 = 0.4%); a few layers compound it
     assert err.mean() / np.abs(fp32).mean() < 0.02
-    assert err.max() / np.abs(fp32).max() < 0.05
-    assert err.max() > 0  # really ran in bf16
+    assert 0 < rel_err(bf16, fp32) < 0.05  # > 0: really ran in bf16

@@ -9,15 +9,17 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from m141jax import prompts as P
-from m141jax.encoders import Encoders, encode, encode_empty, encode_with_negative, text_conditioning
-from m141jax.vision_input import ImageProcessing, preprocess
+torch = pytest.importorskip("torch")
+from PIL import Image  # noqa: E402
 
-from hf_encoders import clip_tokenizer, convert, llama3_tokenizer, randomize, save_hf
-from util import rel_err
+from m141jax import prompts as P  # noqa: E402
+from m141jax.encoders import Encoders, encode, encode_empty, encode_with_negative, text_conditioning  # noqa: E402
+from m141jax.vision_input import ImageProcessing, preprocess  # noqa: E402
+
+from fixtures import clip_tokenizer, llama3_tokenizer  # noqa: E402
+from hf_encoders import convert, randomize, save_hf  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 CORPUS = [P.PROMPT_TEMPLATE_VIDEO, P.VLM_TEMPLATE, P.NEGATIVE_PROMPT, "\n\n" * 20,
           "A cat walks on the grass, realistic style. A red car drives through a rainy city at night."] * 10

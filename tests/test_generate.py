@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures import TINY_I2V, save_random, write_tiny_checkpoints
+
 from m141jax import checkpoint, components, encoders, media, pipeline
 from m141jax.cli import main
-from m141jax.config import preset
 from m141jax.models import dit, vae
 
-from tiny_checkpoints import save_random, write_tiny_checkpoints
 
 # reading MP4s back starts ffmpeg by fork + exec, which JAX warns about needlessly
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork")
@@ -193,8 +193,8 @@ def test_parameters_that_do_not_fit_the_config(ckpt, tmp_path, capsys):
 
 
 def test_dit_that_does_not_fit_the_encoders(ckpt, tmp_path, capsys):
-    cfg = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")  # text dims 32 / 16, the encoders give 64 / 32
-    save_random(tmp_path / "small_dit", "dit", dit, cfg, 5)
+    # TINY_I2V: text dims 32 / 16, the encoders give 64 / 32
+    save_random(tmp_path / "small_dit", "dit", dit, TINY_I2V, 5)
     root = _broken(ckpt, tmp_path, dit=tmp_path / "small_dit")
     assert main(["generate", "--prompt", "a cat", "--checkpoints", str(root)]) == 2
     assert "dit/ takes text states of 32 and pooled states of 16, the encoders give 64 (vlm/) and 32 (clip/)" in \

@@ -3,13 +3,14 @@ from the 4.40-era key layout of xtuner/llava-llama-3-8b-v1_1-transformers and fr
 
 import numpy as np
 import pytest
-import torch
 
-from m141jax.config import LLAVA_PRESETS
-from m141jax.models import llava
+torch = pytest.importorskip("torch")
 
-from hf_encoders import convert, randomize, save_hf
-from util import rel_err
+from m141jax.config import LLAVA_PRESETS  # noqa: E402
+from m141jax.models import llava  # noqa: E402
+
+from hf_encoders import convert, randomize, save_hf  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 IMAGE = 5  # image token id
 XTUNER_NAMES = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",

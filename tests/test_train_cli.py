@@ -7,11 +7,12 @@ import json
 import jax
 import pytest
 
+from fixtures import write_prepared
+
 from m141jax import checkpoint
 from m141jax.cli import main
 from m141jax.config import TRAIN_PRESETS, load_run_config
 from m141jax.train.checkpointing import RunCheckpoints
-from train_helpers import write_prepared
 
 
 def test_config_file_and_overrides(tmp_path):

@@ -4,12 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from m141jax.config import DataConfig, preset
+from fixtures import TINY_I2V, write_prepared
+
+from m141jax.config import DataConfig
 from m141jax.train import data
 from m141jax.train.placement import batch_shardings, make_mesh
-from train_helpers import write_prepared
 
-MODEL = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")
+MODEL = TINY_I2V
 
 
 class IndexSource:

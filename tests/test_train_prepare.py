@@ -5,11 +5,12 @@ import json
 
 import numpy as np
 
+from fixtures import write_tiny_checkpoints
+
 from m141jax import media
 from m141jax.cli import main
 from m141jax.config import DataConfig, preset
 from m141jax.train import data
-from tiny_checkpoints import write_tiny_checkpoints
 
 
 def _video(path, frames, seed):

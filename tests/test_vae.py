@@ -27,16 +27,12 @@ from m141jax.config import VAE_PRESETS, VAEConfig, from_json_dict, preset, to_js
 from m141jax.convert import vae as convert_vae  # noqa: E402
 from m141jax.models import vae, vae_tiling  # noqa: E402
 from m141jax.train import vae as vae_train  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, latent_channels=16, layers_per_block=2)
 # small release-style tiles so that tiles overlap on small inputs: 64 px (8 latents) at a 48 px
 # stride, blend 2 latents / 16 px; 32 frames (8 latents) at a 24-frame stride, blend 2 latents / 8 frames
 TILES = dict(sample_size=64, sample_tsize=32)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def to_torch(x):

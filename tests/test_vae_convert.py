@@ -17,6 +17,7 @@ from m141jax.convert import main as convert_main  # noqa: E402
 from m141jax.convert import vae as convert_vae  # noqa: E402
 from m141jax.convert.plan import PlanError  # noqa: E402
 from m141jax.io import save_npz  # noqa: E402
+from numerics import assert_close  # noqa: E402
 
 TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, latent_channels=16, layers_per_block=2)
 RELEASE_CONFIG = {  # the release's vae/config.json, at tiny widths
@@ -124,6 +125,6 @@ def test_parity_cli_round_trip(ref, tmp_path):
         want_video = ref.decode(torch.from_numpy(latents)).sample.numpy()
     enc, dec = np.load(tmp_path / "enc-out.npz"), np.load(tmp_path / "dec-out.npz")
     assert enc["latent_mean"].shape == want_mean.shape == (1, 16, 2, 2, 2)
-    assert np.abs(enc["latent_mean"] - want_mean).max() <= 1e-5 * np.abs(want_mean).max()
+    assert_close(enc["latent_mean"], want_mean, 1e-5)
     assert dec["video"].shape == want_video.shape == (1, 3, 5, 16, 16)
-    assert np.abs(dec["video"] - want_video).max() <= 5e-5 * np.abs(want_video).max()
+    assert_close(dec["video"], want_video, 5e-5)
