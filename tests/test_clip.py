@@ -43,6 +43,7 @@ def _text_config(**kw):
                           max_position_embeddings=16, **kw)
 
 
+@pytest.mark.parity
 def test_full_clip_folder_legacy_eos(tmp_path, run_parity):
     """A full CLIPModel folder (text + vision, like openai/clip-vit-large-patch14) with the legacy eos id 2:
     only the text half is converted, and pooling takes the argmax of the ids."""
@@ -56,6 +57,7 @@ def test_full_clip_folder_legacy_eos(tmp_path, run_parity):
     _check(model.text_model, ckpt, run_parity)
 
 
+@pytest.mark.parity
 def test_text_model_folder_first_eos(tmp_path, run_parity):
     """A CLIPTextModel folder whose config names the real eos id: pooling takes its first occurrence."""
     from transformers import CLIPTextModel

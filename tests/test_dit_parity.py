@@ -33,6 +33,7 @@ def _rounded_sinusoid(monkeypatch):
     monkeypatch.setattr(embeddings, "get_timestep_embedding", correctly_rounded_timestep_embedding)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("t", [0.0, 1.0, 250.0, 1000.0, 6000.0])
 def test_timestep_embedding_vs_torch(t, monkeypatch):
     """Against torch's own float32 table (un-patched): equal up to a few ulps of t·frequency."""
@@ -63,6 +64,7 @@ def i2v_ckpt(i2v):
     return d / "ck"
 
 
+@pytest.mark.parity
 def test_i2v_batch_with_different_text_lengths(i2v, i2v_ckpt, run_parity):
     model, _ = i2v
     x = make_inputs(b=2, f=3, valid=(7, 4))
@@ -72,12 +74,14 @@ def test_i2v_batch_with_different_text_lengths(i2v, i2v_ckpt, run_parity):
     assert rel_err(got, want) <= TOL
 
 
+@pytest.mark.parity
 def test_image_single_frame(i2v, i2v_ckpt, run_parity):
     model, _ = i2v
     x = make_inputs(b=2, f=1, h=6, w=10, valid=(5, 7), seed=3)
     assert rel_err(run_parity("dit", i2v_ckpt, _np(x))["velocity"], reference_velocity(model, x)) <= TOL
 
 
+@pytest.mark.parity
 def test_release_names_wrapped_and_prefixed(i2v, run_convert, run_parity, tmp_path):
     """A release-named .pt ({'state_dict': {'module.' + key: ...}}) converts to the same model."""
     model, _ = i2v
@@ -95,6 +99,7 @@ def test_release_names_wrapped_and_prefixed(i2v, run_convert, run_parity, tmp_pa
     assert rel_err(run_parity("dit", tmp_path / "ck", _np(x))["velocity"], reference_velocity(model, x)) <= TOL
 
 
+@pytest.mark.parity
 def test_t2v_guidance_embedding(run_convert, run_parity, tmp_path):
     """The T2V architecture (16 channels, no reference, guidance embedding) from a single safetensors file."""
     model = make_model(seed=2, i2v=False)

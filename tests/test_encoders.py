@@ -80,6 +80,7 @@ def _release_vlm(vlm, tok, pixels):
     return h[:, keep].numpy()
 
 
+@pytest.mark.parity
 def test_conditioning_matches_the_release(setup):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -126,6 +127,7 @@ def test_crop_is_the_template_prefix(setup):
     assert ids[:enc.crop] == prefix and ids[enc.crop:] != prefix[-1:]
 
 
+@pytest.mark.parity
 def test_image_template_for_one_frame(setup):
     """text_conditioning(template='image'): HunyuanVideo's one-frame template, cropped after its own prefix."""
     enc, vlm, _, tok, _, _ = setup
@@ -219,6 +221,7 @@ def test_llm_checkpoint_gives_prompt_only_conditioning(setup, tmp_path):
         encode(text_only, ["A red car"], _images()[:1])
 
 
+@pytest.mark.parity
 def test_image_preprocessing_matches_transformers():
     """Resize (shortest side, bicubic), centre crop, rescale, normalise = CLIPImageProcessor (PIL backend).
 

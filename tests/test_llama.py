@@ -28,6 +28,7 @@ def llm_ckpt(tiny_llama_hf, tmp_path_factory):
     return convert("llm", tiny_llama_hf[1], tmp_path_factory.mktemp("llm") / "ckpt")
 
 
+@pytest.mark.parity
 def test_hidden_states_match_transformers(tiny_llama_hf, llm_ckpt, run_parity):
     """Every layer the parity command can select, under right padding, equals transformers' hidden_states."""
     model, _ = tiny_llama_hf

@@ -42,6 +42,7 @@ def _inputs():
     return ids, mask, pixels
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("layout", ["xtuner", "current"])
 def test_vlm_matches_transformers(tiny_llava, tmp_path, run_parity, layout):
     config = tiny_llava.config.to_dict()
@@ -87,6 +88,7 @@ def test_llava_8b_preset_shapes():
     assert LLAVA_PRESETS["llava-llama-3-8b"].vision_layers_run == 23
 
 
+@pytest.mark.parity
 def test_vision_tower_every_layer_matches_clip_vision_model(tmp_path):
     """The vision tower alone against transformers' CLIPVisionModel: hidden_states[n] for every n
     (0 = embeddings after pre_layrnorm), which is how LLaVA's vision_feature_layer indexes them."""

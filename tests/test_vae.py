@@ -101,6 +101,7 @@ def latents(shape, seed=0):
 
 # ------------------------------------------------------------------------------------ untiled parity
 
+@pytest.mark.parity
 @pytest.mark.parametrize("shape", [(2, 1, 32, 24, 3), (1, 9, 32, 32, 3)], ids=["image-batch2", "video-9f"])
 def test_encode_matches_diffusers(models, shape):
     (mean, logvar), (want_mean, want_logvar) = encode_both(models, video(shape), tiling=False)
@@ -110,6 +111,7 @@ def test_encode_matches_diffusers(models, shape):
     assert rel_err(logvar, want_logvar) < 1e-5
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("shape", [(1, 1, 4, 3, 16), (1, 3, 4, 4, 16)], ids=["image", "video-3lat"])
 def test_decode_matches_diffusers(models, shape):
     got, want = decode_both(models, latents(shape), tiling=False)
@@ -142,6 +144,7 @@ def test_frame_by_frame_attention_equals_dense():
 
 # ------------------------------------------------------------------------------ release tiling parity
 
+@pytest.mark.parity
 def test_tiled_encode_image_matches_release_rules(models):
     """96×96 px with 64 px tiles at 48: a 2×2 grid whose tiles overlap by 16 px, blended at the corner."""
     x = video((1, 1, 96, 96, 3), seed=1)
@@ -152,6 +155,7 @@ def test_tiled_encode_image_matches_release_rules(models):
     assert rel_err(mean, plain) > 1e-3  # tiling really happened: GroupNorm sees each tile alone
 
 
+@pytest.mark.parity
 def test_tiled_encode_video_matches_release_rules(models):
     """41 frames with 33-frame tiles at 24: the second tile drops its first latent and blends 2 latents."""
     x = video((1, 41, 16, 16, 3), seed=2)
@@ -160,6 +164,7 @@ def test_tiled_encode_video_matches_release_rules(models):
     assert rel_err(mean, want_mean) < 1e-5 and rel_err(logvar, want_logvar) < 1e-5
 
 
+@pytest.mark.parity
 def test_tiled_decode_matches_release_rules_and_reuses_compilations(models):
     """11 latent frames (tiles z[0:9], z[6:11]) × 12 latent rows (tiles 0:8, 6:12): temporal tiles
     nest spatial ones; the 4 tiles of 4 shapes compile 4 times, and decoding again compiles nothing."""
