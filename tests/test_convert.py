@@ -155,6 +155,7 @@ def test_prefix_stripped_only_when_shared(tmp_path):
     assert src.keys() == {"model.a", "vae.b"} and src.prefix == ""
 
 
+@pytest.mark.slow
 def test_command_line_entry_points(release_pt, tmp_path):
     """`python tools/convert_torch_weights.py` and `python -m m141jax parity dit` as a user runs them."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))

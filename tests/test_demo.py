@@ -51,6 +51,7 @@ def test_sources_fit_the_demo_models():
     assert i2v.null()["text_states"].shape == (text, 64)
 
 
+@pytest.mark.slow
 def test_shipped_student_follows_the_caption():
     """The shipped 4-step student on 16 held-out clips (true first frame + never-seen caption) keeps the
     colour and moves the object the caption's way well above chance (direction: 1/4); measured on these

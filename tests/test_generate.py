@@ -111,6 +111,7 @@ def test_sliding_window_chains_clips(models, tmp_path, monkeypatch):
     assert timings.calls["sampling"] == 3 and timings.calls["vae-encode"] == 3
 
 
+@pytest.mark.slow
 def test_text_to_image_then_video_batch(ckpt, tmp_path, monkeypatch):
     """Without --image the T2I DiT makes the first frames; a prompts file is one batch (one sampling call
     per clip) and writes one video per prompt."""
@@ -218,6 +219,7 @@ def test_sharded_encoders_equal_one_device(ckpt, models, image):
                                    atol=2e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_generate_on_a_mesh(ckpt, image, tmp_path, monkeypatch):
     """`generate --mesh`: the DiTs are restored sharded (sequence-parallel attention, fsdp, tensor) and
     the video equals the one-device video up to uint8 truncation of float rounding."""

@@ -161,6 +161,7 @@ def test_quantize_command(tmp_path):
                      "--mode", "int8"]) == 2  # exists
 
 
+@pytest.mark.slow
 def test_checkpoint_folder_with_a_quantized_dit(tmp_path):
     """A dit/ written by `m141jax quantize` loads compressed into generation (no dense copy), also split
     over a mesh, where sampling gives the one-device result."""

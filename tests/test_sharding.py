@@ -232,6 +232,7 @@ def test_parity_cli_mesh(tmp_path, dit_case):
 
 # ------------------------------------------------------------------------------------- multi-host
 
+@pytest.mark.slow
 def test_two_processes(tmp_path, dit_case):
     """2 processes x 4 CPU devices over gloo: restore a host-written checkpoint sharded, forward (each
     host feeding its own batch row) equal to the single-device forward, Orbax save, restore onto

@@ -89,6 +89,7 @@ def _kernel(p, path):
     return p
 
 
+@pytest.mark.slow
 def test_pruned_weights_stay_exactly_zero_through_adamw():
     params = tiny_dit_params()
     cfg = SparsityConfig()  # one-shot 2:4 at step 0
@@ -213,6 +214,7 @@ def test_13b_dit_sparse_sizes():
     assert sparse < 0.75 * dense and sparse8 < int8
 
 
+@pytest.mark.slow
 def test_train_and_distill_configs_keep_the_dit_sparse():
     """`sparsity` in TrainConfig / DistillConfig wraps the flow step's and the generator's optimizers."""
     import dataclasses

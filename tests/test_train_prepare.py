@@ -19,6 +19,7 @@ def _video(path, frames, seed):
         w.append(rng.integers(0, 255, (frames, 40, 56, 3), dtype=np.uint8))
 
 
+@pytest.mark.slow
 def test_prepare_data(tmp_path, capsys):
     ckpts = write_tiny_checkpoints(tmp_path / "ckpt")
     src = tmp_path / "videos"

@@ -119,6 +119,7 @@ def test_decode_matches_diffusers(models, shape):
     assert rel_err(got, want) < 5e-5
 
 
+@pytest.mark.slow
 def test_bf16_runtime_stays_close_to_fp32(models):
     """The release runs the VAE in bf16: same weights cast to bf16, output within bf16 rounding
     (on this random model diffusers in bf16 is 7% off its fp32 output; this port is ~7% off too)."""
@@ -144,6 +145,7 @@ def test_frame_by_frame_attention_equals_dense():
 
 # ------------------------------------------------------------------------------ release tiling parity
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_tiled_encode_image_matches_release_rules(models):
     """96×96 px with 64 px tiles at 48: a 2×2 grid whose tiles overlap by 16 px, blended at the corner."""
@@ -155,6 +157,7 @@ def test_tiled_encode_image_matches_release_rules(models):
     assert rel_err(mean, plain) > 1e-3  # tiling really happened: GroupNorm sees each tile alone
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_tiled_encode_video_matches_release_rules(models):
     """41 frames with 33-frame tiles at 24: the second tile drops its first latent and blends 2 latents."""
@@ -164,6 +167,7 @@ def test_tiled_encode_video_matches_release_rules(models):
     assert rel_err(mean, want_mean) < 1e-5 and rel_err(logvar, want_logvar) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_tiled_decode_matches_release_rules_and_reuses_compilations(models):
     """11 latent frames (tiles z[0:9], z[6:11]) × 12 latent rows (tiles 0:8, 6:12): temporal tiles
@@ -193,6 +197,7 @@ def _fake_encoder(calls):
     return fn
 
 
+@pytest.mark.slow
 def test_release_tile_geometry_544x960x81():
     """Spec D.5: 3 rows × 5 columns of 256 px tiles at 192 px (the last row 160 px, the last column
     192 px), kept 24+24+20 rows and 5×24 columns; in time 65-frame tiles at 48, giving 21 latents."""

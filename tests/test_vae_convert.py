@@ -106,6 +106,7 @@ def test_config_files_release_and_diffusers():
         vae_config_from_dict({**RELEASE_CONFIG, "shift_factor": 0.1})
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_parity_cli_round_trip(ref, tmp_path):
     """diffusers folder -> converter CLI -> `m141jax parity vae-encode|vae-decode` -> compare."""
