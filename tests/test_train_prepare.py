@@ -4,6 +4,7 @@ result feeds the training pipeline."""
 import json
 
 import numpy as np
+import pytest
 
 from fixtures import write_tiny_checkpoints
 
