@@ -196,6 +196,7 @@ def _llama_cfg():
                        mlp_hidden=96, param_dtype="fp32", dtype="fp32")
 
 
+@pytest.mark.slow
 def test_quantized_text_encoders_stay_close():
     from m141jax.encoders import Encoders
 
@@ -220,6 +221,7 @@ def test_quantized_text_encoders_stay_close():
     assert 0 < rel_err(run_clip(q4["clip"]), run_clip(params["clip"]), ord=2) < 0.4
 
 
+@pytest.mark.slow
 def test_quantized_vlm_stays_close():
     vcfg = CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden=128,
                             param_dtype="fp32", dtype="fp32")

@@ -109,6 +109,7 @@ def test_sample_matches_release_loop(i2v, guidance):
         assert rel_err(plain, ref) > 1e-3
 
 
+@pytest.mark.slow
 def test_embedded_guidance_one_frame(tmp_path, run_parity):
     """The text-to-image form: the T2V DiT at one latent frame, guidance scale × 1000 as an input; the
     parity runner takes --guidance as that scale for such a DiT (no neg_* arrays)."""

@@ -59,6 +59,7 @@ def test_flow_resume_is_bit_identical(tmp_path):
                   lambda s, b, r, i: step(s, b, r))
 
 
+@pytest.mark.slow
 def test_dmd_resume_is_bit_identical(tmp_path):
     cfg = tiny_distill_config(steps=6, checkpoint_every=3)
     teacher = jax.device_put(pixel_params(cfg.model, jax.random.PRNGKey(0)), jax.devices()[0])
