@@ -124,7 +124,7 @@ def bench_pipeline_cpu(repeats: int) -> None:
     """Time per stage of `m141jax generate`'s text → image → video path (two clips) with tiny random models
     read from a checkpoint folder, after a warm-up run that compiles everything."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_checkpoints import write_tiny_checkpoints
+    from fixtures import write_tiny_checkpoints
 
     from m141jax import components
 

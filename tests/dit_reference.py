@@ -6,8 +6,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-from diffusers import HunyuanVideoTransformer3DModel
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+HunyuanVideoTransformer3DModel = diffusers.HunyuanVideoTransformer3DModel
 
 TINY = dict(num_attention_heads=4, attention_head_dim=16, num_layers=2, num_single_layers=2, num_refiner_layers=2,
             mlp_ratio=4.0, patch_size=2, patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16,

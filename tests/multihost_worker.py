@@ -15,10 +15,10 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from fixtures import MESH_I2V, mesh_dit_inputs  # noqa: E402  (tests/ is this script's sys.path[0])
 
 from m141jax import checkpoint, parallel  # noqa: E402
 from m141jax.config import to_json_dict  # noqa: E402
-from tests.sharding_cases import CFG, inputs  # noqa: E402
 
 
 def main(coordinator: str, pid: int, workdir: str) -> None:
@@ -27,20 +27,20 @@ def main(coordinator: str, pid: int, workdir: str) -> None:
     mesh = parallel.make_mesh("data=2,fsdp=4")
     hosts = np.vectorize(lambda d: d.process_index)(mesh.devices)
     assert (hosts[0] == 0).all() and (hosts[1] == 1).all(), hosts  # hosts on the outer axis
-    shardings = parallel.dit_param_shardings(CFG, mesh)
+    shardings = parallel.dit_param_shardings(MESH_I2V, mesh)
     sharded = checkpoint.load_params(os.path.join(workdir, "host"), shardings=shardings)
     # per-host input sharding: this process feeds only its own row of the batch of 2
     rows = [None if x is None else
             jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, x.ndim, 2), x[pid:pid + 1])
-            for x in inputs(2)]
-    velocity = parallel.gather(parallel.dit_forward_fn(CFG, mesh, 2, shardings)(sharded, *rows))
+            for x in mesh_dit_inputs(2)]
+    velocity = parallel.gather(parallel.dit_forward_fn(MESH_I2V, mesh, 2, shardings)(sharded, *rows))
     if pid == 0:
         np.savez(os.path.join(workdir, "velocity.npz"), velocity=velocity)
 
     path = os.path.join(workdir, "ckpt")
-    checkpoint.save(path, "dit", to_json_dict(CFG), sharded)
+    checkpoint.save(path, "dit", to_json_dict(MESH_I2V), sharded)
     other = parallel.make_mesh("fsdp=2,sequence=2,tensor=2")
-    restored = checkpoint.load_params(path, shardings=parallel.dit_param_shardings(CFG, other))
+    restored = checkpoint.load_params(path, shardings=parallel.dit_param_shardings(MESH_I2V, other))
     assert any(any(s.spec) for s in jax.tree.leaves(jax.tree.map(lambda a: a.sharding, restored)))
     params = np.load(os.path.join(workdir, "params.npz"))
     for key, got in jax.tree_util.tree_leaves_with_path(restored):

@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
-import torch
-from hf_encoders import convert, randomize, save_hf
-from util import rel_err
 
-from m141jax.config import CLIP_TEXT_PRESETS
-from m141jax.models import clip
+torch = pytest.importorskip("torch")
+
+from hf_encoders import convert, randomize, save_hf  # noqa: E402
+from numerics import rel_err  # noqa: E402
+
+from m141jax.config import CLIP_TEXT_PRESETS  # noqa: E402
+from m141jax.models import clip  # noqa: E402
 
 V = 120  # vocabulary; V-1 is the EOS id (the largest, as in CLIP's vocabulary)
 
@@ -41,6 +43,7 @@ def _text_config(**kw):
                           max_position_embeddings=16, **kw)
 
 
+@pytest.mark.parity
 def test_full_clip_folder_legacy_eos(tmp_path, run_parity):
     """A full CLIPModel folder (text + vision, like openai/clip-vit-large-patch14) with the legacy eos id 2:
     only the text half is converted, and pooling takes the argmax of the ids."""
@@ -54,6 +57,7 @@ def test_full_clip_folder_legacy_eos(tmp_path, run_parity):
     _check(model.text_model, ckpt, run_parity)
 
 
+@pytest.mark.parity
 def test_text_model_folder_first_eos(tmp_path, run_parity):
     """A CLIPTextModel folder whose config names the real eos id: pooling takes its first occurrence."""
     from transformers import CLIPTextModel

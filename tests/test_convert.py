@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from dit_reference import make_model, to_release_names
-from safetensors.torch import save_file
 
-from m141jax import checkpoint
-from m141jax.convert.sources import open_source
+torch = pytest.importorskip("torch")
+from dit_reference import make_model, to_release_names  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from m141jax import checkpoint  # noqa: E402
+from m141jax.convert.sources import open_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,6 +155,7 @@ def test_prefix_stripped_only_when_shared(tmp_path):
     assert src.keys() == {"model.a", "vae.b"} and src.prefix == ""
 
 
+@pytest.mark.slow
 def test_command_line_entry_points(release_pt, tmp_path):
     """`python tools/convert_torch_weights.py` and `python -m m141jax parity dit` as a user runs them."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))

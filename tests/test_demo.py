@@ -23,6 +23,7 @@ def test_checkpoints_are_complete_and_small():
     assert size <= MAX_MB, f"demo checkpoints take {size:.1f} MB"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seconds", [None, 4.0])
 def test_generate_demo_preset(tmp_path, seconds):
     out = tmp_path / "demo.mp4"
@@ -51,6 +52,7 @@ def test_sources_fit_the_demo_models():
     assert i2v.null()["text_states"].shape == (text, 64)
 
 
+@pytest.mark.slow
 def test_shipped_student_follows_the_caption():
     """The shipped 4-step student on 16 held-out clips (true first frame + never-seen caption) keeps the
     colour and moves the object the caption's way well above chance (direction: 1/4); measured on these
@@ -65,6 +67,7 @@ def test_shipped_student_follows_the_caption():
     assert quality.score(clips, captions) >= 0.55
 
 
+@pytest.mark.slow
 def test_shipped_text_to_image_draws_the_caption():
     """The shipped text-to-image DiT on the 16 held-out captions draws one object of the caption's colour
     well above chance (colour: 1/4); measured on these 16: colour 0.88, single 0.88 (n=96,

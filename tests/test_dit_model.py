@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures import TINY_I2V, TINY_T2V, tiny_dit_params
 
 from m141jax.config import DIT_PRESETS, DiTConfig, preset
 from m141jax.convert.dit import dit_config_from_dict
@@ -76,8 +77,7 @@ forward = jax.jit(dit.dit_forward, static_argnums=1)
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")
-    return cfg, dit.init_params(cfg, jax.random.PRNGKey(0))
+    return TINY_I2V, tiny_dit_params()
 
 
 def _inputs(b=2, f=2, h=4, w=6, l=5, seed=0):
@@ -129,9 +129,8 @@ def test_input_errors(tiny):
         forward(params, cfg, **dict(x, ref_latents=None))
     with pytest.raises(ValueError, match=r"latents must be \[B, F, H, W, 16\]"):
         forward(params, cfg, **dict(x, latents=x["latents"][..., :4]))
-    t2v = preset("tiny-t2v", param_dtype="fp32", dtype="fp32")
     with pytest.raises(ValueError, match="guidance embedding"):
-        forward(dit.init_params(t2v, jax.random.PRNGKey(1)), t2v, **dict(x, ref_latents=None))
+        forward(dit.init_params(TINY_T2V, jax.random.PRNGKey(1)), TINY_T2V, **dict(x, ref_latents=None))
 
 
 def test_13b_forward_lowers_at_544x960x81():

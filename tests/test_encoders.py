@@ -9,14 +9,16 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-from hf_encoders import clip_tokenizer, convert, llama3_tokenizer, randomize, save_hf
-from PIL import Image
-from util import rel_err
 
-from m141jax import prompts as P
-from m141jax.encoders import Encoders, encode, encode_empty, encode_with_negative, text_conditioning
-from m141jax.vision_input import ImageProcessing, preprocess
+torch = pytest.importorskip("torch")
+from fixtures import clip_tokenizer, llama3_tokenizer  # noqa: E402
+from hf_encoders import convert, randomize, save_hf  # noqa: E402
+from numerics import rel_err  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from m141jax import prompts as P  # noqa: E402
+from m141jax.encoders import Encoders, encode, encode_empty, encode_with_negative, text_conditioning  # noqa: E402
+from m141jax.vision_input import ImageProcessing, preprocess  # noqa: E402
 
 CORPUS = [P.PROMPT_TEMPLATE_VIDEO, P.VLM_TEMPLATE, P.NEGATIVE_PROMPT, "\n\n" * 20,
           "A cat walks on the grass, realistic style. A red car drives through a rainy city at night."] * 10
@@ -77,6 +79,7 @@ def _release_vlm(vlm, tok, pixels):
     return h[:, keep].numpy()
 
 
+@pytest.mark.parity
 def test_conditioning_matches_the_release(setup):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -123,6 +126,7 @@ def test_crop_is_the_template_prefix(setup):
     assert ids[:enc.crop] == prefix and ids[enc.crop:] != prefix[-1:]
 
 
+@pytest.mark.parity
 def test_image_template_for_one_frame(setup):
     """text_conditioning(template='image'): HunyuanVideo's one-frame template, cropped after its own prefix."""
     enc, vlm, _, tok, _, _ = setup
@@ -216,6 +220,7 @@ def test_llm_checkpoint_gives_prompt_only_conditioning(setup, tmp_path):
         encode(text_only, ["A red car"], _images()[:1])
 
 
+@pytest.mark.parity
 def test_image_preprocessing_matches_transformers():
     """Resize (shortest side, bicubic), centre crop, rescale, normalise = CLIPImageProcessor (PIL backend).
 

@@ -7,12 +7,11 @@ import imageio.v2 as imageio
 import jax
 import numpy as np
 import pytest
+from fixtures import TINY_I2V, save_random, write_tiny_checkpoints
 from PIL import Image
-from tiny_checkpoints import save_random, write_tiny_checkpoints
 
 from m141jax import checkpoint, components, encoders, media, pipeline
 from m141jax.cli import main
-from m141jax.config import preset
 from m141jax.models import dit, vae
 
 # reading MP4s back starts ffmpeg by fork + exec, which JAX warns about needlessly
@@ -110,6 +109,7 @@ def test_sliding_window_chains_clips(models, tmp_path, monkeypatch):
     assert timings.calls["sampling"] == 3 and timings.calls["vae-encode"] == 3
 
 
+@pytest.mark.slow
 def test_text_to_image_then_video_batch(ckpt, tmp_path, monkeypatch):
     """Without --image the T2I DiT makes the first frames; a prompts file is one batch (one sampling call
     per clip) and writes one video per prompt."""
@@ -192,8 +192,8 @@ def test_parameters_that_do_not_fit_the_config(ckpt, tmp_path, capsys):
 
 
 def test_dit_that_does_not_fit_the_encoders(ckpt, tmp_path, capsys):
-    cfg = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")  # text dims 32 / 16, the encoders give 64 / 32
-    save_random(tmp_path / "small_dit", "dit", dit, cfg, 5)
+    # TINY_I2V: text dims 32 / 16, the encoders give 64 / 32
+    save_random(tmp_path / "small_dit", "dit", dit, TINY_I2V, 5)
     root = _broken(ckpt, tmp_path, dit=tmp_path / "small_dit")
     assert main(["generate", "--prompt", "a cat", "--checkpoints", str(root)]) == 2
     assert "dit/ takes text states of 32 and pooled states of 16, the encoders give 64 (vlm/) and 32 (clip/)" in \
@@ -217,6 +217,7 @@ def test_sharded_encoders_equal_one_device(ckpt, models, image):
                                    atol=2e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_generate_on_a_mesh(ckpt, image, tmp_path, monkeypatch):
     """`generate --mesh`: the DiTs are restored sharded (sequence-parallel attention, fsdp, tensor) and
     the video equals the one-device video up to uint8 truncation of float rounding."""

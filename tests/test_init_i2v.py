@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from dit_reference import correctly_rounded_timestep_embedding, make_inputs, make_model, reference_velocity
-from util import rel_err
+from numerics import rel_err
 
 from m141jax import checkpoint
 from m141jax.cli import main

@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
-import torch
-from hf_encoders import convert, randomize, save_hf
-from util import rel_err
 
-from m141jax.config import LLAMA_PRESETS
-from m141jax.models import llama
+torch = pytest.importorskip("torch")
+
+from hf_encoders import convert, randomize, save_hf  # noqa: E402
+from numerics import rel_err  # noqa: E402
+
+from m141jax.config import LLAMA_PRESETS  # noqa: E402
+from m141jax.models import llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,7 @@ def llm_ckpt(tiny_llama_hf, tmp_path_factory):
     return convert("llm", tiny_llama_hf[1], tmp_path_factory.mktemp("llm") / "ckpt")
 
 
+@pytest.mark.parity
 def test_hidden_states_match_transformers(tiny_llama_hf, llm_ckpt, run_parity):
     """Every layer the parity command can select, under right padding, equals transformers' hidden_states."""
     model, _ = tiny_llama_hf

@@ -3,12 +3,14 @@ from the 4.40-era key layout of xtuner/llava-llama-3-8b-v1_1-transformers and fr
 
 import numpy as np
 import pytest
-import torch
-from hf_encoders import convert, randomize, save_hf
-from util import rel_err
 
-from m141jax.config import LLAVA_PRESETS
-from m141jax.models import llava
+torch = pytest.importorskip("torch")
+
+from hf_encoders import convert, randomize, save_hf  # noqa: E402
+from numerics import rel_err  # noqa: E402
+
+from m141jax.config import LLAVA_PRESETS  # noqa: E402
+from m141jax.models import llava  # noqa: E402
 
 IMAGE = 5  # image token id
 XTUNER_NAMES = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
@@ -40,6 +42,7 @@ def _inputs():
     return ids, mask, pixels
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("layout", ["xtuner", "current"])
 def test_vlm_matches_transformers(tiny_llava, tmp_path, run_parity, layout):
     config = tiny_llava.config.to_dict()
@@ -85,6 +88,7 @@ def test_llava_8b_preset_shapes():
     assert LLAVA_PRESETS["llava-llama-3-8b"].vision_layers_run == 23
 
 
+@pytest.mark.parity
 def test_vision_tower_every_layer_matches_clip_vision_model(tmp_path):
     """The vision tower alone against transformers' CLIPVisionModel: hidden_states[n] for every n
     (0 = embeddings after pre_layrnorm), which is how LLaVA's vision_feature_layer indexes them."""

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from compress_helpers import CFG, inputs, rel_l2, sample, tiny_params
+from fixtures import TINY_I2V, dit_inputs, tiny_dit_params, tiny_sample
+from numerics import rel_err
 from PIL import Image
 
 from m141jax import checkpoint, cli, parallel, sampling
@@ -66,11 +67,11 @@ def test_int4_error_within_half_a_group_step():
 
 def test_multi_axis_kernels_scale_per_output_channel():
     """An attention output projection [layers, heads, head_dim, out] contracts heads and head_dim."""
-    axes = quant.dit_layouts(CFG)
-    chosen = layout.select(tiny_params(), axes)
+    axes = quant.dit_layouts(TINY_I2V)
+    chosen = layout.select(tiny_dit_params(), axes)
     assert chosen["double_blocks/img_attn_proj/kernel"] == layout.Layout(1, 2, (4, 16, 64))
     assert chosen["double_blocks/img_attn/qkv/kernel"] == layout.Layout(1, 1, (64, 3, 4, 16))
-    w = tiny_params()["double_blocks"]["img_attn_proj"]["kernel"]
+    w = tiny_dit_params()["double_blocks"]["img_attn_proj"]["kernel"]
     q = quant.quantize_kernel(w, chosen["double_blocks/img_attn_proj/kernel"], "int8")
     np.testing.assert_allclose(q.scales[:, 0], np.abs(np.asarray(w)).max(axis=(1, 2)) / 127, rtol=1e-6)
     assert axes["double_blocks/img_attn_proj/kernel"] == (1, 2)  # stored by the layer, not read from names
@@ -78,10 +79,10 @@ def test_multi_axis_kernels_scale_per_output_channel():
 
 def test_dit_quantized_as_the_release():
     """int4 in the transformer blocks (modulation included), int8 on the other kernels, nothing else."""
-    q = quant.quantize_dit(tiny_params(), CFG, "int4")
+    q = quant.quantize_dit(tiny_dit_params(), TINY_I2V, "int4")
     boxes = {parallel.path_str(p): b.bits for p, b in
              jax.tree_util.tree_flatten_with_path(q, is_leaf=is_box)[0] if is_box(b)}
-    assert set(boxes) == set(layout.select(tiny_params(), quant.dit_layouts(CFG)))  # every kernel
+    assert set(boxes) == set(layout.select(tiny_dit_params(), quant.dit_layouts(TINY_I2V)))  # every kernel
     for path, bits in boxes.items():
         assert bits == (4 if path.startswith(("double_blocks/", "single_blocks/", "txt_in/blocks/")) else 8), path
     assert boxes["double_blocks/img_mod/linear/kernel"] == 4 and boxes["final_layer/linear/kernel"] == 8
@@ -90,22 +91,22 @@ def test_dit_quantized_as_the_release():
 
 
 def test_int4_refuses_inputs_not_divisible_by_the_group():
-    axes = quant.dit_layouts(CFG)
-    chosen = layout.select(tiny_params(), axes, include=(r"^img_in/kernel$",))  # 4·33 = 132 inputs
+    axes = quant.dit_layouts(TINY_I2V)
+    chosen = layout.select(tiny_dit_params(), axes, include=(r"^img_in/kernel$",))  # 4·33 = 132 inputs
     with pytest.raises(ValueError, match="img_in/kernel has 132 inputs"):
-        quant.quantize(tiny_params(), chosen, "int4")
+        quant.quantize(tiny_dit_params(), chosen, "int4")
     with pytest.raises(ValueError, match="unknown quantization mode 'int3'"):
-        quant.quantize(tiny_params(), chosen, "int3")
+        quant.quantize(tiny_dit_params(), chosen, "int3")
 
 
 def test_sampler_with_quantized_dit_stays_close():
-    dense = sample(tiny_params())
-    q8 = quant.quantize_dit(tiny_params(), CFG, "int8")
-    out = sample(q8)
-    assert 0 < rel_l2(out, dense) < 0.02
+    dense = tiny_sample(tiny_dit_params())
+    q8 = quant.quantize_dit(tiny_dit_params(), TINY_I2V, "int8")
+    out = tiny_sample(q8)
+    assert 0 < rel_err(out, dense, ord=2) < 0.02
     # the layers dequantise the boxes they read: dequantising the whole tree first gives the same result
-    np.testing.assert_allclose(sample(densify(q8)), out, atol=1e-5)
-    assert 0 < rel_l2(sample(quant.quantize_dit(tiny_params(), CFG, "int4")), dense) < 0.25
+    np.testing.assert_allclose(tiny_sample(densify(q8)), out, atol=1e-5)
+    assert 0 < rel_err(tiny_sample(quant.quantize_dit(tiny_dit_params(), TINY_I2V, "int4")), dense, ord=2) < 0.25
 
 
 def test_generate_quantize_flag(monkeypatch, tmp_path):
@@ -119,8 +120,8 @@ def test_generate_quantize_flag(monkeypatch, tmp_path):
     monkeypatch.setattr(quant, "encoder_layouts",
                         lambda e: {f"language_model/{k}": v for k, v in llama.kernel_layouts(lcfg).items()})
     vae = components.Component(cfg="vae-config", params={"kernel": jnp.ones((4, 4))})
-    own = jax.tree_util.tree_map(jnp.copy, tiny_params())  # quantize_models frees the dense weights it loaded
-    loaded = components.Models(dit=components.Component(CFG, own), vae=vae, encoders=enc)
+    own = jax.tree_util.tree_map(jnp.copy, tiny_dit_params())  # quantize_models frees the dense weights it loaded
+    loaded = components.Models(dit=components.Component(TINY_I2V, own), vae=vae, encoders=enc)
     monkeypatch.setattr(components, "load_models", lambda *a, **k: loaded)
     seen = {}
     monkeypatch.setattr(pipeline, "generate", lambda models, *a, **k: seen.setdefault("models", models) and [])
@@ -136,16 +137,16 @@ def test_generate_quantize_flag(monkeypatch, tmp_path):
 
 
 def test_quantized_checkpoint_round_trip(tmp_path):
-    q = quant.quantize_dit(tiny_params(), CFG, "int4")
-    checkpoint.save(tmp_path / "q", "dit", to_json_dict(CFG), q)
+    q = quant.quantize_dit(tiny_dit_params(), TINY_I2V, "int4")
+    checkpoint.save(tmp_path / "q", "dit", to_json_dict(TINY_I2V), q)
     info, back = checkpoint.read_meta(tmp_path / "q"), checkpoint.load(tmp_path / "q", dtype=None)[2]
-    kernels = layout.select(tiny_params(), quant.dit_layouts(CFG))
+    kernels = layout.select(tiny_dit_params(), quant.dit_layouts(TINY_I2V))
     assert info["component"] == "dit" and len(info["compressed"]) == len(kernels)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(q)
     for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(sample(back), sample(q))
+    np.testing.assert_array_equal(tiny_sample(back), tiny_sample(q))
     half = checkpoint.load(tmp_path / "q", dtype="bf16")[2]
     box = half["double_blocks"]["img_mlp"]["fc1"]["kernel"]
     assert box.dtype == "bfloat16" and box.unbox().dtype == jnp.bfloat16 and box.channel_unit.dtype == jnp.float32
@@ -155,40 +156,42 @@ def test_quantized_checkpoint_round_trip(tmp_path):
 
 
 def test_quantize_command(tmp_path):
-    checkpoint.save(tmp_path / "dense", "dit", to_json_dict(CFG), tiny_params())
+    checkpoint.save(tmp_path / "dense", "dit", to_json_dict(TINY_I2V), tiny_dit_params())
     assert cli.main(["quantize", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "q8"),
                      "--mode", "int8"]) == 0
     q = checkpoint.load(tmp_path / "q8", dtype=None)[2]
     assert isinstance(q["single_blocks"]["linear1_mlp"]["kernel"], quant.QArray)
-    assert rel_l2(sample(q), sample(tiny_params())) < 0.02
+    assert rel_err(tiny_sample(q), tiny_sample(tiny_dit_params()), ord=2) < 0.02
     assert cli.main(["quantize", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "q8"),
                      "--mode", "int8"]) == 2  # exists
 
 
+@pytest.mark.slow
 def test_checkpoint_folder_with_a_quantized_dit(tmp_path):
     """A dit/ written by `m141jax quantize` loads compressed into generation (no dense copy), also split
     over a mesh, where sampling gives the one-device result."""
     from m141jax import components
 
-    checkpoint.save(tmp_path / "dense", "dit", to_json_dict(CFG), tiny_params())
+    checkpoint.save(tmp_path / "dense", "dit", to_json_dict(TINY_I2V), tiny_dit_params())
     assert cli.main(["quantize", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "root" / "dit"),
                      "--mode", "int4"]) == 0
     c = components.load_component(tmp_path / "root", "dit", dtype="fp32")
-    assert c.cfg == CFG and c.params["double_blocks"]["img_mlp"]["fc1"]["kernel"].bits == 4
-    np.testing.assert_array_equal(sample(c.params), sample(checkpoint.load(tmp_path / "root" / "dit", dtype=None)[2]))
+    assert c.cfg == TINY_I2V and c.params["double_blocks"]["img_mlp"]["fc1"]["kernel"].bits == 4
+    stored = checkpoint.load(tmp_path / "root" / "dit", dtype=None)[2]
+    np.testing.assert_array_equal(tiny_sample(c.params), tiny_sample(stored))
 
     mesh = parallel.make_mesh("fsdp=2,tensor=4")
     m = components.load_component(tmp_path / "root", "dit", dtype="fp32", mesh=mesh)
     box = m.params["double_blocks"]["img_mlp"]["fc1"]["kernel"]
     assert box.codes.sharding.spec[-1] == ("fsdp", "tensor") and len(box.codes.sharding.device_set) == 8
     assert m.params["img_in"]["bias"].sharding.device_set == set(mesh.devices.flat)
-    latents, ref, _, states, mask, pooled = inputs(batch=2)
+    latents, ref, _, states, mask, pooled = dit_inputs(batch=2)
     on_mesh = sampling.sample(m.params, m.cfg, latents, (states, mask, pooled), sigmas=sampling.schedule(4),
                               ref_latents=ref, mesh=mesh)
-    np.testing.assert_allclose(on_mesh, sample(c.params), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(on_mesh, tiny_sample(c.params), rtol=1e-5, atol=1e-5)
 
     # `generate --quantize` on a mesh: the DiT quantized after loading keeps its codes split
-    checkpoint.save(tmp_path / "dense_root" / "dit", "dit", to_json_dict(CFG), tiny_params())
+    checkpoint.save(tmp_path / "dense_root" / "dit", "dit", to_json_dict(TINY_I2V), tiny_dit_params())
     dense = components.load_component(tmp_path / "dense_root", "dit", dtype="fp32", mesh=mesh)
     box = quant.quantize_component(dense, "int4").params["single_blocks"]["linear1_mlp"]["kernel"]
     assert box.bits == 4 and box.codes.sharding.spec[-1] == ("fsdp", "tensor")
@@ -199,6 +202,7 @@ def _llama_cfg():
                        mlp_hidden=96, param_dtype="fp32", dtype="fp32")
 
 
+@pytest.mark.slow
 def test_quantized_text_encoders_stay_close():
     from m141jax.encoders import Encoders
 
@@ -215,14 +219,15 @@ def test_quantized_text_encoders_stay_close():
     ids = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, 96)
     mask = jnp.ones((2, 12), jnp.int32).at[1, 9:].set(0)
     run_llm = jax.jit(lambda p: llama.hidden_states(p, lcfg, ids, mask, skip_layer=0))
-    assert 0 < rel_l2(run_llm(q["language_model"]), run_llm(params["language_model"])) < 0.02
+    assert 0 < rel_err(run_llm(q["language_model"]), run_llm(params["language_model"]), ord=2) < 0.02
     run_clip = jax.jit(lambda p: clip.text_forward(p, ccfg, ids, mask)[1])
-    assert 0 < rel_l2(run_clip(q["clip"]), run_clip(params["clip"])) < 0.02
+    assert 0 < rel_err(run_clip(q["clip"]), run_clip(params["clip"]), ord=2) < 0.02
     # int4 (15 levels per group of 32) on random weights of a 2-layer model: ~0.1-0.3
     q4 = quant.quantize_encoders(enc, "int4").params
-    assert 0 < rel_l2(run_clip(q4["clip"]), run_clip(params["clip"])) < 0.4
+    assert 0 < rel_err(run_clip(q4["clip"]), run_clip(params["clip"]), ord=2) < 0.4
 
 
+@pytest.mark.slow
 def test_quantized_vlm_stays_close():
     vcfg = CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden=128,
                             param_dtype="fp32", dtype="fp32")
@@ -235,7 +240,7 @@ def test_quantized_vlm_stays_close():
     ids = jnp.concatenate([jnp.full((1, cfg.image_seq_length), 95), jnp.arange(1, 6)[None]], axis=1)
     pixels = jax.random.normal(jax.random.PRNGKey(3), (1, 28, 28, 3))
     run = jax.jit(lambda p: llava.llava_forward(p, cfg, ids, jnp.ones_like(ids), pixels))
-    assert 0 < rel_l2(run(q), run(params)) < 0.02
+    assert 0 < rel_err(run(q), run(params), ord=2) < 0.02
 
 
 def test_13b_dit_quantized_sizes():

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures import MESH_I2V, mesh_dit_inputs, tiny_dit_params
 from jax.sharding import PartitionSpec as P
+from numerics import assert_close
 
 from m141jax import checkpoint, cli, parallel, sampling
 from m141jax.axes import MESH_AXES
@@ -23,7 +25,6 @@ from m141jax.config import to_json_dict
 from m141jax.io import save_npz
 from m141jax.models.dit import dit_forward, init_params
 from m141jax.models.sequence_parallel import attend
-from tests.sharding_cases import CFG, inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,12 +78,12 @@ def test_logical_shardings_follow_the_table():
 
 def test_dit_param_shardings():
     mesh = parallel.make_mesh("fsdp=2,sequence=2,tensor=2")
-    sh = parallel.dit_param_shardings(CFG, mesh)
+    sh = parallel.dit_param_shardings(MESH_I2V, mesh)
     blk = sh["double_blocks"]
     assert blk["img_attn"]["qkv"]["kernel"].spec == P(None, ("fsdp", "sequence"), None, "tensor", None)
     assert blk["img_mlp"]["fc2"]["kernel"].spec == P(None, "tensor", ("fsdp", "sequence"))
     assert sh["img_in"]["kernel"].spec == P(None, ("fsdp", "sequence"))
-    params = jax.eval_shape(lambda: init_params(CFG, jax.random.PRNGKey(0)))
+    params = jax.eval_shape(lambda: init_params(MESH_I2V, jax.random.PRNGKey(0)))
     assert jax.tree.structure(params) == jax.tree.structure(sh)
 
 
@@ -135,9 +136,9 @@ def test_ulysses_needs_divisible_heads():
 @pytest.fixture(scope="module")
 def dit_case():
     """Host parameters, inputs and the single-device velocity of the tiny DiT."""
-    params = jax.tree.map(np.asarray, jax.jit(lambda: init_params(CFG, jax.random.PRNGKey(0)))())
-    args = inputs(2)
-    want = jax.jit(lambda p, *a: dit_forward(p, CFG, *a))(params, *args)
+    params = jax.tree.map(np.asarray, tiny_dit_params(MESH_I2V))
+    args = mesh_dit_inputs(2)
+    want = jax.jit(lambda p, *a: dit_forward(p, MESH_I2V, *a))(params, *args)
     return params, args, np.asarray(want)
 
 
@@ -150,13 +151,13 @@ def dit_case():
 ])
 def test_sharded_dit_forward(dit_case, spec, method, batch_spec):
     params, args, want = dit_case
-    cfg = dataclasses.replace(CFG, sequence_parallel=method)
+    cfg = dataclasses.replace(MESH_I2V, sequence_parallel=method)
     mesh = parallel.make_mesh(spec)
     shardings = parallel.dit_param_shardings(cfg, mesh)
     sharded = jax.tree.map(parallel.put, params, shardings)
     got = parallel.dit_forward_fn(cfg, mesh, 2, shardings)(sharded, *args)
     assert got.sharding.spec == P(batch_spec, None, None, None, None)
-    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5 * np.abs(want).max())
+    assert_close(got, want, 2e-5)
 
 
 @pytest.mark.parametrize("spec", ["data=2,fsdp=4", "fsdp=2,tensor=2,sequence=2"])
@@ -165,11 +166,11 @@ def test_sharded_sampler_with_cfg(dit_case, spec):
     params, (lat, ref, _, states, mask, pooled, _), _ = dit_case
     text, neg = (states, mask, pooled), (states[:, ::-1], mask, -pooled)
     kw = dict(sigmas=sampling.schedule(4, 5.0), ref_latents=ref, neg_text=neg, guidance_scale=3.0)
-    want = sampling.sample(params, CFG, lat, text, **kw)
+    want = sampling.sample(params, MESH_I2V, lat, text, **kw)
     mesh = parallel.make_mesh(spec)
-    cfg, shardings = parallel.dit_on_mesh(CFG, mesh)
+    cfg, shardings = parallel.dit_on_mesh(MESH_I2V, mesh)
     got = sampling.sample(jax.tree.map(parallel.put, params, shardings), cfg, lat, text, mesh=mesh, **kw)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * np.abs(np.asarray(want)).max())
+    assert_close(got, want, 2e-5)
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -179,10 +180,10 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, dit_case):
     values; a checkpoint written from host arrays (as the converter does) restores sharded too."""
     params = dit_case[0]
     a, b = parallel.make_mesh("fsdp=8"), parallel.make_mesh("sequence=4,tensor=2")
-    checkpoint.save(tmp_path / "sharded", "dit", to_json_dict(CFG),
-                    jax.tree.map(parallel.put, params, parallel.dit_param_shardings(CFG, a)))
-    checkpoint.save(tmp_path / "host", "dit", to_json_dict(CFG), params)
-    target = parallel.dit_param_shardings(CFG, b)
+    checkpoint.save(tmp_path / "sharded", "dit", to_json_dict(MESH_I2V),
+                    jax.tree.map(parallel.put, params, parallel.dit_param_shardings(MESH_I2V, a)))
+    checkpoint.save(tmp_path / "host", "dit", to_json_dict(MESH_I2V), params)
+    target = parallel.dit_param_shardings(MESH_I2V, b)
     for name in ("sharded", "host"):
         restored = checkpoint.load_params(tmp_path / name, shardings=target)
         for want, got, sh in zip(jax.tree.leaves(params), jax.tree.leaves(restored), jax.tree.leaves(target)):
@@ -212,7 +213,7 @@ def test_checkpoint_chunks_bound_what_a_shard_reads(tmp_path, monkeypatch):
 
 def test_parity_cli_mesh(tmp_path, dit_case):
     params, args, want = dit_case
-    checkpoint.save(tmp_path / "ckpt", "dit", to_json_dict(CFG), params)
+    checkpoint.save(tmp_path / "ckpt", "dit", to_json_dict(MESH_I2V), params)
     lat, ref, t, txt, mask, txt2, _ = args
     save_npz(tmp_path / "in.npz", {"latents": np.moveaxis(lat, -1, 1), "ref_latents": np.moveaxis(ref, -1, 1),
                                    "timestep": t, "text_states": txt, "text_mask": mask, "text_states_2": txt2})
@@ -221,7 +222,7 @@ def test_parity_cli_mesh(tmp_path, dit_case):
                    "--sequence-parallel", "ring"])
     assert rc == 0
     got = np.load(tmp_path / "out.npz")["velocity"]
-    np.testing.assert_allclose(got, np.moveaxis(want, -1, 1), atol=2e-5 * np.abs(want).max())
+    assert_close(got, np.moveaxis(want, -1, 1), 2e-5)
     assert cli.main(["parity", "dit", "--checkpoint", str(tmp_path / "ckpt"), "--inputs", str(tmp_path / "in.npz"),
                      "--output", str(tmp_path / "bad.npz"), "--mesh", "fsdp=3"]) == 2
     assert cli.main(["parity", "vae-decode", "--checkpoint", str(tmp_path / "ckpt"), "--inputs",
@@ -231,12 +232,13 @@ def test_parity_cli_mesh(tmp_path, dit_case):
 
 # ------------------------------------------------------------------------------------- multi-host
 
+@pytest.mark.slow
 def test_two_processes(tmp_path, dit_case):
     """2 processes x 4 CPU devices over gloo: restore a host-written checkpoint sharded, forward (each
     host feeding its own batch row) equal to the single-device forward, Orbax save, restore onto
     another mesh with parameters identical to the originals."""
     params = dit_case[0]
-    checkpoint.save(tmp_path / "host", "dit", to_json_dict(CFG), params)
+    checkpoint.save(tmp_path / "host", "dit", to_json_dict(MESH_I2V), params)
     leaves = jax.tree_util.tree_leaves_with_path(params)
     np.savez(tmp_path / "params.npz", **{jax.tree_util.keystr(k): v for k, v in leaves})
     with socket.socket() as s:
@@ -256,5 +258,5 @@ def test_two_processes(tmp_path, dit_case):
         assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
     got = np.load(tmp_path / "velocity.npz")["velocity"]
     want = dit_case[2]
-    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    assert_close(got, want, 2e-5)
     assert (tmp_path / "ckpt" / checkpoint.META).is_file()

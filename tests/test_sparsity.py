@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from compress_helpers import CFG, rel_l2, sample, tiny_params
+from fixtures import TINY_I2V, tiny_dit_params, tiny_sample
+from numerics import rel_err
 
 from m141jax import checkpoint, cli
 from m141jax.compress import layout, nm, quant
@@ -37,18 +38,19 @@ def test_masks_are_exactly_n_of_m_by_magnitude(n, m):
 
 
 def test_default_selection_excludes_embeddings_norms_modulation_final_layer():
-    chosen = nm.select_dit(tiny_params(), CFG)
+    chosen = nm.select_dit(tiny_dit_params(), TINY_I2V)
     assert {"double_blocks/img_attn/qkv/kernel", "double_blocks/txt_mlp/fc2/kernel", "single_blocks/linear2_attn/kernel",
             "txt_in/blocks/self_attn_proj/kernel"} <= set(chosen)
     banned = ("img_in", "time_in", "vector_in", "final_layer", "_mod/", "modulation", "norm", "input_embedder",
               "t_embedder", "c_embedder")
     assert not any(b in k for k in chosen for b in banned)
-    only_mlp = nm.select_dit(tiny_params(), CFG, SparsityConfig(include=(r"single_blocks/linear._mlp/kernel$",)))
+    only_mlp = nm.select_dit(tiny_dit_params(), TINY_I2V,
+                                   SparsityConfig(include=(r"single_blocks/linear._mlp/kernel$",)))
     assert set(only_mlp) == {"single_blocks/linear1_mlp/kernel", "single_blocks/linear2_mlp/kernel"}
     with pytest.raises(ValueError, match="no parameter matches"):
-        nm.select_dit(tiny_params(), CFG, SparsityConfig(include=(r"nothing",)))
+        nm.select_dit(tiny_dit_params(), TINY_I2V, SparsityConfig(include=(r"nothing",)))
     with pytest.raises(ValueError, match="img_in/kernel has 132 inputs"):
-        nm.select_dit(tiny_params(), CFG, SparsityConfig(include=(r"^img_in/kernel$",), exclude=(), m=8))
+        nm.select_dit(tiny_dit_params(), TINY_I2V, SparsityConfig(include=(r"^img_in/kernel$",), exclude=(), m=8))
 
 
 def test_schedule_ramps_from_dense_to_n_of_m():
@@ -89,10 +91,11 @@ def _kernel(p, path):
     return p
 
 
+@pytest.mark.slow
 def test_pruned_weights_stay_exactly_zero_through_adamw():
-    params = tiny_params()
+    params = tiny_dit_params()
     cfg = SparsityConfig()  # one-shot 2:4 at step 0
-    chosen = nm.select_dit(params, CFG, cfg)
+    chosen = nm.select_dit(params, TINY_I2V, cfg)
     opt = sparsity.sparse_training(optax.adamw(1e-2, weight_decay=0.1), cfg, chosen)
     final, state, history = _train(opt, params, 40)
     masks = state.masks
@@ -109,9 +112,9 @@ def test_pruned_weights_stay_exactly_zero_through_adamw():
 
 
 def test_gradual_ramp_inside_an_optax_chain_and_masks_in_orbax(tmp_path):
-    params = tiny_params()
+    params = tiny_dit_params()
     cfg = SparsityConfig(n=2, m=4, begin_step=2, end_step=12, frequency=2)
-    chosen = nm.select_dit(params, CFG, cfg)
+    chosen = nm.select_dit(params, TINY_I2V, cfg)
     inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
     opt = sparsity.sparse_training(inner, cfg, chosen)
     path = "single_blocks/linear1_mlp/kernel"
@@ -131,18 +134,19 @@ def test_gradual_ramp_inside_an_optax_chain_and_masks_in_orbax(tmp_path):
 
 
 def test_update_without_params_is_refused():
-    opt = sparsity.sparse_training(optax.sgd(0.1), SparsityConfig(), nm.select_dit(tiny_params(), CFG))
-    state = opt.init(tiny_params())
+    opt = sparsity.sparse_training(optax.sgd(0.1), SparsityConfig(), nm.select_dit(tiny_dit_params(), TINY_I2V))
+    state = opt.init(tiny_dit_params())
     with pytest.raises(ValueError, match="needs the parameters"):
-        opt.update(tiny_params(), state)
+        opt.update(tiny_dit_params(), state)
 
 
 def test_export_load_round_trips_exactly(tmp_path):
-    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tiny_params())
-    chosen = nm.select_dit(params, CFG)
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tiny_dit_params())
+    chosen = nm.select_dit(params, TINY_I2V)
     pruned = nm.prune(params, nm.nm_masks(params, chosen, 2, 4))
-    checkpoint.save(tmp_path / "sparse", "dit", to_json_dict(CFG), nm.compress(pruned, chosen))
-    info, back = checkpoint.read_meta(tmp_path / "sparse"), checkpoint.load(tmp_path / "sparse", dtype=None, dense=True)[2]
+    checkpoint.save(tmp_path / "sparse", "dit", to_json_dict(TINY_I2V), nm.compress(pruned, chosen))
+    info = checkpoint.read_meta(tmp_path / "sparse")
+    back = checkpoint.load(tmp_path / "sparse", dtype=None, dense=True)[2]
     assert set(info["compressed"]) == set(chosen)
     for a, b in zip(jax.tree_util.tree_leaves(pruned), jax.tree_util.tree_leaves(back)):
         assert a.dtype == b.dtype
@@ -157,17 +161,17 @@ def test_export_load_round_trips_exactly(tmp_path):
 
 
 def test_sampler_with_sparse_weights_matches_the_pruned_dense_model():
-    params = tiny_params()
-    chosen = nm.select_dit(params, CFG)
+    params = tiny_dit_params()
+    chosen = nm.select_dit(params, TINY_I2V)
     pruned = nm.prune(params, nm.nm_masks(params, chosen, 2, 4))
-    ref = sample(pruned)
-    assert rel_l2(ref, sample(params)) > 0.05  # one-shot pruning of half the weights, no fine-tuning
+    ref = tiny_sample(pruned)
+    assert rel_err(ref, tiny_sample(params), ord=2) > 0.05  # one-shot pruning of half the weights, no fine-tuning
     # compact kernels rebuilt by each layer as it reads them: the pruned dense model's result
-    assert rel_l2(sample(nm.compress(params, chosen)), ref) < 1e-5
+    assert rel_err(tiny_sample(nm.compress(params, chosen)), ref, ord=2) < 1e-5
     with_int8 = nm.compress(pruned, chosen, values="int8")
     box = _kernel(with_int8, "single_blocks/linear2_mlp/kernel")
     assert isinstance(box.values, quant.QArray) and box.values.codes.dtype == jnp.int8
-    assert 0 < rel_l2(sample(with_int8), ref) < 0.02
+    assert 0 < rel_err(tiny_sample(with_int8), ref, ord=2) < 0.02
 
 
 def test_hardware_2_4_operands():
@@ -189,7 +193,7 @@ def test_hardware_2_4_operands():
 
 
 def test_sparsify_command(tmp_path):
-    checkpoint.save(tmp_path / "dense", "dit", to_json_dict(CFG), tiny_params())
+    checkpoint.save(tmp_path / "dense", "dit", to_json_dict(TINY_I2V), tiny_dit_params())
     assert cli.main(["sparsify", "--src", str(tmp_path / "dense"), "--dst", str(tmp_path / "s"), "--nm", "2:4",
                      "--values", "int8"]) == 0
     boxes = checkpoint.load(tmp_path / "s", dtype=None)[2]
@@ -211,6 +215,7 @@ def test_13b_dit_sparse_sizes():
     assert sparse < 0.75 * dense and sparse8 < int8
 
 
+@pytest.mark.slow
 def test_train_and_distill_configs_keep_the_dit_sparse():
     """`sparsity` in TrainConfig / DistillConfig wraps the flow step's and the generator's optimizers."""
     import dataclasses

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 import pytest
-from train_helpers import write_prepared
+from fixtures import write_prepared
 
 from m141jax import checkpoint
 from m141jax.cli import main
@@ -50,6 +50,7 @@ def _metrics(path):
         return [(int(r["step"]), r["metric"], float(r["value"])) for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_train_resume_nan_stop_and_distill(tmp_path, capsys, compile_cache):
     good, bad = write_prepared(tmp_path / "good", n=8), write_prepared(tmp_path / "bad", n=8, nan=True)
     run = tmp_path / "run"

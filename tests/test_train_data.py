@@ -3,14 +3,13 @@
 import jax
 import numpy as np
 import pytest
-from train_helpers import write_prepared
+from fixtures import TINY_I2V, write_prepared
 
-from m141jax.config import preset
 from m141jax.train import data
 from m141jax.train.config import DataConfig
 from m141jax.train.mesh import batch_shardings, make_mesh
 
-MODEL = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")
+MODEL = TINY_I2V
 
 
 class IndexSource:

@@ -80,6 +80,7 @@ def _nonzero(tree):
     return [float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_stop_gradients_route_each_loss_to_its_own_parameters():
     cfg, batch, teacher, state = _setup()
     losses = dmd.DMD(cfg, pixel_velocity())
@@ -109,6 +110,7 @@ def test_stop_gradients_route_each_loss_to_its_own_parameters():
         assert float(jnp.abs(dx).max()) > 0 and not any(_nonzero(df)) and not any(_nonzero(dt))
 
 
+@pytest.mark.slow
 def test_two_time_scales():
     cfg, batch, teacher, state = _setup()
     step = pixel_dmd_step(cfg)
@@ -180,6 +182,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_dmd_step_sharded_on_8_devices_equals_unsharded():
     # 8 host devices; cheaper CPU code generation halves the two compiles (both runs get the same flags)
     flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " \

@@ -4,7 +4,8 @@ result feeds the training pipeline."""
 import json
 
 import numpy as np
-from tiny_checkpoints import write_tiny_checkpoints
+import pytest
+from fixtures import write_tiny_checkpoints
 
 from m141jax import media
 from m141jax.cli import main
@@ -19,6 +20,7 @@ def _video(path, frames, seed):
         w.append(rng.integers(0, 255, (frames, 40, 56, 3), dtype=np.uint8))
 
 
+@pytest.mark.slow
 def test_prepare_data(tmp_path, capsys):
     ckpts = write_tiny_checkpoints(tmp_path / "ckpt")
     src = tmp_path / "videos"

@@ -56,6 +56,7 @@ def _check_resume(tmp_path, cfg, n_image_tokens, make_state, step_fn):
     assert not tree_equal(full, make_state())
 
 
+@pytest.mark.slow
 def test_flow_resume_is_bit_identical(tmp_path):
     cfg = tiny_train_config(steps=6, checkpoint_every=3)
     params = pixel_params(cfg.model, jax.random.PRNGKey(0))
@@ -64,6 +65,7 @@ def test_flow_resume_is_bit_identical(tmp_path):
                   lambda s, b, r, i: step(s, b, r))
 
 
+@pytest.mark.slow
 def test_dmd_resume_is_bit_identical(tmp_path):
     cfg = tiny_distill_config(steps=6, checkpoint_every=3)
     teacher = jax.device_put(pixel_params(cfg.model, jax.random.PRNGKey(0)), jax.devices()[0])

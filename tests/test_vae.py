@@ -23,6 +23,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from numerics import rel_err  # noqa: E402
+
 from m141jax.config import VAE_PRESETS, VAEConfig, from_json_dict, preset, to_json_dict  # noqa: E402
 from m141jax.convert import vae as convert_vae  # noqa: E402
 from m141jax.models import vae, vae_tiling  # noqa: E402
@@ -32,11 +34,6 @@ TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, latent_channe
 # small release-style tiles so that tiles overlap on small inputs: 64 px (8 latents) at a 48 px
 # stride, blend 2 latents / 16 px; 32 frames (8 latents) at a 24-frame stride, blend 2 latents / 8 frames
 TILES = dict(sample_size=64, sample_tsize=32)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def to_torch(x):
@@ -105,6 +102,7 @@ def latents(shape, seed=0):
 
 # ------------------------------------------------------------------------------------ untiled parity
 
+@pytest.mark.parity
 @pytest.mark.parametrize("shape", [(2, 1, 32, 24, 3), (1, 9, 32, 32, 3)], ids=["image-batch2", "video-9f"])
 def test_encode_matches_diffusers(models, shape):
     (mean, logvar), (want_mean, want_logvar) = encode_both(models, video(shape), tiling=False)
@@ -114,6 +112,7 @@ def test_encode_matches_diffusers(models, shape):
     assert rel_err(logvar, want_logvar) < 1e-5
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("shape", [(1, 1, 4, 3, 16), (1, 3, 4, 4, 16)], ids=["image", "video-3lat"])
 def test_decode_matches_diffusers(models, shape):
     got, want = decode_both(models, latents(shape), tiling=False)
@@ -121,6 +120,7 @@ def test_decode_matches_diffusers(models, shape):
     assert rel_err(got, want) < 5e-5
 
 
+@pytest.mark.slow
 def test_bf16_runtime_stays_close_to_fp32(models):
     """The release runs the VAE in bf16: same weights cast to bf16, output within bf16 rounding
     (on this random model diffusers in bf16 is 7% off its fp32 output; this port is ~7% off too)."""
@@ -146,6 +146,8 @@ def test_frame_by_frame_attention_equals_dense():
 
 # ------------------------------------------------------------------------------ release tiling parity
 
+@pytest.mark.slow
+@pytest.mark.parity
 def test_tiled_encode_image_matches_release_rules(models):
     """96×96 px with 64 px tiles at 48: a 2×2 grid whose tiles overlap by 16 px, blended at the corner."""
     x = video((1, 1, 96, 96, 3), seed=1)
@@ -156,6 +158,8 @@ def test_tiled_encode_image_matches_release_rules(models):
     assert rel_err(mean, plain) > 1e-3  # tiling really happened: GroupNorm sees each tile alone
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 def test_tiled_encode_video_matches_release_rules(models):
     """41 frames with 33-frame tiles at 24: the second tile drops its first latent and blends 2 latents."""
     x = video((1, 41, 16, 16, 3), seed=2)
@@ -164,6 +168,8 @@ def test_tiled_encode_video_matches_release_rules(models):
     assert rel_err(mean, want_mean) < 1e-5 and rel_err(logvar, want_logvar) < 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 def test_tiled_decode_matches_release_rules_and_reuses_compilations(models):
     """11 latent frames (tiles z[0:9], z[6:11]) × 12 latent rows (tiles 0:8, 6:12): temporal tiles
     nest spatial ones; the 4 tiles of 4 shapes compile 4 times, and decoding again compiles nothing."""
@@ -192,6 +198,7 @@ def _fake_encoder(calls):
     return fn
 
 
+@pytest.mark.slow
 def test_release_tile_geometry_544x960x81():
     """Spec D.5: 3 rows × 5 columns of 256 px tiles at 192 px (the last row 160 px, the last column
     192 px), kept 24+24+20 rows and 5×24 columns; in time 65-frame tiles at 48, giving 21 latents."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import flax.linen as nn
 import jax
@@ -82,21 +81,3 @@ def tree_equal(a, b) -> bool:
     return jax.tree.structure(a) == jax.tree.structure(b) and all(
         np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
-
-def write_prepared(path, n=3, n_img=2, nan=False):
-    """A prepared-data directory of n tiny-i2v samples (latents 2×4×4×16, 6 text tokens); all-NaN latents
-    when nan."""
-    (path / "samples").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        x = rng.standard_normal((2, 4, 4, 16)).astype(np.float32)
-        if nan:
-            x[:] = np.nan
-        np.savez(path / "samples" / f"{i:08d}.npz", latents=x, ref_latents=x[:1],
-                 text_states=rng.standard_normal((6, 32)).astype(np.float32),
-                 text_mask=np.array([1, 1, 1, 1, 0, 0], np.int32),
-                 text_states_2=rng.standard_normal(16).astype(np.float32))
-    np.savez(path / "null.npz", text_states=np.zeros((4, 32), np.float32), text_mask=np.array([1, 0, 0, 0], np.int32),
-             text_states_2=np.zeros(16, np.float32))
-    (path / "data.json").write_text(json.dumps({"format": 1, "samples": n, "n_image_tokens": n_img}))
-    return path
