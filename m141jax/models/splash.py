@@ -16,6 +16,9 @@ What this module adds around the kernel:
 - the platform: `jax.lax.platform_dependent` lowers the compiled kernel for TPU and the Pallas
   interpreter (slow, exact: tests) for every other platform. The choice is made when the program is
   lowered, so an ahead-of-time compile for a TPU topology on a CPU host gets the real kernel;
+- meshes: a Mosaic kernel cannot be partitioned automatically, so on a mesh in context whose axes are
+  not already manual (outside `shard_map`) the call is wrapped in `shard_map` over the batch axes that
+  divide the batch and the `tensor` axis where it divides the heads (other axes: replicated);
 - block sizes: `attention_block` of the DiT config (rounded to the kernel's 128-lane multiple, cut to
   the padded length), by default per TPU generation (`default_block`).
 
@@ -32,6 +35,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.sharding import PartitionSpec as P
+
+from m141jax.axes import BATCH_AXES, TENSOR, fit_axes
 
 LANES = 128  # the kernel's blocks are multiples of the 128-wide vector lanes
 Q_PAD, KV_PAD = -2, -1  # segment ids of the padding added to reach whole blocks: they match nothing
@@ -63,15 +69,16 @@ def block_for(length: int, block: int | None) -> int:
     return min(_round_up(block, LANES), _round_up(length, LANES))
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(heads: int, lq: int, lk: int, bq: int, bk: int, save_residuals: bool, interpret: bool):
+    """A fresh kernel per trace: its mask tables become constants of the trace that builds it (cached
+    across traces they would leak tracers; built eagerly they would need a device of the mesh in
+    context, which an ahead-of-time topology does not have)."""
     blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk,
                            block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
                            block_q_dq=bq, block_kv_dq=bk)
     mask = sa.MultiHeadMask([sa.FullMask((lq, lk)) for _ in range(heads)])
-    with jax.ensure_compile_time_eval():  # the kernel's mask tables are constants, never tracers
-        return sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                                  save_residuals=save_residuals, interpret=interpret)
+    return sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              save_residuals=save_residuals, interpret=interpret)
 
 
 def splash_attention(q, k, v, seg_q, seg_k, *, block: int | None = None, save_residuals: bool = False):
@@ -80,10 +87,24 @@ def splash_attention(q, k, v, seg_q, seg_k, *, block: int | None = None, save_re
     q [B, Lq, H, D], k/v [B, Lk, H, D], seg_q [B, Lq] / seg_k [B, Lk] int segment ids (non-negative).
     Returns [B, Lq, H, D] in q's dtype, and with `save_residuals` also the log-sum-exp [B, Lq, H] fp32.
     """
+    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+        raise ValueError(f"splash attention here is multi-head: {q.shape[2]} query heads, {k.shape[2]} key heads")
+    mesh = jax.sharding.get_abstract_mesh()
+    auto = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    local = functools.partial(_splash, block=block, save_residuals=save_residuals)
+    if not any(mesh.shape[a] > 1 for a in auto):
+        return local(q, k, v, seg_q, seg_k)
+    batch, heads = fit_axes(BATCH_AXES, q.shape[0], mesh), fit_axes(TENSOR, q.shape[2], mesh)
+    x, seg = P(batch, None, heads, None), P(batch, None)
+    out = (x, P(batch, None, heads)) if save_residuals else x
+    return jax.shard_map(local, mesh=mesh, in_specs=(x, x, x, seg, seg), out_specs=out, axis_names=set(auto),
+                         check_vma=False)(q, k, v, seg_q, seg_k)
+
+
+def _splash(q, k, v, seg_q, seg_k, *, block, save_residuals):
+    """`splash_attention` on one device's share."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    if k.shape[2] != h or v.shape[2] != h:
-        raise ValueError(f"splash attention here is multi-head: {h} query heads, {k.shape[2]} key heads")
     bq, bk = block_for(lq, block), block_for(lk, block)
     pq, pk = _round_up(lq, bq) - lq, _round_up(lk, bk) - lk
     heads_major = lambda x, pad: jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, pad), (0, 0)])
