@@ -8,6 +8,10 @@ chip's memory, leaving room for the runtime. Nothing is allocated or run.
 
     python benchmarks/fit.py                          # 8 simulated CPU devices
     python benchmarks/fit.py --topology v5e:2x4       # the TPU compiler, no TPU needed (libtpu installed)
+    python benchmarks/fit.py --topology v5e:2x4 --attention splash   # with the Pallas splash kernel
+
+`--attention` picks the kernel (default blockwise; splash compiles the Pallas TPU kernel for a
+topology, interpreted on other platforms; ring attention runs splash forward, blockwise backward).
 
 `--topology` compiles for a TPU slice with the real TPU compiler on any machine where libtpu is
 importable; that compiler refuses a program whose temporaries exceed the chip's HBM, which is then
@@ -39,8 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--size", default="544x960x81", help="HxWxFRAMES of the video")
     p.add_argument("--text-len", type=int, default=402, help="text tokens (256 LLM + 146 VLM in the release)")
     p.add_argument("--batch", type=int, default=1, help="videos per step (2: a CFG pair on the data axis)")
-    p.add_argument("--attention", default="blockwise", help="attention backend (see models/attention.py)")
-    p.add_argument("--block", type=int, default=512, help="blockwise block length (512: the accelerator default)")
+    p.add_argument("--attention", default="blockwise",
+                   help="attention backend: blockwise (default) | splash | xla | cudnn | auto (models/attention.py)")
+    p.add_argument("--block", type=int, default=512,
+                   help="block length of blockwise or splash (512: the accelerator default)")
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--platform", default="cpu", help="cpu (simulated devices) or the accelerator platform")
     p.add_argument("--topology", help="compile for a TPU slice without having one, e.g. v5e:2x4 or v6e:2x4 "
@@ -122,7 +128,8 @@ def main(argv=None) -> int:
         target = args.topology.split(":")[0] if args.topology else None
         fits = {chip: peak <= 0.9 * cap and not (temp is None and chip == target) for chip, cap in CHIPS_GIB.items()}
         name = "x".join(f"{a}{n}" for a, n in mesh.shape.items() if n > 1) or "single"
-        print(f"RESULT fit mesh={name} sequence_parallel={cfg.sequence_parallel} batch={b} tokens={tokens} "
+        print(f"RESULT fit mesh={name} sequence_parallel={cfg.sequence_parallel} attention={args.attention} "
+              f"block={args.block} batch={b} tokens={tokens} "
               f"platform={args.topology or devices[0].platform} param_gib={gib(param_bytes):.2f} {detail} "
               f"peak_gib={peak:.2f} compile_s={compile_s:.1f} "
               + " ".join(f"fits_{k}={int(v)}" for k, v in fits.items()), flush=True)

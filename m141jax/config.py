@@ -52,8 +52,8 @@ class DiTConfig:
     # runtime choices (not architecture)
     param_dtype: str = "bf16"
     dtype: str = "bf16"  # activation / matmul dtype; norms, softmax, RoPE always run in fp32
-    attention: str = "auto"  # auto | xla | blockwise | cudnn (see models/attention.py)
-    attention_block: int | None = None  # block length of the blockwise backend (None: per platform)
+    attention: str = "auto"  # auto | xla | blockwise | splash | cudnn (models/attention.py); auto: splash on TPU
+    attention_block: int | None = None  # block length of blockwise / splash (None: per platform, per TPU generation)
     remat: str = "none"  # none | full | dots (see models/dit.py)
     sequence_parallel: str = "none"  # none | ulysses | ring over a mesh's `sequence` axis (models/sequence_parallel.py)
 

@@ -10,10 +10,16 @@ Backends:
 - ``blockwise``: `models/blockwise.py`, online softmax over key/value blocks with a recomputing
   backward pass, so memory is O(L·block) in both directions; exact segment semantics. This is what
   makes the 43k-token 544×960×81 case fit, and it is the fastest CPU path at moderate lengths.
-- ``cudnn``: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs with a key-padding
-  mask. Valid tokens get exactly the release's result; padding rows attend to the valid tokens instead
-  of to each other, which the release's outputs never see.
-- ``auto``: cudnn on a GPU with half-precision inputs, else blockwise for long sequences, else xla.
+- ``splash``: `models/splash.py`, the Pallas TPU splash kernel (forward and backward) with the two
+  segments as its `SegmentIds`; exact segment semantics, any length. Compiled for TPU; on any other
+  platform it runs in the Pallas interpreter (slow, exact: tests), never silently another kernel.
+  `block` is its block length (default per TPU generation, `splash.default_block`).
+- ``cudnn``: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs (bf16/fp16), forward
+  and backward (jax's cuDNN custom VJP), with query and key/value lengths both `valid_len`: valid tokens
+  get exactly the release's result and gradient; padding query rows come out zero instead of attending
+  among themselves, which the release's outputs never see (padding text tokens reach nothing valid).
+- ``auto``: splash on a TPU; cudnn on a GPU with half-precision inputs; else blockwise for long
+  sequences, else xla.
 
 Attention over tokens split across devices (Ulysses, ring) lives in `models/sequence_parallel.py`,
 which calls this entry point on each device's share; the DiT chooses between them.
@@ -27,14 +33,16 @@ import jax
 import jax.numpy as jnp
 
 from m141jax.models.blockwise import NEG, blockwise_attention, default_block
+from m141jax.models.splash import splash_attention
 
-BACKENDS = ("auto", "xla", "blockwise", "cudnn")
+BACKENDS = ("auto", "xla", "blockwise", "splash", "cudnn")
 
 
 def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: int | None = None):
     """Softmax attention with scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
-    block: the blockwise backend's block length (default `blockwise.default_block()`).
+    block: the blockwise or splash backend's block length (default `blockwise.default_block()`,
+    `splash.default_block()`).
     """
     if impl not in BACKENDS:
         raise ValueError(f"unknown attention backend {impl!r}; accepted: {BACKENDS}")
@@ -42,17 +50,37 @@ def attention(q, k, v, *, valid_len=None, mask=None, impl: str = "auto", block: 
         if impl not in ("auto", "xla"):
             raise ValueError(f"a dense attention mask needs the 'xla' backend, not {impl!r}")
         return _xla(q, k, v, _segments(q, k, None), mask)
-    if impl == "auto":
-        impl = _auto(q, k)
+    impl = resolve(impl, q, k)
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=valid_len, implementation="cudnn")
+        return cudnn_attention(q, k, v, valid_len)
     seg_q, seg_k = _segments(q, k, valid_len)
     if impl == "xla":
         return _xla(q, k, v, (seg_q, seg_k), None)
+    if impl == "splash":
+        return splash_attention(q, k, v, seg_q, seg_k, block=block)
     return blockwise_attention(q, k, v, seg_q, seg_k, block or default_block())
 
 
+def resolve(impl: str, q, k) -> str:
+    """The backend `impl` names, with "auto" decided for this platform and these shapes."""
+    if impl not in BACKENDS:
+        raise ValueError(f"unknown attention backend {impl!r}; accepted: {BACKENDS}")
+    return _auto(q, k) if impl == "auto" else impl
+
+
+def cudnn_attention(q, k, v, valid_len, implementation: str = "cudnn"):
+    """The cudnn backend: query and key/value lengths both `valid_len` (all tokens without it).
+
+    Valid rows and every gradient they produce are the release's; padding query rows are zero.
+    `implementation="xla"` runs the same call through XLA (how CPU tests check the formulation)."""
+    lengths = None if valid_len is None else jnp.asarray(valid_len, jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                        implementation=implementation)
+
+
 def _auto(q, k) -> str:
+    if jax.default_backend() == "tpu":
+        return "splash"
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     # the score tensor of one batch item and head beyond ~1M entries: go blockwise

@@ -7,9 +7,11 @@ batch axes that divide it, the tokens over `sequence`, the heads over `tensor`.
   whole sequence for its heads with the usual backend (`attention`, cuDNN included), and a second
   all-to-all turns them back. Needs the heads of a tensor shard to divide by the sequence axis.
 - Ring: each device keeps its queries and passes its key/value block around the ring; every step
-  adds one block with the blockwise online softmax (`flash_partial`), merged by log-sum-exp. The
-  backward pass walks the ring again with the blockwise gradient pieces (`flash_grads`), the key /
-  value gradients travelling with their blocks, so memory stays O(L/n · block) in both directions.
+  adds one block's partial result, merged by log-sum-exp: the splash kernel's (`save_residuals`) when
+  the backend is splash (asked for, or auto on a TPU), else the blockwise online softmax
+  (`flash_partial`). The backward pass walks the ring again with the blockwise gradient pieces
+  (`flash_grads`, pure JAX, for every backend, splash included), the key / value gradients travelling
+  with their blocks, so memory stays O(L/n · block) in both directions.
 
 Masking is the release's segment mask (release.md B.6): a token attends only within its segment (the
 image tokens plus the valid text prefix; the text padding). When the token count does not divide
@@ -27,8 +29,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m141jax.axes import BATCH_AXES, SEQUENCE, TENSOR, fit_axes
-from m141jax.models.attention import attention
+from m141jax.models.attention import attention, resolve
 from m141jax.models.blockwise import block_split, default_block, flash_grads, flash_partial, from_blocks, to_blocks
+from m141jax.models.splash import splash_attention
 
 AXIS = SEQUENCE
 METHODS = ("none", "ulysses", "ring")
@@ -75,7 +78,8 @@ def sequence_parallel_attention(q, k, v, *, valid_len=None, method: str = "ring"
     if method == "ulysses":
         local = functools.partial(_ulysses, impl=impl, block=block)
     elif method == "ring":
-        local = functools.partial(_ring, length=length, block=block or default_block())
+        local = functools.partial(_ring, length=length, block=block,
+                                  splash=resolve(impl, q, k) == "splash")
     else:
         raise ValueError(f"unknown sequence-parallel method {method!r}; accepted: 'ulysses', 'ring'")
     out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch)), out_specs=spec,
@@ -94,13 +98,17 @@ def _ulysses(q, k, v, valid_len, *, impl, block):
 
 # ---------------------------------------------------------------------------------------- ring
 
-def _ring(q, k, v, valid_len, *, length, block):
-    """On one device: its query block against every key/value block as they pass around the ring."""
+def _ring(q, k, v, valid_len, *, length, block, splash=False):
+    """On one device: its query block against every key/value block as they pass around the ring.
+    block: the splash forward's block length when `splash`, and the blockwise pieces' (None: defaults)."""
     chunk = q.shape[1]
     pos = jax.lax.axis_index(AXIS) * chunk + jnp.arange(chunk)
     # segment 0: image + valid text; 1: text padding; 2: the padding added to divide the axis
     seg = (pos[None] >= valid_len[:, None]).astype(jnp.int32) + (pos[None] >= length).astype(jnp.int32)
-    return ring_attention(q, k, v, seg, seg, block)
+    if splash:
+        return ring_attention(q, k, v, seg, seg, default_block() if block is None else block,
+                              "splash" if block is None else f"splash:{block}")
+    return ring_attention(q, k, v, seg, seg, block or default_block())
 
 
 def _rows(lse, n):
@@ -114,17 +122,30 @@ def _pass(xs):
     return jax.lax.ppermute(xs, AXIS, [(i, (i + 1) % n) for i in range(n)])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def ring_attention(q, k, v, seg_q, seg_k, block: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def ring_attention(q, k, v, seg_q, seg_k, block: int, forward: str = "blockwise"):
     """Exact segment-masked attention of this device's queries against the keys of the whole ring
-    (call inside shard_map over the `sequence` axis). q/k/v [b, l, h, D], seg [b, l]."""
-    return _ring_fwd(q, k, v, seg_q, seg_k, block)[0]
+    (call inside shard_map over the `sequence` axis). q/k/v [b, l, h, D], seg [b, l].
+
+    forward: the per-block kernel of the forward pass: "blockwise" (`flash_partial` with `block`), or
+    "splash" / "splash:N" (the splash kernel with its default block / block N). The backward pass is
+    blockwise (`flash_grads` with `block`) either way."""
+    return _ring_fwd(q, k, v, seg_q, seg_k, block, forward)[0]
 
 
-def _ring_fwd(q, k, v, seg_q, seg_k, block):
+def _partial(q, k, v, seg_q, seg_k, block, forward):
+    """One key/value block's fp32 output [b, l, h, D] and log-sum-exp per row [b, l, h]."""
+    if forward.startswith("splash"):
+        _, _, n = forward.partition(":")
+        o, lse = splash_attention(q, k, v, seg_q, seg_k, block=int(n) if n else None, save_residuals=True)
+        return o.astype(jnp.float32), lse
+    o, lse = flash_partial(q, k, v, seg_q, seg_k, block)
+    return o, _rows(lse, q.shape[1])
+
+
+def _ring_fwd(q, k, v, seg_q, seg_k, block, forward="blockwise"):
     def add(out, lse, kv):
-        o_j, lse_j = flash_partial(q, kv[0], kv[1], seg_q, kv[2], block)
-        lse_j = _rows(lse_j, q.shape[1])
+        o_j, lse_j = _partial(q, kv[0], kv[1], seg_q, kv[2], block, forward)
         m = jnp.maximum(lse, lse_j)
         w, w_j = jnp.exp(lse - m), jnp.exp(lse_j - m)
         out = (out * w[..., None] + o_j * w_j[..., None]) / (w + w_j)[..., None]
@@ -135,8 +156,8 @@ def _ring_fwd(q, k, v, seg_q, seg_k, block):
         nxt = _pass(kv)  # independent of this block's compute, so the two can overlap
         return (*add(out, lse, kv), nxt), None
 
-    out, lse = flash_partial(q, k, v, seg_q, seg_k, block)  # the local block; n - 1 more follow
-    carry = (out, _rows(lse, q.shape[1]), _pass((k, v, seg_k)))
+    out, lse = _partial(q, k, v, seg_q, seg_k, block, forward)  # the local block; n - 1 more follow
+    carry = (out, lse, _pass((k, v, seg_k)))
     (out, lse, kv), _ = jax.lax.scan(step, carry, None, length=jax.lax.axis_size(AXIS) - 2)
     out, lse = add(out, lse, kv)
     out = out.astype(q.dtype)
@@ -144,7 +165,7 @@ def _ring_fwd(q, k, v, seg_q, seg_k, block):
     return out, (q, k, v, seg_q, seg_k, out, to_blocks(lse[..., None], nq, bq)[..., 0])
 
 
-def _ring_bwd(block, res, dout):
+def _ring_bwd(block, forward, res, dout):
     q, k, v, seg_q, seg_k, out, lse = res
 
     def grads(dq, kv, dkv):
