@@ -162,7 +162,8 @@ def bench_13b(repeats: int):
     cond = Conditioning(jax.random.normal(k[2], (b, l, cfg.text_dim)),
                         jnp.concatenate([jnp.ones((b, 300), jnp.int32), jnp.zeros((b, l - 300), jnp.int32)], 1),
                         jax.random.normal(k[3], (b, cfg.pooled_dim)))
-    args = (jax.random.normal(k[0], (b, f, h, w, 16)), jnp.array([1000.0]), cond, jax.random.normal(k[1], (b, 1, h, w, 16)))
+    args = (jax.random.normal(k[0], (b, f, h, w, 16)), jnp.array([1000.0]), cond,
+            jax.random.normal(k[1], (b, 1, h, w, 16)))
     fwd = jax.jit(lambda p, *a: dit.dit_forward(p, cfg, *a))
     t0 = time.perf_counter()
     compiled = fwd.lower(params, *args).compile()

@@ -11,8 +11,8 @@
 - `tokenizer`: the LLaVA / Llama-3 tokenizer folder (xtuner/llava-llama-3-8b-v1_1-transformers, which
   also holds the image processor's preprocessor_config.json); `clip_tokenizer`: the CLIP-L tokenizer.
 
-`Conditioning` (models/conditioning.py; release shapes): `text_states` [B, 402, 4096] float32 = 146 VLM tokens ‖ 256 prompt tokens,
-`text_mask` [B, 402] int32 (ones for the VLM tokens, then the prompt's mask), `text_states_2`
+`Conditioning` (models/conditioning.py; release shapes): `text_states` [B, 402, 4096] float32 = 146 VLM
+tokens ‖ 256 prompt tokens, `text_mask` [B, 402] int32 (ones for the VLM tokens, then the prompt's mask), `text_states_2`
 [B, 768] float32 (CLIP-L pooled). Without a VLM: 256 prompt tokens. Model dims follow the configs.
 
 The prompt states are the LLM's layer 30 of 32 without the final norm (hidden_states[-3]), cropped

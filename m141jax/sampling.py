@@ -22,7 +22,7 @@ guidance scales and every array may change between calls without recompiling.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -89,7 +89,8 @@ def _velocity_per_row(params, cfg, ref=None, guidance=None):
     def velocity(x, t, text):
         rows = []
         for i in range(x.shape[0]):
-            rows.append(np.asarray(fwd(x[i:i + 1], np.full((1,), t, np.float32), jax.tree.map(lambda a: a[i:i + 1], text),
+            row = jax.tree.map(lambda a, i=i: a[i:i + 1], text)
+            rows.append(np.asarray(fwd(x[i:i + 1], np.full((1,), t, np.float32), row,
                                        None if ref is None else ref[i:i + 1],
                                        None if guidance is None else np.full((1,), guidance * 1000, np.float32))))
         return np.concatenate(rows)

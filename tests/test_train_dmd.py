@@ -35,7 +35,8 @@ def test_teacher_velocity_combines_branches():
         return dmd.DMD(cfg, vel).teacher_velocity(None, x, s, cond, uncond, {"r": jnp.zeros((2,))})[:, 0]
 
     x, s = jnp.zeros((2, 3)), jnp.ones((2,))
-    text = lambda t: Conditioning(jnp.zeros((2, 1, 1)), jnp.ones((2, 1), jnp.int32), jnp.array(t)[:, None])  # noqa: E731
+    def text(t):
+        return Conditioning(jnp.zeros((2, 1, 1)), jnp.ones((2, 1), jnp.int32), jnp.array(t)[:, None])
     cond, uncond = text([3.0, 5.0]), text([1.0, 1.0])
     np.testing.assert_allclose(teacher(4.0), [1 + 4 * 2, 1 + 4 * 4])
     np.testing.assert_allclose(teacher(1.0), [3, 5])

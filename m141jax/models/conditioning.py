@@ -25,7 +25,7 @@ class Conditioning:
     text_states_2: jax.Array
 
     @classmethod
-    def from_batch(cls, batch, prefix: str = "") -> "Conditioning":
+    def from_batch(cls, batch, prefix: str = "") -> Conditioning:
         """The conditioning held in a dict (a training batch, a parity file) under prefix + each field name."""
         missing = [prefix + k for k in FIELDS if prefix + k not in batch]
         if missing:

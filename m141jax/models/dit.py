@@ -245,7 +245,8 @@ def assemble_input(cfg: DiTConfig, latents, ref_latents):
 def check_shapes(cfg: DiTConfig, latents, cond: Conditioning):
     """One-line errors for inputs the DiT cannot take."""
     if not isinstance(cond, Conditioning):
-        raise TypeError(f"cond must be a Conditioning(text_states, text_mask, text_states_2), got {type(cond).__name__}")
+        raise TypeError(f"cond must be a Conditioning(text_states, text_mask, text_states_2), got "
+                        f"{type(cond).__name__}")
     text_states, text_mask, text_states_2 = cond.text_states, cond.text_mask, cond.text_states_2
     if latents.ndim != 5 or latents.shape[-1] != cfg.out_channels:
         raise ValueError(f"latents must be [B, F, H, W, {cfg.out_channels}], got {tuple(latents.shape)}")
@@ -267,7 +268,8 @@ def dit_forward(params, cfg: DiTConfig, latents, timestep, cond: Conditioning, r
 
     timestep: [B] raw values (0..1000). cond: the text conditioning, text_states [B, L, text_dim],
     text_mask [B, L] (valid tokens a prefix), text_states_2 [B, pooled_dim]. ref_latents: [B, 1, H, W, C]
-    for the I2V model, None for the plain form. guidance: [B] (embedded CFG scale × 1000) for models with a guidance embedding.
+    for the I2V model, None for the plain form. guidance: [B] (embedded CFG scale × 1000) for models with a
+    guidance embedding.
     return_features: also return the image tokens after the double-stream blocks [B, N_img, hidden] in
     fp32 (the features a discriminator head reads; unused layers are pruned by XLA when only these are used).
     """
