@@ -26,6 +26,7 @@ from m141jax.compress import layout, nm, quant
 from m141jax.compress.box import nbytes
 from m141jax.config import preset
 from m141jax.models import dit
+from m141jax.models.conditioning import Conditioning
 
 FORMATS = ("dense", "sparse_2_4", "int8", "int4", "sparse_2_4_int8")
 
@@ -63,8 +64,8 @@ def tiny_errors(steps: int) -> None:
     k = jax.random.split(jax.random.PRNGKey(1), 4)
     noise = jax.random.normal(k[0], (2, 3, 8, 8, cfg.out_channels))
     ref = jax.random.normal(k[1], (2, 1, 8, 8, cfg.out_channels))
-    text = (jax.random.normal(k[2], (2, 6, cfg.text_dim)), jnp.ones((2, 6), jnp.int32).at[1, 4:].set(0),
-            jax.random.normal(k[3], (2, cfg.pooled_dim)))
+    text = Conditioning(jax.random.normal(k[2], (2, 6, cfg.text_dim)), jnp.ones((2, 6), jnp.int32).at[1, 4:].set(0),
+                        jax.random.normal(k[3], (2, cfg.pooled_dim)))
     run = lambda p: sampling.sample(p, cfg, noise, text, sigmas=sampling.schedule(steps), ref_latents=ref)  # noqa: E731
     dense = run(params)
     chosen = nm.select_dit(params, cfg)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 from m141jax import sampling
 from m141jax.config import DiTConfig
+from m141jax.models.conditioning import Conditioning
 from m141jax.models.dit import init_params
 from m141jax.train import dmd, flow
 from m141jax.train.config import (
@@ -154,7 +155,7 @@ def evaluate(params_by_name: dict, n: int) -> dict[str, float]:
     held = ToyVideos(2 * n, seed=99)
     ref, other = held.batch(0, n), held.batch(n, 2 * n)
     noise = jax.random.normal(jax.random.PRNGKey(7), ref["latents"].shape)
-    text = (ref["text_states"], ref["text_mask"], ref["text_states_2"])
+    text = Conditioning.from_batch(ref)
 
     def generate(params, steps):  # the release's sampler, no CFG (guidance 1)
         return sampling.sample(params, MODEL, noise, text, sigmas=sampling.schedule(steps, 5.0),

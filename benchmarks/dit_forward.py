@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m141jax.config import preset  # noqa: E402
 from m141jax.models import dit  # noqa: E402
+from m141jax.models.conditioning import Conditioning  # noqa: E402
 
 # peak dense bf16 TFLOP/s per chip (anchors.md §5)
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "TPU7x": 2307.0}
@@ -114,7 +115,8 @@ def bench_vs_torch(name: str, repeats: int, attention: str):
 
     fwd = jax.jit(lambda p, *a: dit.dit_forward(p, cfg, *a))
     cl = lambda a: jnp.moveaxis(jnp.asarray(a), 1, -1)  # noqa: E731
-    args = (cl(lat), cl(ref), jnp.asarray(t), jnp.asarray(txt), jnp.asarray(mask, jnp.int32), jnp.asarray(pooled))
+    args = (cl(lat), jnp.asarray(t), Conditioning(jnp.asarray(txt), jnp.asarray(mask, jnp.int32), jnp.asarray(pooled)),
+            cl(ref))
 
     def run_jax():
         return fwd(params, *args).block_until_ready()
@@ -157,10 +159,11 @@ def bench_13b(repeats: int):
     b, f, h, w, l = 1, 21, 68, 120, 402
     params = dit.init_params(cfg, jax.random.PRNGKey(0))
     k = jax.random.split(jax.random.PRNGKey(1), 4)
-    args = (jax.random.normal(k[0], (b, f, h, w, 16)), jax.random.normal(k[1], (b, 1, h, w, 16)),
-            jnp.array([1000.0]), jax.random.normal(k[2], (b, l, cfg.text_dim)),
-            jnp.concatenate([jnp.ones((b, 300), jnp.int32), jnp.zeros((b, l - 300), jnp.int32)], 1),
-            jax.random.normal(k[3], (b, cfg.pooled_dim)))
+    cond = Conditioning(jax.random.normal(k[2], (b, l, cfg.text_dim)),
+                        jnp.concatenate([jnp.ones((b, 300), jnp.int32), jnp.zeros((b, l - 300), jnp.int32)], 1),
+                        jax.random.normal(k[3], (b, cfg.pooled_dim)))
+    args = (jax.random.normal(k[0], (b, f, h, w, 16)), jnp.array([1000.0]), cond,
+            jax.random.normal(k[1], (b, 1, h, w, 16)))
     fwd = jax.jit(lambda p, *a: dit.dit_forward(p, cfg, *a))
     t0 = time.perf_counter()
     compiled = fwd.lower(params, *args).compile()

@@ -69,6 +69,7 @@ def main(argv=None) -> int:
 
     from m141jax import parallel
     from m141jax.config import preset
+    from m141jax.models.conditioning import Conditioning
     from m141jax.models.dit import abstract_params, dit_forward
 
     if args.topology:
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     params = abstract_params(base)
 
     def step(p, x, ref, sigma, sigma_next, text, mask, pooled, cfg):
-        v = dit_forward(p, cfg, x, ref, sigma * 1000.0, text, mask, pooled)
+        v = dit_forward(p, cfg, x, sigma * 1000.0, Conditioning(text, mask, pooled), ref)
         return x + v * (sigma_next - sigma)[:, None, None, None, None]
 
     rows = []

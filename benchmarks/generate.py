@@ -32,6 +32,7 @@ from common import best_of, result
 from m141jax import pipeline, sampling
 from m141jax.config import preset
 from m141jax.models import dit as dit_lib
+from m141jax.models.conditioning import Conditioning
 
 PAPER_SECONDS_PER_VIDEO_SECOND = 3.0 / 5.0  # "5-second video clips within 3 seconds"
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "v5e": 197.0, "v5 lite": 197.0, "v5p": 459.0,
@@ -52,8 +53,8 @@ def peak_tflops(device) -> float | None:
 def random_inputs(cfg, batch: int, frames: int, size: tuple[int, int], text_tokens: int, seed: int = 0):
     r = np.random.default_rng(seed)
     h, w = size[0] // 8, size[1] // 8
-    text = sampling.Text(r.standard_normal((batch, text_tokens, cfg.text_dim), np.float32),
-                         np.ones((batch, text_tokens), np.int32), r.standard_normal((batch, cfg.pooled_dim), np.float32))
+    text = Conditioning(r.standard_normal((batch, text_tokens, cfg.text_dim), np.float32),
+                        np.ones((batch, text_tokens), np.int32), r.standard_normal((batch, cfg.pooled_dim), np.float32))
     noise = r.standard_normal((batch, pipeline.latent_frames(frames), h, w, cfg.out_channels), np.float32)
     ref = r.standard_normal((batch, 1, h, w, cfg.out_channels), np.float32) if cfg.image_conditioned else None
     return noise, ref, text
@@ -92,7 +93,7 @@ def bench_sampler_vs_torch(repeats: int, config: str = "small-i2v", frames: int 
     cond = torch.cat([r0, torch.zeros_like(x0[:, :, 1:])], 2)
     mask = torch.zeros_like(x0[:, :1])
     mask[:, :, 0] = 1
-    states, tmask, pooled = (torch.from_numpy(np.asarray(a)) for a in text)
+    states, tmask, pooled = (torch.from_numpy(np.asarray(a)) for a in jax.tree.leaves(text))
 
     def theirs():  # the release's loop: one forward per step, Euler step in fp32
         x = x0.clone()

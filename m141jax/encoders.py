@@ -11,8 +11,8 @@
 - `tokenizer`: the LLaVA / Llama-3 tokenizer folder (xtuner/llava-llama-3-8b-v1_1-transformers, which
   also holds the image processor's preprocessor_config.json); `clip_tokenizer`: the CLIP-L tokenizer.
 
-Conditioning (release shapes): `text_states` [B, 402, 4096] float32 = 146 VLM tokens ‖ 256 prompt tokens,
-`text_mask` [B, 402] int32 (ones for the VLM tokens, then the prompt's mask), `text_states_2`
+`Conditioning` (models/conditioning.py; release shapes): `text_states` [B, 402, 4096] float32 = 146 VLM
+tokens ‖ 256 prompt tokens, `text_mask` [B, 402] int32 (ones for the VLM tokens, then the prompt's mask), `text_states_2`
 [B, 768] float32 (CLIP-L pooled). Without a VLM: 256 prompt tokens. Model dims follow the configs.
 
 The prompt states are the LLM's layer 30 of 32 without the final norm (hidden_states[-3]), cropped
@@ -27,13 +27,13 @@ import dataclasses
 import functools
 from pathlib import Path
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from m141jax import checkpoint
 from m141jax.config import CLIPTextConfig, LlamaConfig, LlavaConfig
 from m141jax.models import clip, llama, llava
+from m141jax.models.conditioning import Conditioning
 from m141jax.prompts import (
     MAX_LENGTH,
     NEGATIVE_PROMPT,
@@ -47,15 +47,6 @@ from m141jax.prompts import (
 from m141jax.vision_input import ImageProcessing, preprocess
 
 SKIP_LAYER = 2  # the release's hidden_state_skip_layer: hidden_states[-3]
-
-
-@flax.struct.dataclass
-class Conditioning:
-    """The DiT's text conditioning (a pytree): the arguments text_states, text_mask, text_states_2 of `dit_forward`."""
-
-    text_states: jax.Array  # [B, L, D] float32
-    text_mask: jax.Array  # [B, L] int32
-    text_states_2: jax.Array  # [B, D2] float32
 
 
 @dataclasses.dataclass
@@ -128,9 +119,10 @@ def _check_prompts(prompts) -> list[str]:
     return list(prompts)
 
 
-def text_conditioning(enc: Encoders, prompts: list[str], template: str = "video"):
-    """(prompt states [B, 256, D], mask [B, 256] int32, CLIP pooled [B, D2]) for the prompts, put in
-    HunyuanVideo's 'video' template (the release's) or its one-frame 'image' template."""
+def text_conditioning(enc: Encoders, prompts: list[str], template: str = "video") -> Conditioning:
+    """The prompt-only conditioning (no image tokens): prompt states [B, 256, D], mask [B, 256] int32, CLIP
+    pooled [B, D2], the prompts put in HunyuanVideo's 'video' template (the release's) or its one-frame
+    'image' template (the text-to-image stage)."""
     prompts = _check_prompts(prompts)
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; accepted: {sorted(TEMPLATES)}")
@@ -138,7 +130,7 @@ def text_conditioning(enc: Encoders, prompts: list[str], template: str = "video"
     ids, mask = llm_tokens(enc.tokenizer, prompts, crop, enc.max_length, TEMPLATES[template])
     states, mask = _prompt_states(enc.params["language_model"], enc.llm, ids, mask, crop)
     pooled = _pooled(enc.params["clip"], enc.clip, *clip_tokens(enc.clip_tokenizer, prompts, enc.clip.max_positions))
-    return states, mask, pooled
+    return Conditioning(states, mask.astype(jnp.int32), pooled)
 
 
 def image_tokens(enc: Encoders, images) -> jax.Array:
@@ -152,12 +144,11 @@ def image_tokens(enc: Encoders, images) -> jax.Array:
     return _image_tokens(enc.params, enc.vlm, enc.vlm_prompt.input_ids, pixels, enc.vlm_prompt.keep)
 
 
-def _assemble(text, vlm_tokens) -> Conditioning:
-    states, mask, pooled = text
-    if vlm_tokens is not None:
-        states = jnp.concatenate([vlm_tokens, states], axis=1)
-        mask = jnp.concatenate([jnp.ones(vlm_tokens.shape[:2], mask.dtype), mask], axis=1)
-    return Conditioning(states, mask.astype(jnp.int32), pooled)
+def _assemble(text: Conditioning, vlm_tokens) -> Conditioning:
+    if vlm_tokens is None:
+        return text
+    mask = jnp.concatenate([jnp.ones(vlm_tokens.shape[:2], text.text_mask.dtype), text.text_mask], axis=1)
+    return text.replace(text_states=jnp.concatenate([vlm_tokens, text.text_states], axis=1), text_mask=mask)
 
 
 def _vlm_tokens(enc: Encoders, prompts: list[str], images):

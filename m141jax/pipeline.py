@@ -139,13 +139,11 @@ def noise(keys, stream: int, clip: int, shape: tuple[int, ...]):
 # ------------------------------------------------------------------------------------------- stages
 
 def condition(models: Models, prompts: list[str], images: list[Image.Image], guidance: float):
-    """(text, neg_text) DiT text inputs of the prompts and first frames (VLM image tokens ‖ prompt tokens);
+    """(text, neg_text) Conditionings of the prompts and first frames (VLM image tokens ‖ prompt tokens);
     neg_text, the negative prompt with the same image tokens, only when guidance > 1 (CFG)."""
-    as_text = lambda c: sampling.Text(c.text_states, c.text_mask, c.text_states_2)
     if sampling.uses_cfg(guidance):
-        cond, uncond = encoders.encode_with_negative(models.encoders, prompts, images)
-        return as_text(cond), as_text(uncond)
-    return as_text(encoders.encode(models.encoders, prompts, images)), None
+        return encoders.encode_with_negative(models.encoders, prompts, images)
+    return encoders.encode(models.encoders, prompts, images), None
 
 
 def decode_frames(vae: Component, latents) -> jax.Array:
@@ -161,8 +159,7 @@ def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], key
     if models.t2i is None:
         raise ValueError("no image given and no text-to-image DiT loaded: pass --image or provide a t2i/ checkpoint")
     t2i = models.t2i
-    text = sampling.Text(*timings.run("encoders", encoders.text_conditioning, models.encoders, prompts,
-                                      settings.t2i_template))
+    text = timings.run("encoders", encoders.text_conditioning, models.encoders, prompts, settings.t2i_template)
     ratio = models.vae.cfg.spatial_compression_ratio
     shape = (1, size[0] // ratio, size[1] // ratio, t2i.cfg.out_channels)
     z = timings.run("t2i", lambda: sampling.sample(
@@ -191,8 +188,8 @@ def image_to_video(models: Models, prompts: list[str], frames: np.ndarray, vlm_i
     dit = models.dit
     shape = (latent_frames(n_frames), *ref.shape[2:4], dit.cfg.out_channels)
     z = timings.run("sampling", lambda: sampling.sample(
-        dit.params, dit.cfg, noise(keys, _NOISE, clip, shape), text, sigmas=sampling.schedule(settings.steps, settings.shift),
-        ref_latents=ref, neg_text=neg, guidance_scale=settings.guidance, mesh=dit.mesh))
+        dit.params, dit.cfg, noise(keys, _NOISE, clip, shape), text,
+        sigmas=sampling.schedule(settings.steps, settings.shift), ref_latents=ref, neg_text=neg, guidance_scale=settings.guidance, mesh=dit.mesh))
     return np.asarray(timings.run("decode", decode_frames, models.vae, z))
 
 
@@ -232,7 +229,8 @@ def generate(models: Models, prompts: list[str], outputs: list[str | Path], imag
             bar.update()
         else:
             if len({im.shape for im in images}) != 1:
-                raise ValueError(f"the first frames of a batch must share one size, got {sorted({im.shape for im in images})}")
+                sizes = sorted({im.shape for im in images})
+                raise ValueError(f"the first frames of a batch must share one size, got {sizes}")
             refs = np.stack(images)
             media.check_size(refs.shape[1:3])
         vlm = [Image.fromarray(f) for f in refs] if vlm_images is None else vlm_images

@@ -1,13 +1,19 @@
-"""The flow-matching sampler of the release (release.md C): schedule, Euler step, CFG, the compiled loop.
+"""The one home of flow-matching math (release.md C): schedule and time shift, interpolation, x₀, Euler, CFG,
+the loop, and the compiled sampler. Training (train/flow.py, train/dmd.py) uses the same functions.
 
-- `schedule(steps, shift, reverse)`: σ'_i of C.1 (SD3 time shift of linspace(1, 0, N+1)), float32.
-  The model sees timesteps t_i = 1000·σ'_i; the Euler step is x ← x + v·(σ'_{i+1} − σ'_i).
-- `sample(...)`: the whole denoising loop as one jit-compiled program (`lax.fori_loop` over the
-  steps), batched over prompts. Classifier-free guidance (`uncond + g·(cond − uncond)`, only when
-  g > 1 as in the release) runs both branches as ONE forward of batch 2B; the unconditional branch
-  keeps the same reference latent and whatever image tokens its text states carry (the release keeps
-  the VLM tokens). Models with a guidance embedding (the T2V / text-to-image DiT) instead get the
-  embedded guidance scale × 1000 as an input. The state is float32 throughout.
+- Flow matching: x_σ = (1−σ)·x₀ + σ·ε (`interpolate`); the DiT predicts v = ε − x₀ at timestep 1000·σ,
+  so x̂₀ = x_σ − σ·v (`predict_x0`).
+- `shift_sigma(σ, s)`: the SD3 time shift σ' = s·σ / (1 + (s−1)·σ); `schedule(steps, shift, reverse)`:
+  σ'_i of C.1 (the shift of linspace(1, 0, N+1)), float32. The model sees timesteps t_i = 1000·σ'_i; the
+  Euler step is x ← x + v·(σ'_{i+1} − σ'_i) (`euler_step`), run over any velocity function by `euler_loop`.
+- Classifier-free guidance `uncond + g·(cond − uncond)` (`guide`, only when g > 1 as in the release) runs
+  both branches as ONE forward of batch 2B (`cfg_rows`, `guided`): rows [0, B) unconditional, [B, 2B)
+  conditional, the release's order.
+- `sample(...)`: the whole denoising loop as one jit-compiled program (`lax.fori_loop` over the steps),
+  batched over prompts, for a `Conditioning` (models/conditioning.py). The unconditional branch keeps the
+  same reference latent and whatever image tokens its text states carry (the release keeps the VLM
+  tokens). Models with a guidance embedding (the T2V / text-to-image DiT) instead get the embedded
+  guidance scale × 1000 as an input. The state is float32 throughout.
 
 The compiled loop depends only on shapes, the DiT config and whether CFG is on: the σ values, the
 guidance scales and every array may change between calls without recompiling.
@@ -16,7 +22,7 @@ guidance scales and every array may change between calls without recompiling.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +32,18 @@ from jax.sharding import PartitionSpec as P
 
 from m141jax import parallel
 from m141jax.config import DiTConfig
+from m141jax.models.conditioning import Conditioning
 from m141jax.models.dit import dit_forward
 
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-class Text(NamedTuple):
-    """The DiT's text inputs for a batch: states [B, L, D], mask [B, L] (valid prefix), pooled [B, D2]."""
+# ------------------------------------------------------------------ σ's (release.md C.1, C.3)
 
-    states: jax.Array
-    mask: jax.Array
-    pooled: jax.Array
+def shift_sigma(sigma, shift):
+    """The SD3 time shift σ' = s·σ / (1 + (s−1)·σ) of the inference schedule and of training σ's; it keeps
+    the dtype of σ when s is a NumPy scalar of that dtype (as `schedule` calls it)."""
+    return (shift * sigma) / (1 + (shift - 1) * sigma)
 
 
 def schedule(steps: int, shift: float = 5.0, reverse: bool = True) -> np.ndarray:
@@ -48,9 +55,7 @@ def schedule(steps: int, shift: float = 5.0, reverse: bool = True) -> np.ndarray
         raise ValueError(f"steps must be a positive integer, got {steps}")
     if shift <= 0:
         raise ValueError(f"shift must be positive, got {shift}")
-    s = np.float32(shift)
-    sigmas = np.linspace(1, 0, steps + 1, dtype=np.float32)
-    sigmas = (s * sigmas) / (np.float32(1) + (s - np.float32(1)) * sigmas)
+    sigmas = shift_sigma(np.linspace(1, 0, steps + 1, dtype=np.float32), np.float32(shift))
     return sigmas if reverse else np.float32(1) - sigmas
 
 
@@ -59,10 +64,43 @@ def timesteps(sigmas) -> np.ndarray:
     return (np.asarray(sigmas, np.float32)[:-1] * np.float32(NUM_TRAIN_TIMESTEPS)).astype(np.float32)
 
 
+# ------------------------------------------------------------------ x_σ and x₀
+
+def _per_sample(sigma, x):
+    """σ as a scalar or per-sample [B], broadcast against x [B, ...]."""
+    sigma = jnp.asarray(sigma)
+    return sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+
+
+def interpolate(x0, eps, sigma):
+    """x_σ = (1−σ)·x₀ + σ·ε, σ a scalar or per sample [B]."""
+    s = _per_sample(sigma, x0)
+    return (1.0 - s) * x0 + s * eps
+
+
+def predict_x0(x, velocity, sigma):
+    """x̂₀ = x_σ − σ·v (the clean sample a velocity v = ε − x₀ points to), σ a scalar or per sample [B]."""
+    return x - _per_sample(sigma, x) * velocity
+
+
+# ------------------------------------------------------------------ Euler
+
 def euler_step(x, velocity, sigma, sigma_next):
     """One Euler step of dx/dσ = v from σ to σ_next (dt < 0 while denoising), in float32."""
     return x + velocity.astype(jnp.float32) * (sigma_next - sigma)
 
+
+def euler_loop(velocity: Callable, x, sigmas, steps=None):
+    """The release's Euler sampler for any velocity(x, σ_i) -> v (σ_i a scalar): x over `sigmas` (N+1
+    values), or over its first `steps` steps (may be traced), as one `lax.fori_loop`; the state reached."""
+    def step(i, x):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        return euler_step(x, velocity(x, sigma), sigma, sigma_next)
+
+    return jax.lax.fori_loop(0, sigmas.shape[0] - 1 if steps is None else steps, step, x)
+
+
+# ------------------------------------------------------------------ classifier-free guidance
 
 def guide(v_uncond, v_cond, scale):
     """Classifier-free guidance as the release combines it: uncond + g·(cond − uncond)."""
@@ -74,48 +112,58 @@ def uses_cfg(guidance_scale: float) -> bool:
     return guidance_scale > 1.0
 
 
+def cfg_rows(uncond, cond):
+    """The inputs of one CFG forward of batch 2B: each array of the pytrees `uncond` and `cond` (the same
+    structure; None leaves stay None) as rows [0, B) unconditional ‖ [B, 2B) conditional."""
+    return jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+
+
+def guided(velocity: Callable, x, scale, cfg_on: bool = True):
+    """The guided velocity of x [B, ...]: `velocity(x ‖ x)` (its other inputs arranged by `cfg_rows`) as one
+    forward of batch 2B, combined by `guide`; with cfg_on False, `velocity(x)` alone."""
+    if not cfg_on:
+        return velocity(x)
+    b = x.shape[0]
+    v = velocity(jnp.concatenate([x, x]))
+    return guide(v[:b], v[b:], scale)
+
+
+# ------------------------------------------------------------------ the compiled sampler
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def denoise(params, cfg: DiTConfig, noise, sigmas, ref_latents, text: Text, neg_text: Text | None,
-             guidance_scale, embedded_guidance):
+def denoise(params, cfg: DiTConfig, noise, sigmas, ref_latents, text: Conditioning, neg_text: Conditioning | None,
+            guidance_scale, embedded_guidance):
     """The jit-compiled loop on prepared float32 arrays (`sample` checks and prepares them; this is the
     entry for AOT lowering): noise [B, F, H, W, C] at σ'_0 -> latents at σ'_N, all steps inside.
     guidance_scale: a scalar used when neg_text is given; embedded_guidance: [B] (scale × 1000) or None."""
-    b = noise.shape[0]
     cfg_on = neg_text is not None
-    if cfg_on:  # one forward of batch 2B: rows [0, B) unconditional, [B, 2B) conditional (release order)
-        text = Text(*(jnp.concatenate([u, c]) for u, c in zip(neg_text, text)))
-        if ref_latents is not None:
-            ref_latents = jnp.concatenate([ref_latents, ref_latents])
-        if embedded_guidance is not None:
-            embedded_guidance = jnp.concatenate([embedded_guidance, embedded_guidance])
-    rows = 2 * b if cfg_on else b
+    if cfg_on:  # the conditioning of one forward of batch 2B, built once outside the loop
+        text, ref_latents, embedded_guidance = cfg_rows((neg_text, ref_latents, embedded_guidance),
+                                                        (text, ref_latents, embedded_guidance))
 
-    def velocity(x, t):
-        xs = jnp.concatenate([x, x]) if cfg_on else x
-        v = dit_forward(params, cfg, xs, ref_latents, jnp.full((rows,), t, jnp.float32), text.states, text.mask,
-                        text.pooled, embedded_guidance)
-        return guide(v[:b], v[b:], guidance_scale) if cfg_on else v
+    def velocity(x, sigma):
+        t = sigma * NUM_TRAIN_TIMESTEPS
+        forward = lambda xs: dit_forward(params, cfg, xs, jnp.full((xs.shape[0],), t, jnp.float32), text,  # noqa: E731
+                                         ref_latents, embedded_guidance)
+        return guided(forward, x, guidance_scale, cfg_on)
 
-    def step(i, x):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        return euler_step(x, velocity(x, sigma * NUM_TRAIN_TIMESTEPS), sigma, sigma_next)
-
-    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, noise.astype(jnp.float32))
+    return euler_loop(velocity, noise.astype(jnp.float32), sigmas)
 
 
-def _as_text(text, name: str) -> Text:
-    if len(text) != 3:
-        raise ValueError(f"{name} must be (text_states, text_mask, text_states_2), got {len(text)} arrays")
-    states, mask, pooled = text
-    return Text(jnp.asarray(states, jnp.float32), jnp.asarray(mask, jnp.int32), jnp.asarray(pooled, jnp.float32))
+def _as_text(text, name: str) -> Conditioning:
+    if not isinstance(text, Conditioning):
+        raise TypeError(f"{name} must be a Conditioning(text_states, text_mask, text_states_2), got "
+                        f"{type(text).__name__}")
+    return Conditioning(jnp.asarray(text.text_states, jnp.float32), jnp.asarray(text.text_mask, jnp.int32),
+                        jnp.asarray(text.text_states_2, jnp.float32))
 
 
 def sample(params, cfg: DiTConfig, noise, text, *, sigmas, ref_latents=None, neg_text=None,
            guidance_scale: float = 1.0, embedded_guidance: float | None = None, mesh=None) -> jax.Array:
     """Denoise `noise` [B, F, H, W, C] (channels-last) along `sigmas` (from `schedule`); float32 latents.
 
-    text / neg_text: (text_states [B, L, D], text_mask [B, L], text_states_2 [B, D2]); neg_text is the
-    unconditional branch, needed when guidance_scale > 1 (the release's CFG) and ignored otherwise.
+    text / neg_text: `Conditioning`s (text_states [B, L, D], text_mask [B, L], text_states_2 [B, D2]); neg_text
+    is the unconditional branch, needed when guidance_scale > 1 (the release's CFG) and ignored otherwise.
     ref_latents [B, 1, H, W, C]: the scaled reference latent of the image-to-video model.
     embedded_guidance: the scale fed (× 1000) to models with a guidance embedding (required there).
     mesh: the device mesh `params` are placed on (`parallel.dit_on_mesh`); the inputs are split over
@@ -123,15 +171,15 @@ def sample(params, cfg: DiTConfig, noise, text, *, sigmas, ref_latents=None, neg
     """
     text = _as_text(text, "text")
     b = noise.shape[0]
-    if text.states.shape[0] != b:
-        raise ValueError(f"text states have batch {text.states.shape[0]}, noise has batch {b}")
+    if text.text_states.shape[0] != b:
+        raise ValueError(f"text states have batch {text.text_states.shape[0]}, noise has batch {b}")
     if uses_cfg(guidance_scale):
         if neg_text is None:
             raise ValueError(f"guidance scale {guidance_scale} > 1 needs the unconditional (negative) text inputs")
         neg_text = _as_text(neg_text, "neg_text")
-        if any(n.shape != t.shape for n, t in zip(neg_text, text)):
-            raise ValueError(f"negative text shapes {[n.shape for n in neg_text]} differ from the text shapes "
-                             f"{[t.shape for t in text]}")
+        shapes = lambda c: [a.shape for a in jax.tree.leaves(c)]  # noqa: E731
+        if shapes(neg_text) != shapes(text):
+            raise ValueError(f"negative text shapes {shapes(neg_text)} differ from the text shapes {shapes(text)}")
     else:
         neg_text = None
     if cfg.guidance_embed != (embedded_guidance is not None):

@@ -17,6 +17,7 @@ import numpy as np
 from m141jax import checkpoint, sampling
 from m141jax.config import CLIP_TEXT_PRESETS, LLAVA_PRESETS, VAE_PRESETS, preset, to_json_dict
 from m141jax.models import clip, dit, llava, vae
+from m141jax.models.conditioning import Conditioning
 
 # ------------------------------------------------------------------------------------------ tiny DiTs
 
@@ -36,33 +37,32 @@ def tiny_dit_params(cfg=TINY_I2V):
 
 
 def dit_inputs(batch: int = 1):
-    """(latents, ref_latents, timestep, text_states, text_mask, text_states_2) of TINY_I2V: 2 × 8 × 8 latents,
+    """(latents, timestep, cond, ref_latents), `dit_forward`'s inputs for TINY_I2V: 2 × 8 × 8 latents,
     5 text tokens of which 4 valid, t = 700."""
     k = jax.random.split(jax.random.PRNGKey(1), 3)
     latents = jax.random.normal(k[0], (batch, 2, 8, 8, TINY_I2V.out_channels))
     mask = jnp.ones((batch, 5), jnp.int32).at[:, 4:].set(0)
-    return (latents, latents[:, :1], jnp.full((batch,), 700.0),
-            jax.random.normal(k[1], (batch, 5, TINY_I2V.text_dim)), mask,
-            jax.random.normal(k[2], (batch, TINY_I2V.pooled_dim)))
+    cond = Conditioning(jax.random.normal(k[1], (batch, 5, TINY_I2V.text_dim)), mask,
+                        jax.random.normal(k[2], (batch, TINY_I2V.pooled_dim)))
+    return latents, jnp.full((batch,), 700.0), cond, latents[:, :1]
 
 
 def mesh_dit_inputs(batch: int = 2):
-    """Host inputs of MESH_I2V: latents, ref_latents, timestep, text_states, text_mask (5 and 3 valid of 7
-    tokens), text_states_2, guidance (None): 8 image + 7 text tokens, a count no mesh axis divides."""
+    """Host inputs of MESH_I2V in `dit_forward`'s order: latents, timestep, cond (text mask: 5 and 3 valid of
+    7 tokens), ref_latents, guidance (None): 8 image + 7 text tokens, a count no mesh axis divides."""
     k = jax.random.split(jax.random.PRNGKey(1), 4)
     mask = np.array([[1] * 5 + [0] * 2, [1] * 3 + [0] * 4][:batch], np.int32)
     return (np.asarray(jax.random.normal(k[0], (batch, 2, 4, 4, 16))),
-            np.asarray(jax.random.normal(k[1], (batch, 1, 4, 4, 16))),
             np.array([900.0, 300.0][:batch], np.float32),
-            np.asarray(jax.random.normal(k[2], (batch, 7, 32))), mask,
-            np.asarray(jax.random.normal(k[3], (batch, 16))), None)
+            Conditioning(np.asarray(jax.random.normal(k[2], (batch, 7, 32))), mask,
+                         np.asarray(jax.random.normal(k[3], (batch, 16)))),
+            np.asarray(jax.random.normal(k[1], (batch, 1, 4, 4, 16))), None)
 
 
 def tiny_sample(params):
     """The 4-step sampling run (release schedule) of TINY_I2V from fixed noise, text and reference (batch 2)."""
-    latents, ref, _, states, mask, pooled = dit_inputs(batch=2)
-    return sampling.sample(params, TINY_I2V, latents, (states, mask, pooled), sigmas=sampling.schedule(4),
-                           ref_latents=ref)
+    latents, _, cond, ref = dit_inputs(batch=2)
+    return sampling.sample(params, TINY_I2V, latents, cond, sigmas=sampling.schedule(4), ref_latents=ref)
 
 
 # ------------------------------------------------------------------------------ tiny checkpoint folder

@@ -30,9 +30,9 @@ def main(coordinator: str, pid: int, workdir: str) -> None:
     shardings = parallel.dit_param_shardings(MESH_I2V, mesh)
     sharded = checkpoint.load_params(os.path.join(workdir, "host"), shardings=shardings)
     # per-host input sharding: this process feeds only its own row of the batch of 2
-    rows = [None if x is None else
-            jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, x.ndim, 2), x[pid:pid + 1])
-            for x in mesh_dit_inputs(2)]
+    rows = jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, x.ndim, 2), x[pid:pid + 1]),
+        mesh_dit_inputs(2))
     velocity = parallel.gather(parallel.dit_forward_fn(MESH_I2V, mesh, 2, shardings)(sharded, *rows))
     if pid == 0:
         np.savez(os.path.join(workdir, "velocity.npz"), velocity=velocity)

@@ -12,6 +12,7 @@ from fixtures import TINY_I2V, TINY_T2V, tiny_dit_params
 from m141jax.config import DIT_PRESETS, DiTConfig, preset
 from m141jax.convert.dit import dit_config_from_dict
 from m141jax.models import dit
+from m141jax.models.conditioning import Conditioning
 
 
 def _count(tree):
@@ -84,9 +85,10 @@ def _inputs(b=2, f=2, h=4, w=6, l=5, seed=0):
     r = np.random.default_rng(seed)
     return dict(latents=jnp.asarray(r.normal(size=(b, f, h, w, 16)), jnp.float32),
                 ref_latents=jnp.asarray(r.normal(size=(b, 1, h, w, 16)), jnp.float32),
-                timestep=jnp.asarray([900.0, 300.0][:b]), text_states=jnp.asarray(r.normal(size=(b, l, 32)), jnp.float32),
-                text_mask=jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]][:b]),
-                text_states_2=jnp.asarray(r.normal(size=(b, 16)), jnp.float32))
+                timestep=jnp.asarray([900.0, 300.0][:b]),
+                cond=Conditioning(text_states=jnp.asarray(r.normal(size=(b, l, 32)), jnp.float32),
+                                  text_mask=jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]][:b]),
+                                  text_states_2=jnp.asarray(r.normal(size=(b, 16)), jnp.float32)))
 
 
 def test_padding_text_tokens_have_no_effect(tiny):
@@ -94,11 +96,12 @@ def test_padding_text_tokens_have_no_effect(tiny):
     cfg, params = tiny
     x = _inputs()
     full = forward(params, cfg, **x)
-    trimmed = dict(x, text_states=x["text_states"][:1, :3], text_mask=x["text_mask"][:1, :3],
-                   **{k: x[k][:1] for k in ("latents", "ref_latents", "timestep", "text_states_2")})
+    c = x["cond"]
+    trimmed = dict(x, cond=Conditioning(c.text_states[:1, :3], c.text_mask[:1, :3], c.text_states_2[:1]),
+                   **{k: x[k][:1] for k in ("latents", "ref_latents", "timestep")})
     np.testing.assert_allclose(np.asarray(full[:1]), np.asarray(forward(params, cfg, **trimmed)),
                                rtol=1e-5, atol=1e-5)
-    changed = dict(x, text_states=x["text_states"].at[0, 3:].set(100.0))
+    changed = dict(x, cond=c.replace(text_states=c.text_states.at[0, 3:].set(100.0)))
     np.testing.assert_allclose(np.asarray(forward(params, cfg, **changed)), np.asarray(full), atol=1e-6)
 
 
@@ -137,8 +140,9 @@ def test_13b_forward_lowers_at_544x960x81():
     """The released preset AOT-lowers for a 21×68×120 latent video with 402 text tokens (no weights)."""
     cfg = preset("magic141-i2v-13b")
     s = jax.ShapeDtypeStruct
-    args = (s((1, 21, 68, 120, 16), jnp.float32), s((1, 1, 68, 120, 16), jnp.float32), s((1,), jnp.float32),
-            s((1, 402, 4096), jnp.float32), s((1, 402), jnp.int32), s((1, 768), jnp.float32))
+    args = (s((1, 21, 68, 120, 16), jnp.float32), s((1,), jnp.float32),
+            Conditioning(s((1, 402, 4096), jnp.float32), s((1, 402), jnp.int32), s((1, 768), jnp.float32)),
+            s((1, 1, 68, 120, 16), jnp.float32))
     lowered = jax.jit(lambda p, *a: dit.dit_forward(p, cfg, *a)).lower(dit.abstract_params(cfg), *args)
     out = lowered.out_info
     assert out.shape == (1, 21, 68, 120, 16) and out.dtype == jnp.float32

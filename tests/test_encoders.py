@@ -133,14 +133,15 @@ def test_image_template_for_one_frame(setup):
     prompts = ["A red car"]
     crop = P.template_crop(tok, P.PROMPT_TEMPLATE_IMAGE)
     assert 0 < crop < enc.crop
-    states, mask, _ = text_conditioning(enc, prompts, template="image")
+    c = text_conditioning(enc, prompts, template="image")
+    states, mask = c.text_states, c.text_mask
     batch = tok([P.PROMPT_TEMPLATE_IMAGE.format(p) for p in prompts], max_length=crop + 256, padding="max_length",
                 truncation=True, return_tensors="pt")
     with torch.no_grad():
         h = vlm.model.language_model(**batch, output_hidden_states=True).hidden_states[-3]
     assert rel_err(states, h[:, crop:].numpy()) <= 1e-5
     np.testing.assert_array_equal(mask, batch["attention_mask"][:, crop:].numpy())
-    assert not np.allclose(states, text_conditioning(enc, prompts)[0])
+    assert not np.allclose(states, text_conditioning(enc, prompts).text_states)
     with pytest.raises(ValueError, match="unknown prompt template"):
         text_conditioning(enc, prompts, template="audio")
 

@@ -185,8 +185,8 @@ def test_checkpoint_folder_with_a_quantized_dit(tmp_path):
     box = m.params["double_blocks"]["img_mlp"]["fc1"]["kernel"]
     assert box.codes.sharding.spec[-1] == ("fsdp", "tensor") and len(box.codes.sharding.device_set) == 8
     assert m.params["img_in"]["bias"].sharding.device_set == set(mesh.devices.flat)
-    latents, ref, _, states, mask, pooled = dit_inputs(batch=2)
-    on_mesh = sampling.sample(m.params, m.cfg, latents, (states, mask, pooled), sigmas=sampling.schedule(4),
+    latents, _, cond, ref = dit_inputs(batch=2)
+    on_mesh = sampling.sample(m.params, m.cfg, latents, cond, sigmas=sampling.schedule(4),
                               ref_latents=ref, mesh=mesh)
     np.testing.assert_allclose(on_mesh, tiny_sample(c.params), rtol=1e-5, atol=1e-5)
 

@@ -11,6 +11,7 @@ from m141jax import checkpoint, sampling
 from m141jax.cli import main
 from m141jax.config import to_json_dict
 from m141jax.io import save_npz
+from m141jax.models.conditioning import Conditioning
 from m141jax.models.dit import dit_forward, init_params
 
 SPEC_SIGMAS = {4: [1.0, 0.9375, 0.83333, 0.625, 0.0],
@@ -69,26 +70,28 @@ def _inputs(cfg, b=2, f=3, lt=8, seed=1):
     mask = np.zeros((b, lt), np.int32)
     for i in range(b):
         mask[i, : lt - 2 * i] = 1
-    text = (r.standard_normal((b, lt, cfg.text_dim), np.float32), mask, r.standard_normal((b, cfg.pooled_dim), np.float32))
+    text = Conditioning(r.standard_normal((b, lt, cfg.text_dim), np.float32), mask,
+                        r.standard_normal((b, cfg.pooled_dim), np.float32))
     # the unconditional branch keeps the image tokens (here the first 3) and swaps the prompt part
-    neg_states = text[0].copy()
+    neg_states = text.text_states.copy()
     neg_states[:, 3:] = r.standard_normal((b, lt - 3, cfg.text_dim), np.float32)
     neg_mask = np.zeros_like(mask)
     neg_mask[:, :6] = 1
-    neg = (neg_states, neg_mask, r.standard_normal((b, cfg.pooled_dim), np.float32))
+    neg = Conditioning(neg_states, neg_mask, r.standard_normal((b, cfg.pooled_dim), np.float32))
     return dict(noise=r.standard_normal((b, f, 8, 8, c), np.float32),
                 ref=r.standard_normal((b, 1, 8, 8, c), np.float32), text=text, neg=neg)
 
 
 def _velocity_per_row(params, cfg, ref=None, guidance=None):
     """The DiT one sample at a time (the release's batch-1 passes)."""
-    fwd = jax.jit(lambda x, r, t, s, m, p, g: dit_forward(params, cfg, x, r, t, s, m, p, g))
+    fwd = jax.jit(lambda x, t, c, r, g: dit_forward(params, cfg, x, t, c, r, g))
 
     def velocity(x, t, text):
         rows = []
         for i in range(x.shape[0]):
-            rows.append(np.asarray(fwd(x[i:i + 1], None if ref is None else ref[i:i + 1], np.full((1,), t, np.float32),
-                                       text[0][i:i + 1], text[1][i:i + 1], text[2][i:i + 1],
+            row = jax.tree.map(lambda a, i=i: a[i:i + 1], text)
+            rows.append(np.asarray(fwd(x[i:i + 1], np.full((1,), t, np.float32), row,
+                                       None if ref is None else ref[i:i + 1],
                                        None if guidance is None else np.full((1,), guidance * 1000, np.float32))))
         return np.concatenate(rows)
     return velocity
@@ -123,8 +126,7 @@ def test_embedded_guidance_one_frame(tmp_path, run_parity):
                                        embedded_guidance=1.0))
     assert rel_err(other, out) > 1e-3
     ckpt = checkpoint.save(tmp_path / "t2i", "dit", to_json_dict(cfg), params)
-    names = ("text_states", "text_mask", "text_states_2")
-    got = run_parity("sample", ckpt, {"noise": np.moveaxis(z["noise"], -1, 1), **dict(zip(names, z["text"]))},
+    got = run_parity("sample", ckpt, {"noise": np.moveaxis(z["noise"], -1, 1), **z["text"].to_dict()},
                      "--steps", "8", "--shift", "3.0", "--guidance", "6.0")
     assert rel_err(got["latents"], np.moveaxis(ref, -1, 1)) < 1e-5
 
@@ -181,9 +183,8 @@ def test_parity_sample_cli(i2v, tmp_path, run_parity):
     z = _inputs(cfg, seed=4)
     ckpt = checkpoint.save(tmp_path / "dit", "dit", to_json_dict(cfg), params)
     cf = lambda a: np.moveaxis(a, -1, 1)
-    names = ("text_states", "text_mask", "text_states_2")
-    inputs = {"noise": cf(z["noise"]), "ref_latents": cf(z["ref"]), **dict(zip(names, z["text"]))}
-    out = run_parity("sample", ckpt, {**inputs, **{f"neg_{k}": v for k, v in zip(names, z["neg"])}},
+    inputs = {"noise": cf(z["noise"]), "ref_latents": cf(z["ref"]), **z["text"].to_dict()}
+    out = run_parity("sample", ckpt, {**inputs, **z["neg"].to_dict("neg_")},
                      "--steps", "8", "--guidance", "2.5")
     ref = release_loop(_velocity_per_row(params, cfg, z["ref"]), z["noise"], 8, 5.0, 2.5, z["text"], z["neg"])
     assert rel_err(out["latents"], cf(ref)) < 1e-5

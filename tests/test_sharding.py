@@ -163,8 +163,8 @@ def test_sharded_dit_forward(dit_case, spec, method, batch_spec):
 @pytest.mark.parametrize("spec", ["data=2,fsdp=4", "fsdp=2,tensor=2,sequence=2"])
 def test_sharded_sampler_with_cfg(dit_case, spec):
     """The whole 4-step loop with CFG (one batch-4 forward per step) on a mesh equals one device."""
-    params, (lat, ref, _, states, mask, pooled, _), _ = dit_case
-    text, neg = (states, mask, pooled), (states[:, ::-1], mask, -pooled)
+    params, (lat, _, text, ref, _), _ = dit_case
+    neg = text.replace(text_states=text.text_states[:, ::-1], text_states_2=-text.text_states_2)
     kw = dict(sigmas=sampling.schedule(4, 5.0), ref_latents=ref, neg_text=neg, guidance_scale=3.0)
     want = sampling.sample(params, MESH_I2V, lat, text, **kw)
     mesh = parallel.make_mesh(spec)
@@ -214,9 +214,9 @@ def test_checkpoint_chunks_bound_what_a_shard_reads(tmp_path, monkeypatch):
 def test_parity_cli_mesh(tmp_path, dit_case):
     params, args, want = dit_case
     checkpoint.save(tmp_path / "ckpt", "dit", to_json_dict(MESH_I2V), params)
-    lat, ref, t, txt, mask, txt2, _ = args
+    lat, t, cond, ref, _ = args
     save_npz(tmp_path / "in.npz", {"latents": np.moveaxis(lat, -1, 1), "ref_latents": np.moveaxis(ref, -1, 1),
-                                   "timestep": t, "text_states": txt, "text_mask": mask, "text_states_2": txt2})
+                                   "timestep": t, **cond.to_dict()})
     rc = cli.main(["parity", "dit", "--checkpoint", str(tmp_path / "ckpt"), "--inputs", str(tmp_path / "in.npz"),
                    "--output", str(tmp_path / "out.npz"), "--mesh", "data=2,sequence=2,tensor=-1",
                    "--sequence-parallel", "ring"])

@@ -1,6 +1,7 @@
 """DMD2 pieces against hand-computed cases, gradient routing (stop-gradients), two time scales, and the
 whole step on 8 simulated devices against the unsharded step."""
 
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -15,19 +16,30 @@ import pytest
 from train_helpers import pixel_dmd_step, pixel_params, pixel_velocity, tiny_distill_config, tree_equal
 
 from m141jax import sampling
+from m141jax.models.conditioning import Conditioning
 from m141jax.train import dmd, flow
 from m141jax.train.data import SyntheticSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_cfg_velocity_combines_branches():
-    def vel(p, x, s, c):
-        return x * 0 + c["t"][:, None]
+def test_teacher_velocity_combines_branches():
+    """The real score's CFG v_u + w·(v_c − v_u) as one batch-2B forward (rows: uncond, then cond); w ≤ 1 is
+    one conditional pass."""
+    def vel(p, x, s, c, e):
+        assert x.shape[0] == s.shape[0] == c.text_states.shape[0] == e["r"].shape[0]
+        return x * 0 + c.text_states_2[:, :1] + e["r"][:, None]
+
+    def teacher(scale):
+        cfg = dataclasses.replace(tiny_distill_config(), dmd=dmd.DMDConfig(real_guidance=scale))
+        return dmd.DMD(cfg, vel).teacher_velocity(None, x, s, cond, uncond, {"r": jnp.zeros((2,))})[:, 0]
+
     x, s = jnp.zeros((2, 3)), jnp.ones((2,))
-    cond, uncond = {"t": jnp.array([3.0, 5.0])}, {"t": jnp.array([1.0, 1.0])}
-    np.testing.assert_allclose(dmd.cfg_velocity(vel, None, x, s, cond, uncond, 4.0)[:, 0], [1 + 4 * 2, 1 + 4 * 4])
-    np.testing.assert_allclose(dmd.cfg_velocity(vel, None, x, s, cond, uncond, 1.0)[:, 0], [3, 5])
+    def text(t):
+        return Conditioning(jnp.zeros((2, 1, 1)), jnp.ones((2, 1), jnp.int32), jnp.array(t)[:, None])
+    cond, uncond = text([3.0, 5.0]), text([1.0, 1.0])
+    np.testing.assert_allclose(teacher(4.0), [1 + 4 * 2, 1 + 4 * 4])
+    np.testing.assert_allclose(teacher(1.0), [3, 5])
 
 
 def test_dm_gradient_and_loss_hand_case():
@@ -54,14 +66,14 @@ def test_gan_losses_hand_case():
 def test_backward_simulation_is_the_euler_sampler():
     a = 0.3
 
-    def vel(p, x, s, c):
+    def vel(p, x, s, c, e):
         return a * x
     sig = jnp.asarray(sampling.schedule(4, 5.0))
     noise = jnp.ones((1, 2))
     for k in range(4):
         want = np.prod([1 + a * (sig[i + 1] - sig[i]) for i in range(k)])
-        np.testing.assert_allclose(dmd.backward_simulate(vel, None, noise, {}, sig, k), want * noise, rtol=1e-6)
-        x0 = dmd.generate(vel, None, noise, {}, sig, k)
+        np.testing.assert_allclose(dmd.backward_simulate(vel, None, noise, None, {}, sig, k), want * noise, rtol=1e-6)
+        x0 = dmd.generate(vel, None, noise, None, {}, sig, k)
         np.testing.assert_allclose(x0, want * (1 - sig[k] * a) * noise, rtol=1e-6)
 
 
@@ -84,7 +96,7 @@ def _nonzero(tree):
 def test_stop_gradients_route_each_loss_to_its_own_parameters():
     cfg, batch, teacher, state = _setup()
     losses = dmd.DMD(cfg, pixel_velocity())
-    x_real, cond, null = flow.split_batch(batch)
+    x_real, cond, extra, null = flow.split_batch(batch)
     uncond = flow.drop_text(cond, jnp.ones((2,), bool), null, cfg.n_image_tokens)
     noise = jax.random.normal(jax.random.PRNGKey(2), x_real.shape)
     # perturb the generator so it differs from the teacher and the fake score (otherwise the DM term is 0)
@@ -93,11 +105,11 @@ def test_stop_gradients_route_each_loss_to_its_own_parameters():
 
     @jax.jit
     def all_grads(gen, critic, teacher, x, k):
-        g_gen = jax.grad(lambda g, c, t: losses.generator_loss(g, c, t, noise, cond, uncond, k, key)[0],
+        g_gen = jax.grad(lambda g, c, t: losses.generator_loss(g, c, t, noise, cond, uncond, extra, k, key)[0],
                          argnums=(0, 1, 2))(gen, critic, teacher)
-        g_critic = jax.grad(lambda c, x: losses.critic_loss(c, x, x_real, cond, null, key)[0], argnums=(0, 1))(
-            critic, x)
-        g_dm = jax.grad(lambda x, f, t: losses.dm_loss(x, t, f, cond, uncond, key)[0], argnums=(0, 1, 2))(
+        g_critic = jax.grad(lambda c, x: losses.critic_loss(c, x, x_real, cond, extra, null, key)[0],
+                            argnums=(0, 1))(critic, x)
+        g_dm = jax.grad(lambda x, f, t: losses.dm_loss(x, t, f, cond, uncond, extra, key)[0], argnums=(0, 1, 2))(
             x, critic["fake"], teacher)
         return g_gen, g_critic, g_dm
 

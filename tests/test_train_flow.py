@@ -9,6 +9,7 @@ import pytest
 from train_helpers import pixel_params, pixel_velocity, tiny_train_config
 
 from m141jax import sampling
+from m141jax.models.conditioning import Conditioning
 from m141jax.models.dit import abstract_params
 from m141jax.train import flow
 from m141jax.train.config import FlowConfig, OptimizerConfig
@@ -17,8 +18,8 @@ from m141jax.train.optim import ema_init, ema_update, lr_schedule, make_optimize
 
 
 def test_time_shift_is_the_inference_schedule_s():
-    assert float(flow.shift_sigma(0.5, 3.0)) == pytest.approx(1.5 / 2.0)
-    np.testing.assert_allclose(flow.shift_sigma(np.linspace(1, 0, 5), 5.0), sampling.schedule(4, 5.0), atol=1e-6)
+    assert float(sampling.shift_sigma(0.5, 3.0)) == pytest.approx(1.5 / 2.0)
+    np.testing.assert_allclose(sampling.shift_sigma(np.linspace(1, 0, 5), 5.0), sampling.schedule(4, 5.0), atol=1e-6)
 
 
 def test_sigma_sampling_densities():
@@ -51,28 +52,26 @@ def test_flow_matching_loss_hand_case():
     assert float(flow.flow_matching_loss(v, x0, eps, s)) == pytest.approx(0.5)
     assert float(flow.flow_matching_loss(v, x0, eps, s, "sigma_sqrt")) == pytest.approx(2.0)
     assert float(flow.flow_matching_loss(v, x0, eps, s, skip_frames=1)) == pytest.approx(0.0)
-    x = flow.interpolate(x0, eps, s)
+    x = sampling.interpolate(x0, eps, s)
     np.testing.assert_allclose(x.ravel(), [0.5, 1.5])
-    np.testing.assert_allclose(flow.predict_x0(x, eps - x0, s), x0)  # the exact velocity recovers x0
+    np.testing.assert_allclose(sampling.predict_x0(x, eps - x0, s), x0)  # the exact velocity recovers x0
 
 
 def _cond(b=2, L=4, n_img=2):
     ts = jnp.arange(b * L * 3, dtype=jnp.float32).reshape(b, L, 3)
-    return ({"text_states": ts, "text_mask": jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]]),
-             "text_states_2": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "ref_latents": jnp.ones((b, 1, 2, 2, 1))},
-            {"text_states": -jnp.ones((L - n_img, 3)), "text_mask": jnp.array([1, 0]),
-             "text_states_2": jnp.array([9.0, 9.0])})
+    return (Conditioning(ts, jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]]), jnp.array([[1.0, 2.0], [3.0, 4.0]])),
+            Conditioning(-jnp.ones((L - n_img, 3)), jnp.array([1, 0]), jnp.array([9.0, 9.0])))
 
 
-def test_drop_text_keeps_image_tokens_and_reference():
+def test_drop_text_keeps_image_tokens():
     cond, null = _cond()
     out = flow.drop_text(cond, jnp.array([False, True]), null, 2)
-    np.testing.assert_array_equal(out["text_states"][0], cond["text_states"][0])
-    np.testing.assert_array_equal(out["text_states"][1, :2], cond["text_states"][1, :2])  # image tokens kept
-    np.testing.assert_array_equal(out["text_states"][1, 2:], -np.ones((2, 3)))
-    np.testing.assert_array_equal(out["text_mask"], [[1, 1, 1, 0], [1, 1, 1, 0]])
-    np.testing.assert_array_equal(out["text_states_2"], [[1, 2], [9, 9]])
-    assert out["ref_latents"] is cond["ref_latents"]
+    assert isinstance(out, Conditioning)
+    np.testing.assert_array_equal(out.text_states[0], cond.text_states[0])
+    np.testing.assert_array_equal(out.text_states[1, :2], cond.text_states[1, :2])  # image tokens kept
+    np.testing.assert_array_equal(out.text_states[1, 2:], -np.ones((2, 3)))
+    np.testing.assert_array_equal(out.text_mask, [[1, 1, 1, 0], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(out.text_states_2, [[1, 2], [9, 9]])
     with pytest.raises(ValueError, match="empty-prompt states"):
         flow.drop_text(cond, jnp.array([False, True]), null, 1)
 
@@ -83,17 +82,17 @@ def test_cfg_dropout_feeds_the_empty_prompt():
     vel = pixel_velocity()
     params = pixel_params(cfg.model, jax.random.PRNGKey(0), text_len=4)
     cond, null = _cond()
-    cond["text_states"] = jnp.pad(cond["text_states"], ((0, 0), (0, 0), (0, cfg.model.text_dim - 3)))
-    null["text_states"] = jnp.pad(null["text_states"], ((0, 0), (0, cfg.model.text_dim - 3)))
-    cond["text_states_2"] = jnp.pad(cond["text_states_2"], ((0, 0), (0, cfg.model.pooled_dim - 2)))
-    null["text_states_2"] = jnp.pad(null["text_states_2"], (0, cfg.model.pooled_dim - 2))
-    cond["ref_latents"] = jnp.ones((2, 1, 2, 2, 16))
+    cond = cond.replace(text_states=jnp.pad(cond.text_states, ((0, 0), (0, 0), (0, cfg.model.text_dim - 3))),
+                        text_states_2=jnp.pad(cond.text_states_2, ((0, 0), (0, cfg.model.pooled_dim - 2))))
+    null = null.replace(text_states=jnp.pad(null.text_states, ((0, 0), (0, cfg.model.text_dim - 3))),
+                        text_states_2=jnp.pad(null.text_states_2, (0, cfg.model.pooled_dim - 2)))
+    extra = {"ref_latents": jnp.ones((2, 1, 2, 2, 16))}
     x0 = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 2, 2, 16))
     key = jax.random.PRNGKey(2)
     dropped = flow.drop_text(cond, jnp.array([True, True]), null, 2)
-    always = flow.flow_loss(vel, params, FlowConfig(cfg_dropout=1.0, n_image_tokens=2), x0, cond, null, key)[0]
-    by_hand = flow.flow_loss(vel, params, FlowConfig(cfg_dropout=0.0), x0, dropped, null, key)[0]
-    never = flow.flow_loss(vel, params, FlowConfig(cfg_dropout=0.0), x0, cond, null, key)[0]
+    always = flow.flow_loss(vel, params, FlowConfig(cfg_dropout=1.0, n_image_tokens=2), x0, cond, extra, null, key)[0]
+    by_hand = flow.flow_loss(vel, params, FlowConfig(cfg_dropout=0.0), x0, dropped, extra, null, key)[0]
+    never = flow.flow_loss(vel, params, FlowConfig(cfg_dropout=0.0), x0, cond, extra, null, key)[0]
     assert float(always) == pytest.approx(float(by_hand), rel=1e-6)
     assert abs(float(always) - float(never)) > 1e-4
 
@@ -132,16 +131,17 @@ def test_train_step_updates_params_ema_and_counts():
     state = flow.init_train_state(cfg, params)
     cond, null = _cond()
     batch = {"latents": jnp.ones((2, 2, 2, 2, 16)), "ref_latents": jnp.ones((2, 1, 2, 2, 16)),
-             "text_states": jnp.zeros((2, 4, cfg.model.text_dim)), "text_mask": cond["text_mask"],
+             "text_states": jnp.zeros((2, 4, cfg.model.text_dim)), "text_mask": cond.text_mask,
              "text_states_2": jnp.zeros((2, cfg.model.pooled_dim)),
-             "null_text_states": jnp.zeros((2, cfg.model.text_dim)), "null_text_mask": null["text_mask"],
+             "null_text_states": jnp.zeros((2, cfg.model.text_dim)), "null_text_mask": null.text_mask,
              "null_text_states_2": jnp.zeros((cfg.model.pooled_dim,))}
     step = jax.jit(flow.make_train_step(cfg, vel))
     s1, _ = step(state, batch, jax.random.PRNGKey(1))
     s2, m2 = step(s1, batch, jax.random.PRNGKey(2))
     assert int(s2.step) == 2 and np.isfinite(float(m2["loss"])) and float(m2["lr"]) > 0
-    x0, cond, null = flow.split_batch(batch)
-    grads = jax.grad(lambda p: flow.flow_loss(vel, p, cfg.flow, x0, cond, null, jax.random.PRNGKey(2))[0])(s1.params)
+    x0, cond, extra, null = flow.split_batch(batch)
+    grads = jax.grad(lambda p: flow.flow_loss(vel, p, cfg.flow, x0, cond, extra, null, jax.random.PRNGKey(2))[0])(
+        s1.params)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # every parameter is trained
     want = jax.tree.map(lambda p0, p1, p2: 0.5 * (0.5 * p0 + 0.5 * p1) + 0.5 * p2, params, s1.params, s2.params)
     for e, w in zip(jax.tree.leaves(s2.ema), jax.tree.leaves(want)):

@@ -1,5 +1,5 @@
 """Small stand-ins shared by the training tests: a per-position MLP velocity model with the DiT's
-calling convention (velocity(params, x, σ, cond, features=False)), cheap to compile."""
+calling convention (velocity(params, x, σ, cond, extra, features=False)), cheap to compile."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m141jax.models.conditioning import Conditioning
 from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, DataConfig, RunConfig
 
 
@@ -21,14 +22,14 @@ class PixelModel(nn.Module):
     hidden: int = 16
 
     @nn.compact
-    def __call__(self, x, sigma, cond):
+    def __call__(self, x, sigma, cond, extra):
         b, f, h, w, c = x.shape
-        m = cond["text_mask"].astype(jnp.float32)[..., None]
-        text = (cond["text_states"] * m).sum(1) / m.sum(1)
-        ctx = jnp.concatenate([sigma[:, None], cond["text_states_2"], text], -1)[:, None, None, None]
+        m = cond.text_mask.astype(jnp.float32)[..., None]
+        text = (cond.text_states * m).sum(1) / m.sum(1)
+        ctx = jnp.concatenate([sigma[:, None], cond.text_states_2, text], -1)[:, None, None, None]
         parts = [x, jnp.broadcast_to(ctx, (b, f, h, w, ctx.shape[-1]))]
-        if "ref_latents" in cond:
-            parts.append(jnp.broadcast_to(cond["ref_latents"], x.shape))
+        if "ref_latents" in extra:
+            parts.append(jnp.broadcast_to(extra["ref_latents"], x.shape))
         hid = nn.silu(nn.Dense(self.hidden)(jnp.concatenate(parts, -1)))
         return nn.Dense(c)(hid), hid.reshape(b, -1, self.hidden)
 
@@ -36,17 +37,18 @@ class PixelModel(nn.Module):
 def pixel_velocity():
     module = PixelModel()
 
-    def velocity(params, x, sigma, cond, features=False):
-        v, feats = module.apply({"params": params}, x, sigma, cond)
+    def velocity(params, x, sigma, cond, extra, features=False):
+        v, feats = module.apply({"params": params}, x, sigma, cond, extra)
         return (v, feats) if features else v
     return velocity
 
 
 def pixel_params(model_cfg, rng, text_len=8):
     c = model_cfg.out_channels
-    cond = {"text_states": jnp.zeros((1, text_len, model_cfg.text_dim)), "text_mask": jnp.ones((1, text_len)),
-            "text_states_2": jnp.zeros((1, model_cfg.pooled_dim)), "ref_latents": jnp.zeros((1, 1, 2, 2, c))}
-    return PixelModel().init(rng, jnp.zeros((1, 1, 2, 2, c)), jnp.zeros((1,)), cond)["params"]
+    cond = Conditioning(jnp.zeros((1, text_len, model_cfg.text_dim)), jnp.ones((1, text_len)),
+                        jnp.zeros((1, model_cfg.pooled_dim)))
+    extra = {"ref_latents": jnp.zeros((1, 1, 2, 2, c))}
+    return PixelModel().init(rng, jnp.zeros((1, 1, 2, 2, c)), jnp.zeros((1,)), cond, extra)["params"]
 
 
 @functools.cache

@@ -17,6 +17,7 @@ from m141jax import checkpoint, parallel, sampling
 from m141jax.cli import devices
 from m141jax.io import load_npz, save_npz
 from m141jax.models.clip import text_forward
+from m141jax.models.conditioning import FIELDS, Conditioning
 from m141jax.models.dit import dit_forward
 from m141jax.models.llama import hidden_states
 from m141jax.models.llava import check_image_tokens, llava_forward
@@ -59,9 +60,10 @@ def run_dit(args) -> dict[str, np.ndarray]:
     mesh = args.device_mesh
     z = load_npz(args.inputs, ("latents", "timestep", "text_states", "text_mask", "text_states_2"),
                  ("ref_latents", "guidance"))
-    inputs = (to_channels_last(z["latents"]), to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
-              jnp.asarray(z["timestep"], jnp.float32), jnp.asarray(z["text_states"], jnp.float32),
-              jnp.asarray(z["text_mask"], jnp.int32), jnp.asarray(z["text_states_2"], jnp.float32),
+    inputs = (to_channels_last(z["latents"]), jnp.asarray(z["timestep"], jnp.float32),
+              Conditioning(jnp.asarray(z["text_states"], jnp.float32), jnp.asarray(z["text_mask"], jnp.int32),
+                           jnp.asarray(z["text_states_2"], jnp.float32)),
+              to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
               jnp.asarray(z["guidance"], jnp.float32) if "guidance" in z else None)
     cfg, params = load_dit(args)
     if mesh is None:
@@ -69,8 +71,8 @@ def run_dit(args) -> dict[str, np.ndarray]:
     batch = inputs[0].shape[0]
     shardings = jax.tree.map(lambda x: x.sharding, params)
     fwd = parallel.dit_forward_fn(cfg, mesh, batch, shardings)
-    rows = lambda x: None if x is None else parallel.put(x, parallel.batch_sharding(mesh, x.ndim, batch))
-    v = fwd(params, *map(rows, inputs))
+    rows = lambda x: parallel.put(x, parallel.batch_sharding(mesh, x.ndim, batch))  # noqa: E731
+    v = fwd(params, *jax.tree.map(rows, inputs))
     return {"velocity": to_channels_first(parallel.gather(v))}
 
 
@@ -79,15 +81,14 @@ def run_sample(args) -> dict[str, np.ndarray]:
     """The whole sampling loop: --steps/--shift schedule, --guidance as CFG scale (neg_* arrays needed
     when > 1) or, for a DiT with a guidance embedding, as its embedded guidance scale."""
     cfg, params = load_dit(args)
-    text = ("text_states", "text_mask", "text_states_2")
     cfg_on = not cfg.guidance_embed and sampling.uses_cfg(args.guidance)
-    neg = tuple(f"neg_{k}" for k in text) if cfg_on else ()
-    z = load_npz(args.inputs, ("noise", *text, *neg), ("ref_latents",))
+    neg = tuple(f"neg_{k}" for k in FIELDS) if cfg_on else ()
+    z = load_npz(args.inputs, ("noise", *FIELDS, *neg), ("ref_latents",))
     sigmas = sampling.schedule(args.steps, args.shift)
     latents = sampling.sample(
-        params, cfg, to_channels_last(z["noise"]), tuple(z[k] for k in text), sigmas=sigmas,
+        params, cfg, to_channels_last(z["noise"]), Conditioning.from_batch(z), sigmas=sigmas,
         ref_latents=to_channels_last(z["ref_latents"]) if "ref_latents" in z else None,
-        neg_text=tuple(z[k] for k in neg) if cfg_on else None,
+        neg_text=Conditioning.from_batch(z, "neg_") if cfg_on else None,
         guidance_scale=1.0 if cfg.guidance_embed else args.guidance,
         embedded_guidance=args.guidance if cfg.guidance_embed else None, mesh=args.device_mesh)
     return {"latents": to_channels_first(latents), "timesteps": sampling.timesteps(sigmas), "sigmas": sigmas}

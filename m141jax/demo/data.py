@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
@@ -74,18 +75,17 @@ def conditioning(enc: encoders.Encoders, captions: list[str], first_frames: np.n
         if first_frames is None:
             parts.append(encoders.text_conditioning(enc, prompts))
         else:
-            c = encoders.encode(enc, prompts, [Image.fromarray(f) for f in first_frames[i:i + batch]])
-            parts.append((c.text_states, c.text_mask, c.text_states_2))
-    states, mask, pooled = (np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(3))
-    return {"text_states": states.astype(np.float32), "text_mask": mask.astype(np.int32),
-            "text_states_2": pooled.astype(np.float32)}
+            parts.append(encoders.encode(enc, prompts, [Image.fromarray(f) for f in first_frames[i:i + batch]]))
+    c = jax.tree.map(lambda *a: np.concatenate([np.asarray(x) for x in a]), *parts)
+    return {"text_states": c.text_states.astype(np.float32), "text_mask": c.text_mask.astype(np.int32),
+            "text_states_2": c.text_states_2.astype(np.float32)}
 
 
 def empty_prompt(enc: encoders.Encoders) -> dict[str, np.ndarray]:
     """The empty prompt's text part (what CFG dropout substitutes): states [L, D], mask [L], pooled [D2]."""
-    states, mask, pooled = encoders.text_conditioning(enc, [""])
-    return {"text_states": np.asarray(states[0], np.float32), "text_mask": np.asarray(mask[0], np.int32),
-            "text_states_2": np.asarray(pooled[0], np.float32)}
+    c = encoders.text_conditioning(enc, [""])
+    return {"text_states": np.asarray(c.text_states[0], np.float32), "text_mask": np.asarray(c.text_mask[0], np.int32),
+            "text_states_2": np.asarray(c.text_states_2[0], np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +105,8 @@ def prepare(vae: Component, enc: encoders.Encoders, videos: np.ndarray, captions
     """Latents and conditioning of uint8 videos [N, F, H, W, 3] with their captions."""
     first = videos[:, 0]
     return Prepared(clean_latents(vae, videos, progress=progress), reference_latents(vae, first, progress=progress),
-                    conditioning(enc, captions, first, progress=progress), conditioning(enc, captions, None, progress=progress),
-                    empty_prompt(enc))
+                    conditioning(enc, captions, first, progress=progress),
+                    conditioning(enc, captions, None, progress=progress), empty_prompt(enc))
 
 
 def i2v_source(p: Prepared) -> ArraySource:

@@ -34,6 +34,7 @@ from m141jax.config import DiTConfig, VAEConfig
 from m141jax.demo import SHIFT
 from m141jax.models import dit as dit_lib
 from m141jax.models import vae as vae_lib
+from m141jax.models.conditioning import Conditioning
 from m141jax.train import dmd, flow
 from m141jax.train import vae as vae_train
 from m141jax.train.config import (
@@ -143,14 +144,13 @@ def sample(model: DiTConfig, params, cond: dict, null: dict, steps: int, n_image
     """Latents [B, F, h, w, C] from noise by `steps` Euler steps at shift SHIFT for a batch of conditioning
     (`latents` gives the shape; `ref_latents`, `guidance` when the model takes them), with CFG scale
     `guidance` against the empty prompt `null`."""
-    def text(c):
-        return c["text_states"], c["text_mask"], c["text_states_2"]
-
     cond = {k: jnp.asarray(v) for k, v in cond.items()}
-    b = cond["text_states"].shape[0]
-    uncond = flow.drop_text(cond, jnp.ones((b,), bool), {k: jnp.asarray(v) for k, v in null.items()}, n_image_tokens)
+    text = Conditioning.from_batch(cond)
+    b = text.text_states.shape[0]
+    uncond = flow.drop_text(text, jnp.ones((b,), bool), Conditioning.from_batch(jax.tree.map(jnp.asarray, null)),
+                            n_image_tokens)
     noise = jax.random.normal(jax.random.PRNGKey(seed), cond["latents"].shape, jnp.float32)
     embedded = float(cond["guidance"][0]) / 1000.0 if model.guidance_embed else None
-    return sampling.sample(params, model, noise, text(cond), sigmas=sampling.schedule(steps, SHIFT),
-                           ref_latents=cond.get("ref_latents"), neg_text=text(uncond), guidance_scale=guidance,
+    return sampling.sample(params, model, noise, text, sigmas=sampling.schedule(steps, SHIFT),
+                           ref_latents=cond.get("ref_latents"), neg_text=uncond, guidance_scale=guidance,
                            embedded_guidance=embedded)

@@ -5,8 +5,8 @@ laid out (pt, ph, pw, c); the converter permutes the PyTorch weights once so no 
 The double and single blocks are stacked on a leading `layers` axis and run by `nn.scan`, so compile
 time does not grow with depth. Entry points:
 
-- `dit_forward(params, cfg, latents, ref_latents, timestep, text_states, text_mask, text_states_2,
-  guidance=None)`: the pure velocity prediction (ε − x₀), with the 33-channel I2V input assembly.
+- `dit_forward(params, cfg, latents, timestep, cond, ref_latents=None, guidance=None)`: the pure velocity
+  prediction (ε − x₀) for a `Conditioning` (models/conditioning.py), with the 33-channel I2V input assembly.
 - `init_params(cfg, rng)` / `abstract_params(cfg)`: real or shape-only parameters.
 """
 
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from m141jax.axes import ACTIVATIONS
 from m141jax.config import DiTConfig, dtype_of
 from m141jax.models.attention import attention
+from m141jax.models.conditioning import Conditioning
 from m141jax.models.layers import (
     MLP,
     LayerNorm,
@@ -250,8 +251,12 @@ def assemble_input(cfg: DiTConfig, latents, ref_latents):
     return jnp.concatenate([latents, ref, mask], axis=-1)
 
 
-def check_shapes(cfg: DiTConfig, latents, text_states, text_mask, text_states_2):
+def check_shapes(cfg: DiTConfig, latents, cond: Conditioning):
     """One-line errors for inputs the DiT cannot take."""
+    if not isinstance(cond, Conditioning):
+        raise TypeError(f"cond must be a Conditioning(text_states, text_mask, text_states_2), got "
+                        f"{type(cond).__name__}")
+    text_states, text_mask, text_states_2 = cond.text_states, cond.text_mask, cond.text_states_2
     if latents.ndim != 5 or latents.shape[-1] != cfg.out_channels:
         raise ValueError(f"latents must be [B, F, H, W, {cfg.out_channels}], got {tuple(latents.shape)}")
     _, f, h, w, _ = latents.shape
@@ -266,20 +271,21 @@ def check_shapes(cfg: DiTConfig, latents, text_states, text_mask, text_states_2)
         raise ValueError(f"text mask {tuple(text_mask.shape)} does not match text states {tuple(text_states.shape)}")
 
 
-def dit_forward(params, cfg: DiTConfig, latents, ref_latents, timestep, text_states, text_mask, text_states_2,
-                guidance=None, return_features=False):
+def dit_forward(params, cfg: DiTConfig, latents, timestep, cond: Conditioning, ref_latents=None, guidance=None,
+                return_features=False):
     """Velocity v ≈ ε − x₀ [B, F, H, W, C] in fp32 for latents [B, F, H, W, C] (channels-last).
 
-    ref_latents: [B, 1, H, W, C] for the I2V model, None for the plain form. timestep: [B] raw values
-    (0..1000). text_states [B, L, text_dim], text_mask [B, L] (valid tokens a prefix), text_states_2
-    [B, pooled_dim]. guidance: [B] (embedded CFG scale × 1000) for models with a guidance embedding.
+    timestep: [B] raw values (0..1000). cond: the text conditioning, text_states [B, L, text_dim],
+    text_mask [B, L] (valid tokens a prefix), text_states_2 [B, pooled_dim]. ref_latents: [B, 1, H, W, C]
+    for the I2V model, None for the plain form. guidance: [B] (embedded CFG scale × 1000) for models with a
+    guidance embedding.
     return_features: also return the image tokens after the double-stream blocks [B, N_img, hidden] in
     fp32 (the features a discriminator head reads; unused layers are pruned by XLA when only these are used).
     """
-    check_shapes(cfg, latents, text_states, text_mask, text_states_2)
+    check_shapes(cfg, latents, cond)
     x = assemble_input(cfg, latents, ref_latents)
-    out = MMDiT(cfg).apply({"params": params}, x, timestep, text_states, text_mask, text_states_2, guidance,
-                           return_features)
+    out = MMDiT(cfg).apply({"params": params}, x, timestep, cond.text_states, cond.text_mask, cond.text_states_2,
+                           guidance, return_features)
     if return_features:
         return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
     return out.astype(jnp.float32)

@@ -8,6 +8,7 @@ import functools
 from jax.sharding import Mesh
 
 from m141jax.axes import SEQUENCE, TENSOR
+from m141jax.models.conditioning import Conditioning
 from m141jax.models.dit import abstract_params, dit_forward, param_logical_axes
 from m141jax.parallel.jit import MeshFunction, jit_sharded
 from m141jax.parallel.rules import DEFAULT, Strategy, batch_sharding, tree_shardings
@@ -42,8 +43,10 @@ def dit_on_mesh(cfg, mesh: Mesh, sequence_parallel: str = "auto"):
 
 
 def dit_forward_fn(cfg, mesh: Mesh, batch: int, param_shardings) -> MeshFunction:
-    """`dit_forward(params, cfg, latents, ref_latents, timestep, text_states, text_mask, text_states_2,
-    guidance)` jitted on `mesh`; inputs and the velocity are split over the batch axes."""
-    rows = [batch_sharding(mesh, n, batch) for n in (5, 5, 1, 3, 2, 2, 1)]
-    return jit_sharded(lambda p, *a: dit_forward(p, cfg, *a), mesh, (param_shardings, *rows), rows[0],
-                       batch=batch)
+    """`dit_forward(params, cfg, latents, timestep, cond, ref_latents, guidance)` jitted on `mesh`, called
+    as fn(params, latents, timestep, cond, ref_latents, guidance); inputs and the velocity are split over
+    the batch axes."""
+    rows = lambda n: batch_sharding(mesh, n, batch)  # noqa: E731
+    cond = Conditioning(rows(3), rows(2), rows(2))
+    return jit_sharded(lambda p, *a: dit_forward(p, cfg, *a), mesh, (param_shardings, rows(5), rows(1), cond, rows(5),
+                                                                     rows(1)), rows(5), batch=batch)

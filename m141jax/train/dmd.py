@@ -33,18 +33,9 @@ import optax
 from m141jax import sampling
 from m141jax.config import dtype_of
 from m141jax.models.layers import LayerNorm, dense
+from m141jax.sampling import interpolate, predict_x0
 from m141jax.train.config import DistillConfig, DMDConfig
-from m141jax.train.flow import (
-    Velocity,
-    dit_velocity,
-    drop_text,
-    euler_sample,
-    flow_loss,
-    interpolate,
-    predict_x0,
-    shift_sigma,
-    split_batch,
-)
+from m141jax.train.flow import Velocity, dit_velocity, drop_text, flow_loss, split_batch
 from m141jax.train.optim import make_optimizer
 
 sg = jax.lax.stop_gradient
@@ -98,26 +89,18 @@ def init_dmd_state(cfg: DistillConfig, teacher, rng, features: int | None = None
 
 # ------------------------------------------------------------------ pieces (pure, model passed in)
 
-def cfg_velocity(velocity: Velocity, params, x, sigma, cond, uncond, scale: float):
-    """Classifier-free guidance v_u + s·(v_c − v_u) as one forward of batch 2B; one conditional pass when
-    the release would skip CFG (s ≤ 1)."""
-    if not sampling.uses_cfg(scale):
-        return velocity(params, x, sigma, cond)
-    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
-    v = velocity(params, jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]), both)
-    return sampling.guide(*jnp.split(v, 2), scale)
+def backward_simulate(velocity: Velocity, params, noise, cond, extra, sigmas, k):
+    """The generator's Euler sampler (`sampling.euler_loop`) run for the first k (traced) of its steps from
+    noise, no gradients."""
+    params, b = sg(params), noise.shape[0]
+    return sg(sampling.euler_loop(lambda x, s: velocity(params, x, jnp.full((b,), s), cond, extra), noise, sigmas, k))
 
 
-def backward_simulate(velocity: Velocity, params, noise, cond, sigmas, k):
-    """The generator's Euler sampler run for the first k (traced) of its steps from noise, no gradients."""
-    return sg(euler_sample(velocity, sg(params), noise, cond, sigmas, k))
-
-
-def generate(velocity: Velocity, params, noise, cond, sigmas, k):
+def generate(velocity: Velocity, params, noise, cond, extra, sigmas, k):
     """x̂₀ = x_σk − σ_k·v_G(x_σk) with x_σk from backward simulation; differentiable in params."""
-    x = backward_simulate(velocity, params, noise, cond, sigmas, k)
+    x = backward_simulate(velocity, params, noise, cond, extra, sigmas, k)
     sigma = jnp.full((noise.shape[0],), sigmas[k])
-    return predict_x0(x, velocity(params, x, sigma, cond), sigma)
+    return predict_x0(x, velocity(params, x, sigma, cond, extra), sigma)
 
 
 def dm_gradient(x0, x0_real, x0_fake):
@@ -151,43 +134,53 @@ class DMD:
         self.head = DiscriminatorHead(head_width(cfg))
         self.sigmas = jnp.asarray(sampling.schedule(cfg.dmd.student_steps, cfg.dmd.shift))
 
-    def logits(self, critic, x0, cond, rng):
+    def logits(self, critic, x0, cond, extra, rng):
         """D(x): the head on fake-score features of x noised to σ ~ U[0, gan_sigma_max)."""
         k_sigma, k_eps = jax.random.split(rng)
         sigma = jax.random.uniform(k_sigma, (x0.shape[0],), maxval=self.dmd.gan_sigma_max)
         x = interpolate(x0, jax.random.normal(k_eps, x0.shape), sigma)
-        _, features = self.velocity(critic["fake"], x, sigma, cond, features=True)
+        _, features = self.velocity(critic["fake"], x, sigma, cond, extra, features=True)
         return self.head.apply({"params": critic["head"]}, features)
 
-    def dm_loss(self, x0, teacher, fake, cond, uncond, rng):
+    def teacher_velocity(self, teacher, x, sigma, cond, uncond, extra):
+        """The real score with CFG v_u + w·(v_c − v_u) (`sampling.guided`: one forward of batch 2B; one
+        conditional pass when the release would skip CFG, w ≤ 1)."""
+        cfg_on = sampling.uses_cfg(self.dmd.real_guidance)
+        inputs = (cond, extra, sigma)
+        if cfg_on:
+            inputs = sampling.cfg_rows((uncond, extra, sigma), inputs)
+        c, e, s = inputs
+        return sampling.guided(lambda xs: self.velocity(teacher, xs, s, c, e), x, self.dmd.real_guidance, cfg_on)
+
+    def dm_loss(self, x0, teacher, fake, cond, uncond, extra, rng):
         """The distribution-matching loss of generator samples x0 (differentiable in x0 only)."""
         d = self.dmd
         k_sigma, k_eps = jax.random.split(rng)
         u = jax.random.uniform(k_sigma, (x0.shape[0],), minval=d.dm_sigma_min, maxval=d.dm_sigma_max)
-        sigma = shift_sigma(u, d.dm_shift)
+        sigma = sampling.shift_sigma(u, d.dm_shift)
         x_t = interpolate(sg(x0), jax.random.normal(k_eps, x0.shape), sigma)
-        x0_fake = predict_x0(x_t, self.velocity(sg(fake), x_t, sigma, cond), sigma)
-        x0_real = predict_x0(x_t, cfg_velocity(self.velocity, sg(teacher), x_t, sigma, cond, uncond,
-                                               d.real_guidance), sigma)
+        x0_fake = predict_x0(x_t, self.velocity(sg(fake), x_t, sigma, cond, extra), sigma)
+        x0_real = predict_x0(x_t, self.teacher_velocity(sg(teacher), x_t, sigma, cond, uncond, extra), sigma)
         grad = sg(dm_gradient(sg(x0), x0_real, x0_fake))
         return dm_loss_from_gradient(x0, grad), {"dm_grad_norm": jnp.sqrt(jnp.sum(jnp.square(grad)))}
 
-    def generator_loss(self, generator, critic, teacher, noise, cond, uncond, k, rng):
+    def generator_loss(self, generator, critic, teacher, noise, cond, uncond, extra, k, rng):
         """(weighted DM + GAN loss, (x̂₀, metrics)); only `generator` receives gradients."""
         k_dm, k_gan = jax.random.split(rng)
-        x0 = generate(self.velocity, generator, noise, cond, self.sigmas, k)
-        l_dm, aux = self.dm_loss(x0, teacher, critic["fake"], cond, uncond, k_dm)
-        l_gan = generator_gan_loss(self.logits(sg(critic), x0, cond, k_gan))
+        x0 = generate(self.velocity, generator, noise, cond, extra, self.sigmas, k)
+        l_dm, aux = self.dm_loss(x0, teacher, critic["fake"], cond, uncond, extra, k_dm)
+        l_gan = generator_gan_loss(self.logits(sg(critic), x0, cond, extra, k_gan))
         total = self.dmd.dm_weight * l_dm + self.dmd.gen_gan_weight * l_gan
         return total, (sg(x0), {"gen_loss_dm": l_dm, "gen_loss_gan": l_gan, **aux})
 
-    def critic_loss(self, critic, x0_gen, x_real, cond, null, rng):
+    def critic_loss(self, critic, x0_gen, x_real, cond, extra, null, rng):
         """(fake-score flow loss + λ·discriminator loss, metrics); generator samples are constants."""
         k_flow, k_gan = jax.random.split(rng)
         x0_gen = sg(x0_gen)
-        l_fake, _ = flow_loss(self.velocity, critic["fake"], self.dmd.fake_flow, x0_gen, cond, null, k_flow)
-        both = jax.tree.map(lambda a: jnp.concatenate([a, a]), cond)
-        logits_fake, logits_real = jnp.split(self.logits(critic, jnp.concatenate([x0_gen, x_real]), both, k_gan), 2)
+        l_fake, _ = flow_loss(self.velocity, critic["fake"], self.dmd.fake_flow, x0_gen, cond, extra, null, k_flow)
+        both, both_extra = jax.tree.map(lambda a: jnp.concatenate([a, a]), (cond, extra))
+        logits_fake, logits_real = jnp.split(
+            self.logits(critic, jnp.concatenate([x0_gen, x_real]), both, both_extra, k_gan), 2)
         l_disc = discriminator_loss(logits_fake, logits_real)
         total = l_fake + self.dmd.critic_gan_weight * l_disc
         return total, {"critic_loss_fake": l_fake, "critic_loss_disc": l_disc,
@@ -209,7 +202,7 @@ def make_dmd_step(cfg: DistillConfig, velocity: Velocity | None = None):
     n_img = cfg.n_image_tokens
 
     def dmd_step(state: DMDState, teacher, batch: dict, rng, update_generator: bool):
-        x_real, cond, null = split_batch(batch)
+        x_real, cond, extra, null = split_batch(batch)
         b = x_real.shape[0]
         uncond = drop_text(cond, jnp.ones((b,), bool), null, n_img)
         k_noise, k_sim, k_gen, k_critic = jax.random.split(rng, 4)
@@ -219,15 +212,15 @@ def make_dmd_step(cfg: DistillConfig, velocity: Velocity | None = None):
         generator, generator_opt = state.generator, state.generator_opt
         if update_generator:
             (_, (x0_gen, gm)), grads = jax.value_and_grad(losses.generator_loss, has_aux=True)(
-                generator, state.critic, teacher, noise, cond, uncond, k, k_gen)
+                generator, state.critic, teacher, noise, cond, uncond, extra, k, k_gen)
             updates, generator_opt = gen_tx.update(grads, generator_opt, generator)
             generator = optax.apply_updates(generator, updates)
             metrics.update(gm, gen_grad_norm=optax.tree.norm(grads),
                            gen_lr=gen_schedule(state.step // cfg.dmd.critic_steps))
         else:
-            x0_gen = sg(generate(losses.velocity, generator, noise, cond, losses.sigmas, k))
+            x0_gen = sg(generate(losses.velocity, generator, noise, cond, extra, losses.sigmas, k))
         (_, cm), grads = jax.value_and_grad(losses.critic_loss, has_aux=True)(
-            state.critic, x0_gen, x_real, cond, null, k_critic)
+            state.critic, x0_gen, x_real, cond, extra, null, k_critic)
         updates, critic_opt = critic_tx.update(grads, state.critic_opt, state.critic)
         critic = optax.apply_updates(state.critic, updates)
         metrics.update(cm, critic_grad_norm=optax.tree.norm(grads), critic_lr=critic_schedule(state.step),

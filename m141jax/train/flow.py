@@ -7,8 +7,10 @@ pooled CLIP vector become the empty prompt's, while the leading VLM image tokens
 latent stay, so the model learns a text-unconditional but image-conditional branch.
 
 A batch is a dict (channels-last, fp32): `latents` x₀ [B,F,H,W,C], `ref_latents` [B,1,H,W,C] (I2V
-models), `text_states` [B,L,D], `text_mask` [B,L], `text_states_2` [B,D2], and the empty prompt
-`null_text_states` [L−n_image_tokens, D], `null_text_mask` [L−n_image_tokens], `null_text_states_2` [D2].
+models), `guidance` [B] (models with a guidance embedding), `text_states` [B,L,D], `text_mask` [B,L],
+`text_states_2` [B,D2] (read as one `Conditioning`), and the empty prompt `null_text_states`
+[L−n_image_tokens, D], `null_text_mask` [L−n_image_tokens], `null_text_states_2` [D2] (another).
+The flow-matching math (σ shift, x_σ, x̂₀, Euler, CFG) is `m141jax.sampling`'s.
 """
 
 from __future__ import annotations
@@ -22,46 +24,29 @@ import optax
 
 from m141jax import sampling
 from m141jax.config import DiTConfig
+from m141jax.models.conditioning import Conditioning
 from m141jax.models.dit import dit_forward
 from m141jax.train.config import FlowConfig, TrainConfig
 from m141jax.train.optim import ema_init, ema_update, make_optimizer
 
-COND_KEYS = ("ref_latents", "text_states", "text_mask", "text_states_2", "guidance")
-NULL_KEYS = ("null_text_states", "null_text_mask", "null_text_states_2")
+EXTRA_KEYS = ("ref_latents", "guidance")  # the DiT inputs of a batch besides x and its Conditioning
 
-# velocity(params, x, sigma [B], cond) -> v [B,F,H,W,C] fp32; with features=True also the DiT features
+# velocity(params, x, sigma [B], cond: Conditioning, extra: {ref_latents?, guidance?}) -> v [B,F,H,W,C] fp32;
+# with features=True also the DiT features
 Velocity = Callable[..., Any]
 
 
 # ------------------------------------------------------------------ σ's (release.md C.1, C.3)
 
-def shift_sigma(sigma, shift: float):
-    """The SD3 time shift σ' = s·σ / (1 + (s−1)·σ) (of the inference schedule, `sampling.schedule`),
-    applied to training σ's."""
-    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
-
-
-def euler_sample(velocity: Velocity, params, noise, cond, sigmas, steps=None):
-    """The release's Euler sampler (`sampling.euler_step`) from noise over `sigmas` (N+1 values), or over
-    its first `steps` (may be traced) steps, for any velocity function; returns the latent reached."""
-    b = noise.shape[0]
-
-    def body(i, x):
-        v = velocity(params, x, jnp.full((b,), sigmas[i]), cond)
-        return sampling.euler_step(x, v, sigmas[i], sigmas[i + 1])
-
-    return jax.lax.fori_loop(0, len(sigmas) - 1 if steps is None else steps, body, noise)
-
-
 def sample_sigmas(rng, n: int, cfg: FlowConfig):
-    """n training σ's in (0, 1): u from the configured density, then the time shift."""
+    """n training σ's in (0, 1): u from the configured density, then the time shift (`sampling.shift_sigma`)."""
     if cfg.sigma_sampling == "logit_normal":
         u = jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * jax.random.normal(rng, (n,)))
     else:
         u = jax.random.uniform(rng, (n,))
         if cfg.sigma_sampling == "mode":
             u = 1.0 - u - cfg.mode_scale * (jnp.cos(jnp.pi * u / 2) ** 2 - 1.0 + u)
-    return shift_sigma(u, cfg.shift)
+    return sampling.shift_sigma(u, cfg.shift)
 
 
 def loss_weight(sigma, weighting: str):
@@ -73,52 +58,40 @@ def loss_weight(sigma, weighting: str):
     return jnp.ones_like(sigma)
 
 
-def _bcast(s, x):
-    return s.reshape(s.shape + (1,) * (x.ndim - s.ndim))
-
-
-def interpolate(x0, eps, sigma):
-    """x_σ = (1−σ)·x₀ + σ·ε with per-sample σ [B]."""
-    s = _bcast(sigma, x0)
-    return (1.0 - s) * x0 + s * eps
-
-
-def predict_x0(x, v, sigma):
-    """x̂₀ = x_σ − σ·v."""
-    return x - _bcast(sigma, x) * v
-
-
 # ------------------------------------------------------------------ conditioning
 
-def split_batch(batch: dict) -> tuple[Any, dict, dict]:
-    """(x₀, conditioning, empty-prompt conditioning) of a batch."""
-    cond = {k: batch[k] for k in COND_KEYS if k in batch}
-    null = {k[len("null_"):]: batch[k] for k in NULL_KEYS}
-    return batch["latents"].astype(jnp.float32), cond, null
+def split_batch(batch: dict) -> tuple[Any, Conditioning, dict, Conditioning]:
+    """(x₀, conditioning, the other DiT inputs {ref_latents, guidance} the batch holds, the empty prompt's
+    conditioning `null_*`) of a batch."""
+    extra = {k: batch[k] for k in EXTRA_KEYS if k in batch}
+    return (batch["latents"].astype(jnp.float32), Conditioning.from_batch(batch), extra,
+            Conditioning.from_batch(batch, prefix="null_"))
 
 
-def drop_text(cond: dict, drop, null: dict, n_image_tokens: int) -> dict:
-    """cond with the text of the samples where drop [B] is True replaced by the empty prompt: the tokens
-    after the first n_image_tokens, their mask, and the pooled vector. Image tokens and reference stay."""
-    ts, mask = cond["text_states"], cond["text_mask"]
+def drop_text(cond: Conditioning, drop, null: Conditioning, n_image_tokens: int) -> Conditioning:
+    """cond with the text of the samples where drop [B] is True replaced by the empty prompt `null` (one
+    unbatched row: states [L − n_image_tokens, D], mask, pooled): the tokens after the first
+    n_image_tokens, their mask, and the pooled vector. The image tokens stay (and the reference latent,
+    which is not part of the conditioning)."""
+    ts, mask = cond.text_states, cond.text_mask
     n_text = ts.shape[1] - n_image_tokens
-    if null["text_states"].shape != (n_text, ts.shape[2]) or null["text_mask"].shape != (n_text,):
-        raise ValueError(f"empty-prompt states {tuple(null['text_states'].shape)} / mask "
-                         f"{tuple(null['text_mask'].shape)} must cover the {n_text} text tokens after the "
+    if null.text_states.shape != (n_text, ts.shape[2]) or null.text_mask.shape != (n_text,):
+        raise ValueError(f"empty-prompt states {tuple(null.text_states.shape)} / mask "
+                         f"{tuple(null.text_mask.shape)} must cover the {n_text} text tokens after the "
                          f"{n_image_tokens} image tokens of text states {tuple(ts.shape)}")
     d = drop[:, None]
-    text = jnp.where(d[..., None], null["text_states"][None].astype(ts.dtype), ts[:, n_image_tokens:])
-    text_mask = jnp.where(d, null["text_mask"][None].astype(mask.dtype), mask[:, n_image_tokens:])
-    pooled = jnp.where(d, null["text_states_2"][None].astype(cond["text_states_2"].dtype), cond["text_states_2"])
-    return {**cond, "text_states": jnp.concatenate([ts[:, :n_image_tokens], text], 1),
-            "text_mask": jnp.concatenate([mask[:, :n_image_tokens], text_mask], 1), "text_states_2": pooled}
+    text = jnp.where(d[..., None], null.text_states[None].astype(ts.dtype), ts[:, n_image_tokens:])
+    text_mask = jnp.where(d, null.text_mask[None].astype(mask.dtype), mask[:, n_image_tokens:])
+    pooled = jnp.where(d, null.text_states_2[None].astype(cond.text_states_2.dtype), cond.text_states_2)
+    return Conditioning(jnp.concatenate([ts[:, :n_image_tokens], text], 1),
+                        jnp.concatenate([mask[:, :n_image_tokens], text_mask], 1), pooled)
 
 
 def dit_velocity(cfg: DiTConfig) -> Velocity:
-    """The DiT as velocity(params, x, σ, cond, features=False) at timestep 1000·σ."""
-    def velocity(params, x, sigma, cond, features=False):
-        return dit_forward(params, cfg, x, cond.get("ref_latents"), 1000.0 * sigma, cond["text_states"],
-                           cond["text_mask"], cond["text_states_2"], cond.get("guidance"), return_features=features)
+    """The DiT as velocity(params, x, σ, cond, extra, features=False) at timestep 1000·σ."""
+    def velocity(params, x, sigma, cond, extra, features=False):
+        return dit_forward(params, cfg, x, 1000.0 * sigma, cond, extra.get("ref_latents"), extra.get("guidance"),
+                           return_features=features)
     return velocity
 
 
@@ -130,7 +103,8 @@ def flow_matching_loss(v, x0, eps, sigma, weighting: str = "none", skip_frames: 
     return jnp.mean(loss_weight(sigma, weighting) * err.mean(axis=tuple(range(1, err.ndim))))
 
 
-def flow_loss(velocity: Velocity, params, cfg: FlowConfig, x0, cond: dict, null: dict, rng):
+def flow_loss(velocity: Velocity, params, cfg: FlowConfig, x0, cond: Conditioning, extra: dict, null: Conditioning,
+              rng):
     """The flow-matching loss of `params` on clean latents x₀ with CFG dropout; returns (loss, metrics)."""
     k_sigma, k_eps, k_drop = jax.random.split(rng, 3)
     b = x0.shape[0]
@@ -138,8 +112,8 @@ def flow_loss(velocity: Velocity, params, cfg: FlowConfig, x0, cond: dict, null:
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
     if cfg.cfg_dropout > 0:
         cond = drop_text(cond, jax.random.uniform(k_drop, (b,)) < cfg.cfg_dropout, null, cfg.n_image_tokens)
-    v = velocity(params, interpolate(x0, eps, sigma), sigma, cond)
-    skip = 0 if cfg.ref_frame_loss or "ref_latents" not in cond else cond["ref_latents"].shape[1]
+    v = velocity(params, sampling.interpolate(x0, eps, sigma), sigma, cond, extra)
+    skip = 0 if cfg.ref_frame_loss or "ref_latents" not in extra else extra["ref_latents"].shape[1]
     loss = flow_matching_loss(v, x0, eps, sigma, cfg.weighting, skip)
     return loss, {"sigma_mean": sigma.mean()}
 
@@ -167,9 +141,9 @@ def make_train_step(cfg: TrainConfig, velocity: Velocity | None = None):
     tx, schedule = make_optimizer(cfg.optimizer, cfg.run.steps, cfg.sparsity, cfg.model)
 
     def train_step(state: TrainState, batch: dict, rng):
-        x0, cond, null = split_batch(batch)
+        x0, cond, extra, null = split_batch(batch)
         (loss, aux), grads = jax.value_and_grad(
-            lambda p: flow_loss(velocity, p, cfg.flow, x0, cond, null, rng), has_aux=True)(state.params)
+            lambda p: flow_loss(velocity, p, cfg.flow, x0, cond, extra, null, rng), has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **aux}

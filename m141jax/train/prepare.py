@@ -88,13 +88,13 @@ def prepare(checkpoints: str | Path, folder: str | Path, output: str | Path, fra
     root = Path(checkpoints)
     vae = components.load_component(root, "vae", dtype)
     enc = encoders.Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", dtype)
-    null_states, null_mask, null_pooled = encoders.text_conditioning(enc, [""])
+    null = encoders.text_conditioning(enc, [""])
     n_image_tokens = enc.text_length - enc.max_length
 
     def write(tmp: Path):
-        save_npz(tmp / "null.npz", {"text_states": np.asarray(null_states[0], np.float32),
-                                    "text_mask": np.asarray(null_mask[0], np.int32),
-                                    "text_states_2": np.asarray(null_pooled[0], np.float32)})
+        save_npz(tmp / "null.npz", {"text_states": np.asarray(null.text_states[0], np.float32),
+                                    "text_mask": np.asarray(null.text_mask[0], np.int32),
+                                    "text_states_2": np.asarray(null.text_states_2[0], np.float32)})
         for i, (path, caption) in enumerate(tqdm(samples, desc="prepare-data", disable=not progress)):
             images = read_frames(path, frames)
             fitted = np.stack([media.fit_image(img, size) for img in images])
