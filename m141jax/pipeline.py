@@ -189,7 +189,8 @@ def image_to_video(models: Models, prompts: list[str], frames: np.ndarray, vlm_i
     shape = (latent_frames(n_frames), *ref.shape[2:4], dit.cfg.out_channels)
     z = timings.run("sampling", lambda: sampling.sample(
         dit.params, dit.cfg, noise(keys, _NOISE, clip, shape), text,
-        sigmas=sampling.schedule(settings.steps, settings.shift), ref_latents=ref, neg_text=neg, guidance_scale=settings.guidance, mesh=dit.mesh))
+        sigmas=sampling.schedule(settings.steps, settings.shift), ref_latents=ref, neg_text=neg,
+        guidance_scale=settings.guidance, mesh=dit.mesh))
     return np.asarray(timings.run("decode", decode_frames, models.vae, z))
 
 
