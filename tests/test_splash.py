@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_checkpoints import random_params
-from util import rel_err
+from fixtures import random_params
+from numerics import rel_err
 
 from m141jax import checkpoint, parallel
 from m141jax.config import preset, to_json_dict
