@@ -222,8 +222,7 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("run.steps=-3", "run.steps -3 must be ≥ 1"),
-    ("run.steps=0", "run.steps 0 must be ≥ 1"),
+    ("run.steps=-3", "run.steps -3 must be ≥ 0"),
     ("ema_decay=true", "ema_decay=True must be a number (float), not a boolean"),
     ("ema_decay=1.0", "ema_decay 1.0 must lie in [0, 1)"),
     ("optimizer.learning_rate=NaN", "OptimizerConfig.learning_rate nan must be a finite number"),

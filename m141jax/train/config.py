@@ -104,8 +104,8 @@ class RunConfig:
     count_flops: bool = True  # count each step's model FLOPs on its jaxpr (throughput, MFU in the metrics)
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"run.steps {self.steps} must be ≥ 1")
+        if self.steps < 0:
+            raise ValueError(f"run.steps {self.steps} must be ≥ 0 (0 sets up, checkpoints and exports only)")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError(f"run.checkpoint_every {self.checkpoint_every} and run.keep_checkpoints "
                              f"{self.keep_checkpoints} must be ≥ 1")
