@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
+
+
+def fix_threads(n: int | None = None) -> int:
+    """Pin this process to `n` CPU cores (default: every core it may use) and give PyTorch `n` threads, so
+    JAX's CPU client (which sizes its thread pool by the schedulable cores) and PyTorch use the same
+    count. Call before JAX's first computation; returns n (print it in the RESULT lines)."""
+    cores = sorted(os.sched_getaffinity(0))
+    n = min(n or len(cores), len(cores))
+    os.sched_setaffinity(0, cores[:n])
+    try:
+        import torch
+    except ImportError:
+        return n
+    torch.set_num_threads(n)
+    return n
 
 
 def result(name: str, **kv) -> None:

@@ -4,7 +4,11 @@ and machine, measured in one run; compile time against depth; on an accelerator,
 
     python benchmarks/dit_forward.py [--sizes tiny,small] [--repeats 5] [--skip-compile] [--skip-13b]
 
-Each measurement ends in a line `RESULT <name> key=value ...`.
+Each measurement ends in a line `RESULT <name> key=value ...`. In `dit_<size>` lines `ratio` = JAX time /
+PyTorch time (below 1: JAX is faster); `threads` is the fixed CPU thread count of both (`--threads`,
+default: every core the process may use), `torch_device` where PyTorch ran (always `cpu`: the reference is
+the CPU one, also on an accelerator, where `jax_device` differs). `dit_compile` gives the compile time of
+60 blocks over 4 as `deep_over_shallow` (no PyTorch in it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import fix_threads  # noqa: E402
+
 from m141jax.config import preset  # noqa: E402
 from m141jax.models import dit  # noqa: E402
 from m141jax.models.conditioning import Conditioning  # noqa: E402
@@ -29,6 +35,7 @@ from m141jax.models.conditioning import Conditioning  # noqa: E402
 # peak dense bf16 TFLOP/s per chip (anchors.md §5)
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "TPU7x": 2307.0}
 
+THREADS = None  # set by main: the CPU thread count both frameworks use
 SIZES = {  # config preset, batch, latent frames, latent height, width, text length, valid text lengths
     "tiny": ("tiny-i2v", 2, 3, 8, 8, 16, (16, 9)),
     "small": ("small-i2v", 2, 9, 32, 32, 64, (64, 40)),
@@ -125,7 +132,8 @@ def bench_vs_torch(name: str, repeats: int, attention: str):
     jax_s, torch_s = timeit(run_jax, repeats), timeit(run_torch, repeats)
     tokens = f * (h // 2) * (w // 2)
     print(f"RESULT dit_{name} attention={attention} tokens={tokens + l} jax_s={jax_s:.4f} torch_s={torch_s:.4f} "
-          f"ratio={jax_s / torch_s:.3f} max_abs_err={err:.2e} torch_threads={torch.get_num_threads()}", flush=True)
+          f"ratio={jax_s / torch_s:.3f} max_abs_err={err:.2e} threads={THREADS} torch_threads={torch.get_num_threads()} "
+          f"torch_device=cpu jax_device={jax.devices()[0].platform}", flush=True)
 
 
 def compile_seconds(cfg) -> float:
@@ -142,7 +150,8 @@ def bench_compile(repeats: int):
     deep = dataclasses.replace(shallow, double_blocks=20, single_blocks=40)
     s = min(compile_seconds(shallow) for _ in range(repeats))
     d = min(compile_seconds(deep) for _ in range(repeats))
-    print(f"RESULT dit_compile blocks_4_s={s:.2f} blocks_60_s={d:.2f} ratio={d / s:.3f}", flush=True)
+    print(f"RESULT dit_compile blocks_4_s={s:.2f} blocks_60_s={d:.2f} deep_over_shallow={d / s:.3f} threads={THREADS}",
+          flush=True)
 
 
 def chip_peak() -> tuple[str, float] | None:
@@ -185,7 +194,10 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--skip-13b", action="store_true")
+    p.add_argument("--threads", type=int, help="CPU threads of JAX and PyTorch (default: every core the process may use)")
     a = p.parse_args()
+    global THREADS
+    THREADS = fix_threads(a.threads)
     on_accelerator = jax.default_backend() != "cpu"
     for name in a.sizes.split(","):
         for attention in a.attention.split(","):

@@ -2,7 +2,9 @@
 
 CPU (always): encode and decode of the same random inputs with the same random weights in JAX (converted
 by our converter) and in PyTorch (diffusers' AutoencoderKLHunyuanVideo), fp32, untiled, at a tiny and a
-small size. ratio = jax_s / torch_s (below 1: JAX is faster).
+small size. ratio = jax_s / torch_s, JAX time / PyTorch time (below 1: JAX is faster), in every line
+that has one; `threads` is the fixed CPU thread count of both (`--threads`, default: every core the
+process may use) and `torch_device` where PyTorch ran.
 
 AOT (always, unless --skip-aot): XLA's memory analysis of the compiled tile functions of the released
 VAE in bf16: the 17×32×32-latent decode tile (-> 65×256×256 frames) and the 65×256×256 encode tile. A
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import best_of, result  # noqa: E402
+from common import best_of, fix_threads, result  # noqa: E402
 
 from m141jax.config import VAE_PRESETS, preset  # noqa: E402
 from m141jax.convert import vae as convert_vae  # noqa: E402
@@ -41,6 +43,7 @@ from m141jax.models import vae  # noqa: E402
 # name -> (preset, video [B, F, H, W, 3] to encode, latents [B, f, h, w, C] to decode)
 CPU_SIZES = {"tiny": ("tiny-vae", (1, 9, 64, 64, 3), (1, 3, 8, 8, 16)),
              "small": ("small-vae", (1, 9, 96, 96, 3), (1, 3, 12, 12, 16))}
+THREADS = None  # set by main: the CPU thread count both frameworks use
 REAL_LATENTS = (1, 21, 68, 120, 16)  # 544×960×81
 REAL_IMAGE = (1, 1, 544, 960, 3)
 DECODE_TILE, ENCODE_TILE = (1, 17, 32, 32, 16), (1, 65, 256, 256, 3)
@@ -109,13 +112,15 @@ def cpu_section(repeats: int) -> None:
         want, torch_first, torch_s = torch_best_of(lambda: ref.encode(channels_first(video)).latent_dist.mean, repeats)
         err = rel_err(vae.encode(params, cfg, jnp.asarray(video), tiling=False)[0], np.moveaxis(want.numpy(), 1, -1))
         result(f"vae_encode_{name}", preset=preset_name, video="x".join(map(str, video_shape[1:4])), jax_s=jax_s,
-               jax_first_s=first, torch_s=torch_s, torch_first_s=torch_first, ratio=jax_s / torch_s, rel_err=err)
+               jax_first_s=first, torch_s=torch_s, torch_first_s=torch_first, ratio=jax_s / torch_s, rel_err=err,
+               threads=THREADS, torch_device="cpu")
 
         first, jax_s = best_of(lambda: vae.decode(params, cfg, jnp.asarray(z), tiling=False), repeats)
         want, torch_first, torch_s = torch_best_of(lambda: ref.decode(channels_first(z)).sample, repeats)
         err = rel_err(vae.decode(params, cfg, jnp.asarray(z), tiling=False), np.moveaxis(want.numpy(), 1, -1))
         result(f"vae_decode_{name}", preset=preset_name, latents="x".join(map(str, latent_shape[1:4])), jax_s=jax_s,
-               jax_first_s=first, torch_s=torch_s, torch_first_s=torch_first, ratio=jax_s / torch_s, rel_err=err)
+               jax_first_s=first, torch_s=torch_s, torch_first_s=torch_first, ratio=jax_s / torch_s, rel_err=err,
+               threads=THREADS, torch_device="cpu")
 
 
 def aot_section() -> None:
@@ -148,22 +153,23 @@ def accelerator_section(repeats: int) -> None:
 
     first, jax_s = best_of(lambda: vae.decode(params, cfg, z), repeats)
     peak = device.memory_stats().get("peak_bytes_in_use", 0) / 1e9 if device.memory_stats() else float("nan")
-    extra = {}
+    extra = dict(torch_device="none")  # a CPU PyTorch at this size would take hours: not measured
     if torch.cuda.is_available():
         tiled = release_tiled(ref.to("cuda", torch.bfloat16), cfg)
         zt = channels_first(np.asarray(z, np.float32)).to("cuda", torch.bfloat16)
         torch.cuda.reset_peak_memory_stats()
         _, _, torch_s = torch_best_of(lambda: tiled.decode(zt).sample, repeats)
-        extra = dict(torch_s=torch_s, torch_peak_gb=torch.cuda.max_memory_allocated() / 1e9, ratio=jax_s / torch_s)
+        extra = dict(torch_s=torch_s, torch_peak_gb=torch.cuda.max_memory_allocated() / 1e9, ratio=jax_s / torch_s,
+                     torch_device="cuda")
     result("vae_decode_544x960x81", device=device.device_kind.replace(" ", "_"), jax_s=jax_s, jax_first_s=first,
            peak_gb=peak, **extra)
 
     first, jax_s = best_of(lambda: vae.encode(params, cfg, image)[0], repeats)
-    extra = {}
+    extra = dict(torch_device="none")
     if torch.cuda.is_available():
         xt = channels_first(np.asarray(image, np.float32)).to("cuda", torch.bfloat16)
         _, _, torch_s = torch_best_of(lambda: tiled.encode(xt).latent_dist.mean, repeats)
-        extra = dict(torch_s=torch_s, ratio=jax_s / torch_s)
+        extra = dict(torch_s=torch_s, ratio=jax_s / torch_s, torch_device="cuda")
     result("vae_encode_544x960_image", device=device.device_kind.replace(" ", "_"), jax_s=jax_s, jax_first_s=first,
            **extra)
 
@@ -179,7 +185,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-aot", action="store_true", help="skip compiling the full-size tile functions")
+    p.add_argument("--threads", type=int, help="CPU threads of JAX and PyTorch (default: every core the process may use)")
     args = p.parse_args()
+    global THREADS
+    THREADS = fix_threads(args.threads)
     cpu_section(args.repeats)
     if not args.skip_aot:
         aot_section()

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -63,6 +65,10 @@ class Encoders:
     max_length: int = MAX_LENGTH
     vlm_prompt: VLMPrompt | None = None
     image_processing: ImageProcessing | None = None
+    # what to say when a prompt has words the tokenizer reads as unknown (a tokenizer folder's
+    # tokenizer_config.json may give it as `m141jax_vocabulary_note`); warned once per Encoders
+    vocabulary_note: str = "prompt words outside the tokenizer's vocabulary"
+    warned_unknown: bool = False
 
     @classmethod
     def load(cls, llm: str | Path, clip: str | Path, tokenizer: str | Path, clip_tokenizer: str | Path,
@@ -78,9 +84,12 @@ class Encoders:
         if tok.pad_token is None:  # Meta's Llama-3 tokenizer has none; padded positions are masked anyway
             tok.pad_token = tok.eos_token
         clip_tok = AutoTokenizer.from_pretrained(str(clip_tokenizer))
+        note = _vocabulary_note(tokenizer)
         enc = cls(llm=llm_cfg.text if kind == "vlm" else llm_cfg, clip=clip_cfg, vlm=llm_cfg if kind == "vlm" else None,
                   params={**(llm_params if kind == "vlm" else {"language_model": llm_params}), "clip": clip_params},
                   tokenizer=tok, clip_tokenizer=clip_tok, crop=template_crop(tok), max_length=max_length)
+        if note:
+            enc.vocabulary_note = note
         if enc.vlm is not None:
             enc.vlm_prompt = vlm_prompt(tok, enc.vlm.image_token_id, enc.vlm.image_seq_length)
             enc.image_processing = ImageProcessing.from_folder(tokenizer, enc.vlm.vision.image_size)
@@ -90,6 +99,32 @@ class Encoders:
     def text_length(self) -> int:
         """Tokens of text_states: the selected VLM tokens (146) + the prompt window (256)."""
         return (len(self.vlm_prompt.keep) if self.vlm is not None else 0) + self.max_length
+
+
+def _vocabulary_note(tokenizer: str | Path) -> str | None:
+    try:
+        return json.loads((Path(tokenizer) / "tokenizer_config.json").read_text()).get("m141jax_vocabulary_note")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def warn_unknown_words(enc: Encoders, prompts: list[str]) -> list[str]:
+    """Warn (once per Encoders) when the prompts have words the Llama-side tokenizer reads as its unknown
+    token (a byte-level BPE such as Llama-3's has none); the unknown words."""
+    tok = enc.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None or unk in {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}:
+        return []
+    words = []
+    for p in prompts:
+        e = tok(p, add_special_tokens=False, return_offsets_mapping=True)
+        words += [p[a:b] for i, (a, b) in zip(e["input_ids"], e["offset_mapping"]) if i == unk]
+    words = list(dict.fromkeys(words))
+    if words and not enc.warned_unknown:
+        enc.warned_unknown = True
+        warnings.warn(f"{enc.vocabulary_note}; these prompt words are read as unknown: {', '.join(words)}",
+                      stacklevel=3)
+    return words
 
 
 # ------------------------------------------------------------------------------- jitted forwards
@@ -126,6 +161,7 @@ def text_conditioning(enc: Encoders, prompts: list[str], template: str = "video"
     prompts = _check_prompts(prompts)
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; accepted: {sorted(TEMPLATES)}")
+    warn_unknown_words(enc, prompts)
     crop = enc.crop if template == "video" else template_crop(enc.tokenizer, TEMPLATES[template])
     ids, mask = llm_tokens(enc.tokenizer, prompts, crop, enc.max_length, TEMPLATES[template])
     states, mask = _prompt_states(enc.params["language_model"], enc.llm, ids, mask, crop)

@@ -100,6 +100,27 @@ def to_uint8(video) -> jax.Array:
     return (x * 255).astype(jnp.uint8)
 
 
+def check_output(path: str | Path) -> Path:
+    """Refuse, before any work, an output file that cannot be written: an existing folder, a parent that is
+    a file, a place where no file can be created (probed by creating and removing a hidden file in the
+    nearest existing folder). The absolute path."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise ValueError(f"output {path} is an existing folder: name a file")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"output {path} cannot be written: {folder} is a file, not a folder")
+    probe = folder / f".{path.stem}.probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as e:
+        raise ValueError(f"output {path} cannot be written in {folder} ({e.strerror})") from None
+    probe.unlink(missing_ok=True)
+    return path
+
+
 class VideoWriter:
     """An MP4 written frame by frame: `append(frames [F, H, W, 3] uint8)`, then `close()`.
 
@@ -114,6 +135,8 @@ class VideoWriter:
         self.path = Path(path).absolute()
         if self.path.suffix.lower() != ".mp4":
             raise ValueError(f"output {path} must end in .mp4")
+        if self.path.is_dir():
+            raise ValueError(f"output {self.path} is an existing folder: name a file")
         self.fps = fps
         self.frames = 0
         self._tmp = self.path.parent / f".{self.path.stem}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}.mp4"

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,6 +69,11 @@ class Settings:
                 raise ValueError(f"{name.replace('_', ' ')} {n} must be 4k+1 (e.g. 1, 5, ..., 81, 121)")
         if self.clip_frames < 5 and self.frames > self.clip_frames:
             raise ValueError(f"clips of {self.clip_frames} frame cannot chain: a sliding window needs clips of >= 5")
+        if isinstance(self.fps, bool) or not isinstance(self.fps, int) or self.fps < 1:
+            raise ValueError(f"fps {self.fps} must be a positive whole number")
+        for name in ("shift", "guidance", "t2i_shift", "t2i_guidance"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name.replace('_', ' ')} {getattr(self, name)} must be a finite number")
         if self.steps < 1 or self.t2i_steps < 1:
             raise ValueError(f"steps {self.steps} and T2I steps {self.t2i_steps} must be positive")
         if self.size is not None:
@@ -87,8 +94,10 @@ class Settings:
 
 def frames_for_seconds(seconds: float, fps: int = 24) -> int:
     """The smallest 4k+1 frame count lasting at least `seconds` at `fps`."""
-    if seconds <= 0:
-        raise ValueError(f"seconds must be positive, got {seconds}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"seconds must be positive and finite, got {seconds}")
+    if fps < 1:
+        raise ValueError(f"fps {fps} must be a positive whole number")
     return 4 * math.ceil((math.ceil(seconds * fps - 1e-9) - 1) / 4) + 1
 
 
@@ -96,8 +105,22 @@ def latent_frames(frames: int) -> int:
     return (frames - 1) // 4 + 1
 
 
+class NonFiniteError(ValueError):
+    """A stage produced NaN or Inf values (a broken checkpoint or input): nothing wrong is written."""
+
+
+def check_finite(stage: str, tree) -> None:
+    """Raise NonFiniteError naming `stage` when a floating array of `tree` holds NaN or Inf."""
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+            where = jax.tree_util.keystr(path)
+            raise NonFiniteError(f"the {stage} stage produced non-finite values (NaN/Inf){' in ' + where if where else ''}"
+                                 f": a broken checkpoint or input; nothing was written from it")
+
+
 class Timings:
-    """Wall time per stage, blocking on each stage's result so asynchronous dispatch is counted."""
+    """Wall time per stage, blocking on each stage's result so asynchronous dispatch is counted; each
+    stage's floating outputs are checked to be finite (`NonFiniteError` names the stage)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -109,6 +132,7 @@ class Timings:
             self.bar.set_postfix_str(stage)
         start = time.perf_counter()
         out = jax.block_until_ready(fn(*args, **kwargs))
+        check_finite(stage, out)
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
         self.calls[stage] = self.calls.get(stage, 0) + 1
         return out
@@ -149,6 +173,7 @@ def condition(models: Models, prompts: list[str], images: list[Image.Image], gui
 def decode_frames(vae: Component, latents) -> jax.Array:
     """Scaled latents [B, f, h, w, C] -> uint8 frames [B, 4(f-1)+1, 8h, 8w, 3] (tiled decode)."""
     video = vae_lib.decode(vae.params, vae.cfg, vae_lib.unscale_latents(vae.cfg, latents), tiling=True)
+    check_finite("decode", video)
     return media.to_uint8(video)
 
 
@@ -202,7 +227,89 @@ def _append(writers: list[media.VideoWriter], videos: np.ndarray) -> None:
 
 
 class ClipError(RuntimeError):
-    """A clip failed; the message says which and what the output files hold."""
+    """A clip failed or was interrupted; the message says which and what the output files hold.
+    `signum`: the signal that interrupted it (None for a failure); `exit_code`: 128 + signum, or 1."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.signum is None else 128 + self.signum
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived inside `interruptible()` (a BaseException, as KeyboardInterrupt is, so
+    no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_deferred = {"depth": 0, "pending": None}
+
+
+def _on_signal(signum, frame):
+    if _deferred["depth"]:
+        _deferred["pending"] = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGINT and SIGTERM (what `timeout`, SLURM and `docker stop` send) raise `Interrupted` in the main
+    thread, except while frames are written or files finished (`_uninterrupted`): then right after. So
+    `generate` ends the files with the clips done. Also usable as a decorator."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+    """Defer SIGINT / SIGTERM to the end of the block (writing frames, finishing files); the deferred
+    signal is raised then unless the block is already leaving by an exception."""
+    _deferred["depth"] += 1
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        _deferred["depth"] -= 1
+        if not _deferred["depth"]:
+            signum, _deferred["pending"] = _deferred["pending"], None
+            if signum is not None and not failed:
+                raise Interrupted(signum)
+
+
+def _close(writers: list[media.VideoWriter]) -> None:
+    with _uninterrupted():
+        for writer in writers:
+            writer.close()
+
+
+def _held(writers: list[media.VideoWriter], done: int) -> str:
+    """What the output files hold after `done` finished clips."""
+    if not done:
+        return "no video was written"
+    return (f"{', '.join(str(w.path) for w in writers)} {'holds' if len(writers) == 1 else 'hold'} "
+            f"clips 1-{done} ({writers[0].frames} frames each, playable)")
 
 
 def generate(models: Models, prompts: list[str], outputs: list[str | Path], images: list[np.ndarray] | None = None,
@@ -213,6 +320,8 @@ def generate(models: Models, prompts: list[str], outputs: list[str | Path], imag
     images: one first frame per prompt (uint8 [H, W, 3], already fitted by `media.fit_image`), or None
     to make them with the text-to-image stage; vlm_images: what the VLM sees of them in the first clip
     (the release gives it the original image file; default: images). All prompts run as one batch.
+    A clip that fails, or an `Interrupted` (inside `interruptible()`), raises `ClipError` after the
+    files are finished with the clips done.
     """
     if not prompts or len(outputs) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts need as many outputs, got {len(outputs)}")
@@ -235,18 +344,23 @@ def generate(models: Models, prompts: list[str], outputs: list[str | Path], imag
             refs = np.stack(images)
             media.check_size(refs.shape[1:3])
         vlm = [Image.fromarray(f) for f in refs] if vlm_images is None else vlm_images
-        writers = [stack.enter_context(media.VideoWriter(p, settings.fps)) for p in outputs]
+        writers = [media.VideoWriter(p, settings.fps) for p in outputs]
+        stack.callback(_close, writers)
+        done = 0
         for k, (n, first, end) in enumerate(plan):
             bar.set_description(f"clip {k + 1}/{len(plan)}")
             try:
                 video = image_to_video(models, prompts, refs, vlm, n, keys, k, settings, timings)
-                timings.run("write", _append, writers, video[:, first:end])
+                with _uninterrupted():
+                    timings.run("write", _append, writers, video[:, first:end])
+                    done += 1
+                refs = video[:, -1]
+                vlm = [Image.fromarray(f) for f in refs]
+                del video
+                bar.update()
+            except Interrupted as e:
+                raise ClipError(f"clip {k + 1} of {len(plan)} {e}; {_held(writers, done)}", e.signum) from None
             except Exception as e:
-                held = (f"{', '.join(str(w.path) for w in writers)} {'holds' if len(writers) == 1 else 'hold'} "
-                        f"clips 1-{k} ({writers[0].frames} frames each, playable)" if k else "no video was written")
-                raise ClipError(f"clip {k + 1} of {len(plan)} failed ({type(e).__name__}: {e}); {held}") from e
-            refs = video[:, -1]
-            vlm = [Image.fromarray(f) for f in refs]
-            del video
-            bar.update()
+                raise ClipError(f"clip {k + 1} of {len(plan)} failed ({type(e).__name__}: {e}); "
+                                f"{_held(writers, done)}") from e
     return [w.path for w in writers]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from m141jax import pipeline
 from m141jax.cli import compress, generate, init_i2v, parity, train
 
 
@@ -26,3 +27,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except pipeline.Interrupted as e:  # outside a clip (a clip's interruption is reported by generate)
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code

@@ -45,7 +45,8 @@ def output_paths(out: str, n: int) -> list[Path]:
     path = Path(out)
     if path.suffix.lower() != ".mp4":
         raise ValueError(f"--out {out} must end in .mp4")
-    return [path] if n == 1 else [path.with_name(f"{path.stem}_{i:03d}{path.suffix}") for i in range(n)]
+    paths = [path] if n == 1 else [path.with_name(f"{path.stem}_{i:03d}{path.suffix}") for i in range(n)]
+    return [media.check_output(p) for p in paths]
 
 
 def settings_from(args) -> pipeline.Settings:
@@ -64,6 +65,7 @@ def apply_preset(args) -> None:
             setattr(args, name, value)
 
 
+@pipeline.interruptible()
 def main(args) -> int:
     apply_preset(args)
     settings = settings_from(args)
@@ -90,7 +92,7 @@ def main(args) -> int:
     except pipeline.ClipError as e:
         print(f"error: {e}", file=sys.stderr)
         print(timings.summary(), file=sys.stderr)
-        return 1
+        return e.exit_code
     print(timings.summary(), file=sys.stderr)
     for p in paths:
         print(f"wrote {p}: {settings.frames} frames at {settings.fps} fps")

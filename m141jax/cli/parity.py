@@ -15,13 +15,38 @@ import numpy as np
 
 from m141jax import checkpoint, parallel, sampling
 from m141jax.cli import devices
-from m141jax.io import load_npz, save_npz
+from m141jax.io import load_npz as _load_npz
+from m141jax.io import save_npz
 from m141jax.models.clip import text_forward
 from m141jax.models.conditioning import FIELDS, Conditioning
 from m141jax.models.dit import dit_forward
 from m141jax.models.llama import hidden_states
 from m141jax.models.llava import check_image_tokens, llava_forward
 from m141jax.models.vae import decode, encode
+
+MASKS = ("text_mask", "neg_text_mask", "attention_mask")  # masks that must keep at least one token per row
+
+
+def load_npz(path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays of the inputs file, refused with one line when a floating array holds NaN / Inf or a
+    mask row keeps no token (the output would be all NaN)."""
+    z = _load_npz(path, required, optional)
+    for name, x in z.items():
+        if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+            bad = int(np.size(x) - np.isfinite(x).sum())
+            raise ValueError(f"{path}: {name} holds {bad} non-finite value(s) (NaN/Inf) of {np.size(x)}")
+        if name in MASKS and x.ndim == 2 and not np.asarray(x != 0).any(axis=1).all():
+            rows = np.flatnonzero(~np.asarray(x != 0).any(axis=1)).tolist()
+            raise ValueError(f"{path}: {name} row(s) {rows} mask out every token (all zero)")
+    return z
+
+
+def check_outputs(component: str, out: dict[str, np.ndarray]) -> None:
+    for name, x in out.items():
+        if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(x).all():
+            raise ValueError(f"parity {component} produced non-finite values (NaN/Inf) in {name}: a broken "
+                             f"checkpoint or input; nothing written")
+
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray]]] = {}
 
@@ -170,6 +195,7 @@ def main(args) -> int:
         raise ValueError(f"--mesh is supported for {', '.join(SHARDED)}, not {args.component!r}")
     args.device_mesh = devices.mesh_from_args(args)  # first: multi-host set-up precedes any JAX work
     out = RUNNERS[args.component](args)
+    check_outputs(args.component, out)
     if jax.process_index() != 0:  # every process computes, process 0 writes
         return 0
     save_npz(args.output, out)

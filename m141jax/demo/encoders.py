@@ -35,6 +35,20 @@ IMAGE_SIZE = shapes.SIZE  # the VLM sees the 32×32 frame as it is (no resize)
 TEXT_LENGTH = 16  # the demo's prompt window (the release: 256); the captions take 6 tokens
 
 
+def vocabulary_note() -> str:
+    """The warning for prompt words outside the vocabulary (tokenizer_config.json's `m141jax_vocabulary_note`,
+    read by `m141jax.encoders`)."""
+    words = sorted({w for split in shapes.SPLITS for c in shapes.combinations(split) for w in shapes.caption(*c).split()})
+    return (f"the demo models only know their caption vocabulary: {' '.join(words)} "
+            f"(e.g. {shapes.caption(*shapes.combinations(shapes.SPLITS[0])[0])!r})")
+
+
+def add_vocabulary_note(folder: Path) -> None:
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "m141jax_vocabulary_note": vocabulary_note()},
+                                 indent=2, ensure_ascii=False) + "\n")
+
+
 def _pre_tokenizer():
     from tokenizers import normalizers, pre_tokenizers
 
@@ -76,6 +90,7 @@ def write_tokenizers(root: str | Path) -> tuple[Path, Path]:
                                                        special_tokens=[(bos, tok.token_to_id(bos))])
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>", pad_token="<pad>",
                             unk_token="<unk>").save_pretrained(str(root / "tokenizer"))
+    add_vocabulary_note(root / "tokenizer")
     (root / "tokenizer" / "preprocessor_config.json").write_text(json.dumps(
         {"crop_size": IMAGE_SIZE, "size": IMAGE_SIZE, "do_center_crop": True, "do_normalize": True,
          "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
