@@ -207,19 +207,20 @@ class ClipError(RuntimeError):
 
 def generate(models: Models, prompts: list[str], outputs: list[str | Path], images: list[np.ndarray] | None = None,
              vlm_images: list[Image.Image] | None = None, settings: Settings = Settings(),
-             timings: Timings | None = None, progress: bool = True) -> list[Path]:
+             timings: Timings | None = None, progress: bool = True, keys=None) -> list[Path]:
     """Write one MP4 per prompt (`outputs`), `settings.frames` frames each, by clips of `settings.clip_frames`.
 
     images: one first frame per prompt (uint8 [H, W, 3], already fitted by `media.fit_image`), or None
     to make them with the text-to-image stage; vlm_images: what the VLM sees of them in the first clip
     (the release gives it the original image file; default: images). All prompts run as one batch.
+    keys: one PRNG key per prompt (default: `prompt_keys(settings.seed, len(prompts))`).
     """
     if not prompts or len(outputs) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts need as many outputs, got {len(outputs)}")
     if images is not None and len(images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts need as many images, got {len(images)}")
     timings = timings if timings is not None else Timings()
-    keys = prompt_keys(settings.seed, len(prompts))
+    keys = prompt_keys(settings.seed, len(prompts)) if keys is None else keys
     plan = settings.clips()
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=len(plan) + (images is None), desc="video", unit="stage", disable=not progress))

@@ -76,3 +76,43 @@ def test_warm_start_compiles_nothing(ckpt, image, tmp_path):
     assert off.returncode == 0, off.stderr
     assert _compiled(off.stderr) == (compiled, 0) and "cache off" in off.stderr
     assert sorted(p.name for p in cache.iterdir()) == entries
+
+
+def _run_main(ckpt, *argv):
+    from m141jax.cli import main
+    return main(["generate", "--checkpoints", str(ckpt), *COMMON, *map(str, argv)])
+
+
+def test_interactive_two_prompts_and_a_bad_line(ckpt, image, tmp_path, monkeypatch, capsys):
+    """Two prompts (one with an image and a seed) -> two videos, each path printed with its seconds; a bad
+    line -> one error line, and the loop goes on; end of input -> exit 0."""
+    import io
+
+    from m141jax import pipeline
+    calls = []
+    generate = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: calls.append(a[1]) or generate(*a, **k))
+    lines = f"a cat walks on the grass | {image} | 7\n\na red car | {tmp_path / 'missing.png'}\na red car at night\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert _run_main(ckpt, "--interactive", "--t2i-steps", "2", "--out", tmp_path / "v.mp4") == 0
+    out, err = capsys.readouterr()
+    written = out.strip().splitlines()
+    assert len(written) == 2 and calls == [["a cat walks on the grass"], ["a red car at night"]]
+    for n, line in enumerate(written):
+        path, seconds, unit = line.split()
+        assert path == str(tmp_path / f"v_{n:03d}.mp4") and float(seconds) > 0 and unit == "s"
+        assert Path(path).stat().st_size > 0
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "missing.png does not exist" in errors[0], err
+    assert "2 video(s), 1 error(s)" in err
+
+
+def test_parse_line():
+    from m141jax import serve
+    assert serve.parse_line("a cat") == ("a cat", None, None)
+    assert serve.parse_line(" a cat | x.png | 3 ") == ("a cat", "x.png", 3)
+    assert serve.parse_line("a cat || 3") == ("a cat", None, 3)
+    assert serve.parse_line("   ") is None
+    for bad, match in [("a | b | c | d", "4 fields"), (" | x.png", "prompt is empty"), ("a | | x", "seed 'x'")]:
+        with pytest.raises(ValueError, match=match):
+            serve.parse_line(bad)

@@ -10,7 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from m141jax import components, demo, media, pipeline, presets
+import jax
+
+from m141jax import components, demo, media, pipeline, presets, serve
 from m141jax.cli import devices
 from m141jax.compress import quant
 from m141jax.prompts import MAX_LENGTH
@@ -64,9 +66,48 @@ def apply_preset(args) -> None:
             setattr(args, name, value)
 
 
+def load(args, with_t2i: bool) -> components.Models:
+    """The models of the checkpoint folder on the --mesh, quantized by --quantize."""
+    mesh = devices.mesh_from_args(args)
+    models = components.load_models(args.checkpoints, with_t2i=with_t2i, dtype=args.dtype, mesh=mesh,
+                                    sequence_parallel=args.sequence_parallel, max_length=args.text_length)
+    return quant.quantize_models(models, args.quantize) if args.quantize else models
+
+
+def main_interactive(args, settings: pipeline.Settings) -> int:
+    """--interactive: load once, then one video per line of standard input until its end."""
+    output_paths(args.out, 1)  # checked before loading
+    models = load(args, with_t2i=(Path(args.checkpoints) / "t2i").is_dir())
+    done, errors = serve.interactive(models, settings, sys.stdin, args.out, ask=sys.stdin.isatty())
+    print(f"{done} video(s), {errors} error(s)", file=sys.stderr)
+    return 0
+
+
+def main_jsonl(args, settings: pipeline.Settings) -> int:
+    """A JSON Lines --prompts-file: resumable batches of equal shape, recorded in manifest.jsonl."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be positive")
+    entries = serve.read_jsonl(args.prompts_file, args.out)
+    mesh = devices.mesh_from_args(args)
+    local = mesh is None or all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    index, count = (jax.process_index(), jax.process_count()) if local else (0, 1)
+    entries = serve.host_share(entries, index, count)
+    needs_t2i = any(isinstance(e, serve.Request) and e.image is None for e in entries)
+    models = load(args, with_t2i=needs_t2i)
+    counts = serve.run_batch(models, entries, settings, serve.manifest_path(Path(args.out).parent, index, count),
+                             batch_size=args.batch_size, progress=not args.quiet)
+    print(f"{counts['done']} video(s) written, {counts['skipped']} already done, {counts['failed']} failed",
+          file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
 def main(args) -> int:
     apply_preset(args)
     settings = settings_from(args)
+    if args.interactive:
+        return main_interactive(args, settings)
+    if serve.is_jsonl(args.prompts_file):
+        return main_jsonl(args, settings)
     prompts = read_prompts(args)
     outputs = output_paths(args.out, len(prompts))
     images = vlm_images = None
@@ -122,7 +163,14 @@ def add_parser(sub) -> None:
                                    "frame comes from the text-to-image stage.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text prompt")
-    src.add_argument("--prompts-file", help="a text file with one prompt per line: one batch, one compiled program")
+    src.add_argument("--prompts-file", help="a text file with one prompt per line: one batch, one compiled program; "
+                                            "or JSON Lines (*.jsonl: prompt, image, seed, frames, out per line): "
+                                            "batches of equal shape, resumable, recorded in manifest.jsonl beside --out")
+    src.add_argument("--interactive", action="store_true",
+                     help="load the models once, then make one video per line of standard input: "
+                          "'prompt [| image path [| seed]]'; end of input quits")
+    p.add_argument("--batch-size", type=int, help="JSON Lines prompts file: at most this many videos per batch "
+                                                  "(default: every prompt of one shape)")
     p.add_argument("--image", help="the first frame (any size: fitted to its 540p aspect bucket or --size)")
     p.add_argument("--config", action=_ConfigDefaults,
                    help="a YAML file of settings (configs/generate/*.yaml: flag names without dashes) used as the "
