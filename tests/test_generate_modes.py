@@ -116,3 +116,67 @@ def test_parse_line():
     for bad, match in [("a | b | c | d", "4 fields"), (" | x.png", "prompt is empty"), ("a | | x", "seed 'x'")]:
         with pytest.raises(ValueError, match=match):
             serve.parse_line(bad)
+
+
+def test_jsonl_batch_resumes_and_records_failures(ckpt, image, tmp_path, monkeypatch, capsys):
+    """A batch killed part-way (one video finished and recorded, one written but not recorded) is rerun:
+    only the missing videos are made, in one batch of equal shape; a bad entry and a line that is not JSON
+    are recorded as errors and the others finish; a second rerun makes nothing."""
+    import json
+
+    from m141jax import pipeline, serve
+    calls = []
+    generate = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: calls.append(list(a[1])) or generate(*a, **k))
+    out = tmp_path / "out"
+    out.mkdir()
+    entries = [dict(prompt="a cat", image=str(image)), dict(prompt="a dog", image=str(image), seed=3),
+               dict(prompt="a red car", image=str(image), out="car.mp4"),
+               dict(prompt="a bird", image=str(tmp_path / "missing.png"))]
+    lines = [json.dumps(e) for e in entries[:2]] + ["{not json", json.dumps(entries[2]), "", json.dumps(entries[3])]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    # the killed run: video 0 finished and recorded; video 1 written, the process died before its manifest line
+    (out / "v_000.mp4").write_bytes(b"finished earlier")
+    (out / "v_001.mp4").write_bytes(b"not recorded")
+    serve.append_line(out / "manifest.jsonl", dict(prompt="a cat", seed=0, index=0, file=str(out / "v_000.mp4"),
+                                                   status="ok", seconds=1.0))
+    argv = ["--prompts-file", tmp_path / "p.jsonl", "--out", out / "v.mp4"]
+    assert _run_main(ckpt, *argv) == 1  # two failures
+    assert calls == [["a dog", "a red car"]]
+    assert (out / "v_000.mp4").read_bytes() == b"finished earlier"
+    assert (out / "v_001.mp4").stat().st_size > 1000 and (out / "car.mp4").stat().st_size > 1000
+    records = [json.loads(ln) for ln in (out / "manifest.jsonl").read_text().splitlines()]
+    ok = {r["file"]: r for r in records if r["status"] == "ok"}
+    assert set(ok) == {str(out / n) for n in ("v_000.mp4", "v_001.mp4", "car.mp4")}
+    assert ok[str(out / "v_001.mp4")]["seed"] == 3 and ok[str(out / "car.mp4")]["prompt"] == "a red car"
+    assert all(r["seconds"] > 0 for r in ok.values())
+    errors = [r for r in records if r["status"] == "error"]
+    assert len(errors) == 2 and "line 3: not JSON" in errors[0]["message"]
+    assert errors[1]["prompt"] == "a bird" and "missing.png does not exist" in errors[1]["message"]
+    assert "2 video(s) written, 1 already done, 2 failed" in capsys.readouterr().err
+    calls.clear()
+    assert _run_main(ckpt, *argv) == 1
+    assert calls == [] and "0 video(s) written, 3 already done, 2 failed" in capsys.readouterr().err
+
+
+def test_jsonl_entries_and_host_share(tmp_path):
+    from m141jax import serve
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "frames": 9}\n{"prompt": "b", "seed": "x"}\n'
+                                      '{"prompt": "c", "colour": 1}\n[1]\n{"prompt": "d", "out": "/abs/d.mp4"}\n')
+    a, b, c, d, e = serve.read_jsonl(tmp_path / "p.jsonl", tmp_path / "o" / "v.mp4")
+    assert a == serve.Request(prompt="a", out=tmp_path / "o" / "v_000.mp4", index=0, frames=9)
+    assert b == "line 2: 'seed' must be an integer, got 'x'" and "unknown field(s) colour" in c
+    assert "expected a JSON object" in d and e.out == Path("/abs/d.mp4")
+    assert serve.host_share(list(range(7)), 1, 3) == [1, 4]
+    assert serve.manifest_path(tmp_path, 2, 4).name == "manifest-002.jsonl"
+    assert serve.is_jsonl(tmp_path / "p.jsonl")
+    # a seeded request's key is that of `--prompt P --seed S`; the others' depend on their index alone
+    import jax
+    import numpy as np
+
+    from m141jax import pipeline
+    key = lambda r: np.asarray(jax.random.key_data(serve.request_key(r, 5)))  # noqa: E731
+    np.testing.assert_array_equal(key(serve.Request("p", Path("x.mp4"), 4, seed=9)),
+                                  np.asarray(jax.random.key_data(pipeline.prompt_keys(9, 1)[0])))
+    np.testing.assert_array_equal(key(serve.Request("p", Path("x.mp4"), 4)),
+                                  np.asarray(jax.random.key_data(pipeline.prompt_keys(5, 6)[4])))
