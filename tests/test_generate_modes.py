@@ -180,3 +180,37 @@ def test_jsonl_entries_and_host_share(tmp_path):
                                   np.asarray(jax.random.key_data(pipeline.prompt_keys(9, 1)[0])))
     np.testing.assert_array_equal(key(serve.Request("p", Path("x.mp4"), 4)),
                                   np.asarray(jax.random.key_data(pipeline.prompt_keys(5, 6)[4])))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_low_memory_equals_resident(ckpt, image, tmp_path, quantize):
+    """--low-memory: each stage's weights go to the device for the stage and leave after it (one model at a
+    time there), and the video equals the resident path's bit for bit (also quantized)."""
+    from m141jax import components, pipeline
+    from m141jax.compress import quant
+
+    models = components.load_models(ckpt, with_t2i=True, dtype="fp32")
+    if quantize:
+        models = quant.quantize_models(models, quantize)
+    # read one component at a time, each moved to host memory (and quantized) before the next is read
+    staged = components.load_staged(ckpt, with_t2i=True, dtype="fp32", quantize=quantize)
+    assert all(isinstance(a, np.ndarray) for a in __import__("jax").tree.leaves(staged.dit.params))
+    order = []
+    stage = staged.stage
+    staged.stage = lambda name: (order.append(name) if staged.current != name else None) or stage(name)
+    settings = pipeline.Settings(frames=9, clip_frames=5, size=(64, 64), t2i_steps=2)
+    videos = {}
+    for name, m in [("resident", models), ("staged", staged)]:
+        out = tmp_path / f"{name}.mp4"
+        clips = []
+        image_to_video = pipeline.image_to_video
+        try:
+            pipeline.image_to_video = lambda *a: clips.append(image_to_video(*a)) or clips[-1]
+            pipeline.generate(m, ["a cat walks on the grass"], [out], settings=settings, progress=False)
+        finally:
+            pipeline.image_to_video = image_to_video
+        videos[name] = np.concatenate(clips, 1)
+    np.testing.assert_array_equal(videos["staged"], videos["resident"])
+    # text -> image, then two clips: encoders, T2I DiT, VAE (decode); per clip encoders, VAE, I2V DiT, VAE
+    assert order == ["encoders", "t2i", "vae"] + ["encoders", "vae", "dit", "vae"] * 2
+    assert staged.swaps == len(order) and staged.swap_seconds > 0

@@ -67,10 +67,12 @@ def apply_preset(args) -> None:
 
 
 def load(args, with_t2i: bool) -> components.Models:
-    """The models of the checkpoint folder on the --mesh, quantized by --quantize."""
+    """The models of the checkpoint folder on the --mesh, quantized by --quantize, staged by --low-memory."""
     mesh = devices.mesh_from_args(args)
-    models = components.load_models(args.checkpoints, with_t2i=with_t2i, dtype=args.dtype, mesh=mesh,
-                                    sequence_parallel=args.sequence_parallel, max_length=args.text_length)
+    where = dict(dtype=args.dtype, mesh=mesh, sequence_parallel=args.sequence_parallel, max_length=args.text_length)
+    if args.low_memory:
+        return components.load_staged(args.checkpoints, with_t2i, quantize=args.quantize, **where)
+    models = components.load_models(args.checkpoints, with_t2i=with_t2i, **where)
     return quant.quantize_models(models, args.quantize) if args.quantize else models
 
 
@@ -115,12 +117,7 @@ def main(args) -> int:
         original = media.open_image(args.image)
         first = media.fit_image(original, settings.size)
         images, vlm_images = [first] * len(prompts), [original] * len(prompts)
-    mesh = devices.mesh_from_args(args)
-    models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype, mesh=mesh,
-                                    sequence_parallel=args.sequence_parallel,
-                                    max_length=args.text_length)
-    if args.quantize:
-        models = quant.quantize_models(models, args.quantize)
+    models = load(args, with_t2i=images is None)
     timings = pipeline.Timings()
     clips = len(settings.clips())
     print(f"{len(prompts)} prompt(s), {settings.frames} frames in {clips} clip(s) of {settings.clip_frames}, "
@@ -133,6 +130,8 @@ def main(args) -> int:
         print(timings.summary(), file=sys.stderr)
         return 1
     print(timings.summary(), file=sys.stderr)
+    if isinstance(models, components.StagedModels):
+        print(models.summary(), file=sys.stderr)
     for p in paths:
         print(f"wrote {p}: {settings.frames} frames at {settings.fps} fps")
     return 0
@@ -207,6 +206,9 @@ def add_parser(sub) -> None:
     p.add_argument("--quantize", choices=quant.MODES,
                    help="weight-only quantization after loading, as the release: the DiTs' blocks in int8 or int4 "
                         "(other DiT kernels int8), the text encoders int8")
+    p.add_argument("--low-memory", action="store_true",
+                   help="staged residency: only the running stage's weights on the device (encoders, then the T2I "
+                        "DiT, then the I2V DiT, then the VAE), the others in host memory; same videos")
     p.add_argument("--out", default="video.mp4", help="output MP4 (a batch writes OUT_000.mp4, OUT_001.mp4, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     devices.add_mesh_args(p)
