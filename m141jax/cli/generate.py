@@ -66,9 +66,9 @@ def apply_preset(args) -> None:
             setattr(args, name, value)
 
 
-def load(args, with_t2i: bool) -> components.Models:
+def load(args, with_t2i: bool, mesh=None) -> components.Models:
     """The models of the checkpoint folder on the --mesh, quantized by --quantize, staged by --low-memory."""
-    mesh = devices.mesh_from_args(args)
+    mesh = devices.mesh_from_args(args) if mesh is None else mesh
     where = dict(dtype=args.dtype, mesh=mesh, sequence_parallel=args.sequence_parallel, max_length=args.text_length)
     if args.low_memory:
         return components.load_staged(args.checkpoints, with_t2i, quantize=args.quantize, **where)
@@ -95,7 +95,7 @@ def main_jsonl(args, settings: pipeline.Settings) -> int:
     index, count = (jax.process_index(), jax.process_count()) if local else (0, 1)
     entries = serve.host_share(entries, index, count)
     needs_t2i = any(isinstance(e, serve.Request) and e.image is None for e in entries)
-    models = load(args, with_t2i=needs_t2i)
+    models = load(args, with_t2i=needs_t2i, mesh=mesh)
     counts = serve.run_batch(models, entries, settings, serve.manifest_path(Path(args.out).parent, index, count),
                              batch_size=args.batch_size, progress=not args.quiet)
     print(f"{counts['done']} video(s) written, {counts['skipped']} already done, {counts['failed']} failed",
