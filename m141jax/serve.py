@@ -192,10 +192,12 @@ def next_output(out: Path, start: int) -> tuple[Path, int]:
 
 
 def interactive(models: Models, settings: pipeline.Settings, lines: Iterable[str], out: str | Path,
-                stdout: TextIO | None = None, stderr: TextIO | None = None, ask: bool = False) -> tuple[int, int]:
+                stdout: TextIO | None = None, stderr: TextIO | None = None, ask: bool = False,
+                default_image: str | None = None) -> tuple[int, int]:
     """The interactive loop: each line `prompt [| image path [| seed]]` makes a video OUT_NNN.mp4 and prints
     `PATH SECONDS s`; a bad line (or a failed video) prints `error: ...` on one line and the loop goes on;
-    the end of `lines` ends it. Returns (videos written, errors)."""
+    the end of `lines` ends it. A line without an image uses `default_image` (None: the text-to-image
+    stage). Returns (videos written, errors)."""
     out = Path(out)
     if out.suffix.lower() != ".mp4":
         raise ValueError(f"--out {out} must end in .mp4")
@@ -210,7 +212,8 @@ def interactive(models: Models, settings: pipeline.Settings, lines: Iterable[str
                 prompt, image, seed = parsed
                 path, number = next_output(out, number)
                 start = time.perf_counter()
-                request = Request(prompt=prompt, out=path, index=done + errors, image=image, seed=seed)
+                request = Request(prompt=prompt, out=path, index=done + errors, image=image or default_image,
+                                  seed=seed)
                 run(models, [prepare(request, settings)], settings.seed)
                 print(f"{path} {time.perf_counter() - start:.2f} s", file=stdout, flush=True)
                 done += 1

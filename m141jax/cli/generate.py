@@ -7,6 +7,7 @@ checkpoint folder's components) is checked before any weights are read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -79,8 +80,11 @@ def load(args, with_t2i: bool, mesh=None) -> components.Models:
 def main_interactive(args, settings: pipeline.Settings) -> int:
     """--interactive: load once, then one video per line of standard input until its end."""
     output_paths(args.out, 1)  # checked before loading
+    if args.image is not None:
+        media.open_image(args.image)  # checked before loading
     models = load(args, with_t2i=(Path(args.checkpoints) / "t2i").is_dir())
-    done, errors = serve.interactive(models, settings, sys.stdin, args.out, ask=sys.stdin.isatty())
+    done, errors = serve.interactive(models, settings, sys.stdin, args.out, ask=sys.stdin.isatty(),
+                                     default_image=args.image)
     print(f"{done} video(s), {errors} error(s)", file=sys.stderr)
     return 0
 
@@ -94,6 +98,9 @@ def main_jsonl(args, settings: pipeline.Settings) -> int:
     local = mesh is None or all(d.process_index == jax.process_index() for d in mesh.devices.flat)
     index, count = (jax.process_index(), jax.process_count()) if local else (0, 1)
     entries = serve.host_share(entries, index, count)
+    if args.image is not None:  # the first frame of the entries that name none
+        entries = [dataclasses.replace(e, image=e.image or args.image) if isinstance(e, serve.Request) else e
+                   for e in entries]
     needs_t2i = any(isinstance(e, serve.Request) and e.image is None for e in entries)
     models = load(args, with_t2i=needs_t2i, mesh=mesh)
     counts = serve.run_batch(models, entries, settings, serve.manifest_path(Path(args.out).parent, index, count),
