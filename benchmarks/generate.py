@@ -144,6 +144,31 @@ def bench_pipeline_cpu(repeats: int) -> None:
            first_run_s=sum(runs[0].seconds.values()))
 
 
+def bench_start(prompt: str = "a red circle moves to the right", argv: tuple[str, ...] = ("--preset", "demo")) -> None:
+    """Seconds of a whole `m141jax generate --preset demo` process (start-up, loading, compilation, the
+    stages, the MP4) with an empty persistent compilation cache (cold) and again with the one the first
+    run filled (warm: nothing compiles)."""
+    import os
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds, counts = [], []
+        for name in ("cold", "warm"):
+            start = time.perf_counter()
+            run = subprocess.run([sys.executable, "-m", "m141jax", "generate", *argv, "--prompt", prompt, "--quiet",
+                                  "--out", str(Path(tmp) / f"{name}.mp4"), "--compilation-cache", str(Path(tmp) / "jax")],
+                                 env=env, capture_output=True, text=True)
+            seconds.append(time.perf_counter() - start)
+            if run.returncode:
+                raise SystemExit(f"generate failed ({run.returncode}): {run.stderr[-2000:]}")
+            counts.append(re.search(r"compilation: (\d+) program", run.stderr)[1])
+    result("generate_start", preset=" ".join(argv).replace("--preset ", ""), cold_s=seconds[0], warm_s=seconds[1],
+           compiled_cold=counts[0], compiled_warm=counts[1], ratio=seconds[0] / seconds[1])
+
+
 # ----------------------------------------------------------------------------------------- accelerator
 
 def bench_13b(repeats: int, frames: int = 81, size: tuple[int, int] = (544, 960), steps: int = 4,
@@ -213,8 +238,12 @@ def main() -> None:
     p.add_argument("--accelerator", action="store_true", help="the 13B section (lowering only without a GPU/TPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-cpu", action="store_true", help="only the accelerator section")
+    p.add_argument("--start", action="store_true", help="only the cold / warm start of `generate --preset demo`")
     args = p.parse_args()
+    if args.start:
+        return bench_start()
     if not args.skip_cpu:
+        bench_start()
         bench_sampler_vs_torch(args.repeats)
         bench_pipeline_cpu(args.repeats)
     if args.accelerator:

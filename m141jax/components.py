@@ -9,11 +9,16 @@ parameters is checked against its config; the components are checked to fit toge
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+
 from m141jax import checkpoint
 from m141jax.checkpoint import CheckpointError
+from m141jax.compress import quant
 from m141jax.encoders import Encoders
 from m141jax.prompts import MAX_LENGTH
 
@@ -95,20 +100,106 @@ def check_configs(dit, vae, vlm, clip, t2i=None) -> None:
                               f"embedding, got in_channels {t2i.in_channels}, guidance_embed {t2i.guidance_embed}")
 
 
-def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16", mesh=None,
-                sequence_parallel: str = "auto", max_length: int = MAX_LENGTH) -> Models:
-    """Everything in the checkpoint folder `root` that generation needs (t2i/ only `with_t2i`): every
-    folder and config is checked before any weights are read. With a `mesh` the DiTs and the encoders
-    are sharded on it (the VAE, 0.5 GB, stays on one device). max_length: the text encoder's prompt
-    window (tokens after the template)."""
+def loaders(root: str | Path, with_t2i: bool, dtype: str = "bf16", mesh=None, sequence_parallel: str = "auto",
+            max_length: int = MAX_LENGTH) -> dict:
+    """{encoders, dit, vae (, t2i)}: a function each that loads that component (see `load_models`), after
+    every folder and config has been checked."""
     names = [n for n in LAYOUT if n != "t2i" or with_t2i]
     for name in names:
         locate(root, name)
     check_configs(*(read_config(root, n) for n in ("dit", "vae", "vlm", "clip")),
                   t2i=read_config(root, "t2i") if with_t2i else None)
     root = Path(root)
-    encoders = Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer", dtype,
-                             max_length, mesh=mesh)
-    dit = lambda name: load_component(root, name, dtype, mesh, sequence_parallel)  # noqa: E731
-    return Models(dit=dit("dit"), vae=load_component(root, "vae", dtype), encoders=encoders,
-                  t2i=dit("t2i") if with_t2i else None)
+    dit = lambda name: lambda: load_component(root, name, dtype, mesh, sequence_parallel)  # noqa: E731
+    out = dict(encoders=lambda: Encoders.load(root / "vlm", root / "clip", root / "tokenizer", root / "clip_tokenizer",
+                                              dtype, max_length, mesh=mesh),
+               dit=dit("dit"), vae=lambda: load_component(root, "vae", dtype))
+    if with_t2i:
+        out["t2i"] = dit("t2i")
+    return out
+
+
+def load_models(root: str | Path, with_t2i: bool, dtype: str = "bf16", mesh=None,
+                sequence_parallel: str = "auto", max_length: int = MAX_LENGTH) -> Models:
+    """Everything in the checkpoint folder `root` that generation needs (t2i/ only `with_t2i`): every
+    folder and config is checked before any weights are read. With a `mesh` the DiTs and the encoders
+    are sharded on it (the VAE, 0.5 GB, stays on one device). max_length: the text encoder's prompt
+    window (tokens after the template)."""
+    return Models(**{name: load() for name, load in loaders(root, with_t2i, dtype, mesh, sequence_parallel,
+                                                           max_length).items()})
+
+
+def _host_copy(obj):
+    """(obj with numpy copies of its params, the params' tree structure, each leaf's device sharding)."""
+    leaves, treedef = jax.tree.flatten(obj.params)
+    shardings = [a.sharding if isinstance(a, jax.Array) else None for a in leaves]
+    host = [np.asarray(jax.device_get(a)) if isinstance(a, jax.Array) else a for a in leaves]
+    return dataclasses.replace(obj, params=jax.tree.unflatten(treedef, host)), treedef, shardings
+
+
+class StagedModels:
+    """`--low-memory`: staged residency. The weights of every component are kept in host memory (numpy
+    copies of the parameters, compressed ones as compressed); `stage(name)` puts one component's
+    weights on the device (where they were: same shardings), dropping the previous one, so only the
+    running stage's weights are on the device: the encoders, then the T2I DiT, then the I2V DiT, then
+    the VAE. Outputs equal the resident path's: the same arrays and programs. The attributes `encoders`,
+    `t2i`, `dit`, `vae` are the host copies (their configs are what the pipeline reads outside stages)."""
+
+    NAMES = ("encoders", "t2i", "dit", "vae")
+
+    def __init__(self, models: Models | dict):
+        """From loaded models, or from {name: function that loads it} (`loaders`): then the components are
+        loaded one after another, each moved to host memory before the next is read, so the device never
+        holds more than one."""
+        self._staged = {}
+        for name in self.NAMES:
+            obj = models.get(name) if isinstance(models, dict) else getattr(models, name)
+            obj = obj() if callable(obj) else obj
+            self._staged[name] = None if obj is None else _host_copy(obj)
+            del obj
+        self.current: str | None = None
+        self._device = None
+        self.swaps = 0
+        self.swap_seconds = 0.0
+
+    def __getattr__(self, name):
+        if name in StagedModels.NAMES:
+            staged = self._staged[name]
+            return None if staged is None else staged[0]
+        raise AttributeError(name)
+
+    def stage(self, name: str):
+        """Component `name` with its weights on the device; the previous stage's weights are released."""
+        if name == self.current:
+            return self._device
+        if self._staged[name] is None:
+            raise ValueError(f"no {name} loaded")
+        self._device = None  # drop the previous stage's device arrays before placing the next
+        start = time.perf_counter()
+        host, treedef, shardings = self._staged[name]
+        leaves = jax.tree.leaves(host.params)
+        placed = [a if s is None else jax.device_put(a, s) for a, s in zip(leaves, shardings)]
+        self._device = dataclasses.replace(host, params=jax.block_until_ready(jax.tree.unflatten(treedef, placed)))
+        self.current = name
+        self.swaps += 1
+        self.swap_seconds += time.perf_counter() - start
+        return self._device
+
+    def summary(self) -> str:
+        return (f"low memory: {self.swaps} stage swap(s) host -> device, {self.swap_seconds:.2f} s "
+                f"({self.swap_seconds / max(self.swaps, 1):.2f} s each)")
+
+    def release(self) -> None:
+        """No weights on the device."""
+        self._device, self.current = None, None
+
+
+def load_staged(root: str | Path, with_t2i: bool, dtype: str = "bf16", mesh=None, sequence_parallel: str = "auto",
+                max_length: int = MAX_LENGTH, quantize: str | None = None) -> StagedModels:
+    """`load_models` for `--low-memory`: each component is read (and quantized, `quant.quantize_one`) and
+    moved to host memory before the next one is read, so at no time does the device hold two of them."""
+    found = loaders(root, with_t2i, dtype, mesh, sequence_parallel, max_length)
+    if quantize:
+        found = {name: (lambda name=name, load=load: quant.quantize_one(name, load(), quantize))
+                 for name, load in found.items()}
+    return StagedModels(found)

@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from m141jax import encoders, media, sampling
-from m141jax.components import Component, Models
+from m141jax.components import Component, Models, StagedModels
 from m141jax.models import vae as vae_lib
 
 # random streams folded into each prompt's key: which draw a key is for
@@ -162,12 +162,18 @@ def noise(keys, stream: int, clip: int, shape: tuple[int, ...]):
 
 # ------------------------------------------------------------------------------------------- stages
 
+def on_device(models: Models | StagedModels, name: str):
+    """The component `name` (encoders, t2i, dit, vae) ready to run: staged models (--low-memory) bring its
+    weights to the device and take the others' off it; resident models hold them all there already."""
+    return models.stage(name) if isinstance(models, StagedModels) else getattr(models, name)
+
+
 def condition(models: Models, prompts: list[str], images: list[Image.Image], guidance: float):
     """(text, neg_text) Conditionings of the prompts and first frames (VLM image tokens ‖ prompt tokens);
     neg_text, the negative prompt with the same image tokens, only when guidance > 1 (CFG)."""
     if sampling.uses_cfg(guidance):
-        return encoders.encode_with_negative(models.encoders, prompts, images)
-    return encoders.encode(models.encoders, prompts, images), None
+        return encoders.encode_with_negative(on_device(models, "encoders"), prompts, images)
+    return encoders.encode(on_device(models, "encoders"), prompts, images), None
 
 
 def decode_frames(vae: Component, latents) -> jax.Array:
@@ -183,15 +189,19 @@ def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], key
     the prompt tokens (in `settings.t2i_template`) and CLIP vector alone (no image tokens)."""
     if models.t2i is None:
         raise ValueError("no image given and no text-to-image DiT loaded: pass --image or provide a t2i/ checkpoint")
-    t2i = models.t2i
-    text = timings.run("encoders", encoders.text_conditioning, models.encoders, prompts, settings.t2i_template)
+    text = timings.run("encoders", lambda: encoders.text_conditioning(on_device(models, "encoders"), prompts,
+                                                                      settings.t2i_template))
     ratio = models.vae.cfg.spatial_compression_ratio
-    shape = (1, size[0] // ratio, size[1] // ratio, t2i.cfg.out_channels)
-    z = timings.run("t2i", lambda: sampling.sample(
-        t2i.params, t2i.cfg, noise(keys, _T2I, 0, shape), text,
-        sigmas=sampling.schedule(settings.t2i_steps, settings.t2i_shift), embedded_guidance=settings.t2i_guidance,
-        mesh=t2i.mesh))
-    return np.asarray(timings.run("decode", decode_frames, models.vae, z))[:, 0]
+    shape = (1, size[0] // ratio, size[1] // ratio, models.t2i.cfg.out_channels)
+
+
+    def run_t2i():
+        t2i = on_device(models, "t2i")
+        return sampling.sample(t2i.params, t2i.cfg, noise(keys, _T2I, 0, shape), text,
+                               sigmas=sampling.schedule(settings.t2i_steps, settings.t2i_shift),
+                               embedded_guidance=settings.t2i_guidance, mesh=t2i.mesh)
+    z = timings.run("t2i", run_t2i)
+    return np.asarray(timings.run("decode", lambda: decode_frames(on_device(models, "vae"), z)))[:, 0]
 
 
 def reference_latents(vae: Component, frames, keys, clip: int, use_mean: bool) -> jax.Array:
@@ -209,14 +219,17 @@ def image_to_video(models: Models, prompts: list[str], frames: np.ndarray, vlm_i
     """One clip: uint8 video [B, n_frames, H, W, 3] whose first frames are `frames` uint8 [B, H, W, 3]
     (vlm_images: what the VLM sees of them: the unfitted image for a user's image, as in the release)."""
     text, neg = timings.run("encoders", condition, models, prompts, vlm_images, settings.guidance)
-    ref = timings.run("vae-encode", reference_latents, models.vae, frames, keys, clip, settings.reference_mean)
-    dit = models.dit
-    shape = (latent_frames(n_frames), *ref.shape[2:4], dit.cfg.out_channels)
-    z = timings.run("sampling", lambda: sampling.sample(
-        dit.params, dit.cfg, noise(keys, _NOISE, clip, shape), text,
-        sigmas=sampling.schedule(settings.steps, settings.shift), ref_latents=ref, neg_text=neg,
-        guidance_scale=settings.guidance, mesh=dit.mesh))
-    return np.asarray(timings.run("decode", decode_frames, models.vae, z))
+    ref = timings.run("vae-encode", lambda: reference_latents(on_device(models, "vae"), frames, keys, clip,
+                                                              settings.reference_mean))
+    shape = (latent_frames(n_frames), *ref.shape[2:4], models.dit.cfg.out_channels)
+
+    def run_dit():
+        dit = on_device(models, "dit")
+        return sampling.sample(dit.params, dit.cfg, noise(keys, _NOISE, clip, shape), text,
+                               sigmas=sampling.schedule(settings.steps, settings.shift), ref_latents=ref, neg_text=neg,
+                               guidance_scale=settings.guidance, mesh=dit.mesh)
+    z = timings.run("sampling", run_dit)
+    return np.asarray(timings.run("decode", lambda: decode_frames(on_device(models, "vae"), z)))
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -314,7 +327,7 @@ def _held(writers: list[media.VideoWriter], done: int) -> str:
 
 def generate(models: Models, prompts: list[str], outputs: list[str | Path], images: list[np.ndarray] | None = None,
              vlm_images: list[Image.Image] | None = None, settings: Settings = Settings(),
-             timings: Timings | None = None, progress: bool = True) -> list[Path]:
+             timings: Timings | None = None, progress: bool = True, keys=None) -> list[Path]:
     """Write one MP4 per prompt (`outputs`), `settings.frames` frames each, by clips of `settings.clip_frames`.
 
     images: one first frame per prompt (uint8 [H, W, 3], already fitted by `media.fit_image`), or None
@@ -322,13 +335,14 @@ def generate(models: Models, prompts: list[str], outputs: list[str | Path], imag
     (the release gives it the original image file; default: images). All prompts run as one batch.
     A clip that fails, or an `Interrupted` (inside `interruptible()`), raises `ClipError` after the
     files are finished with the clips done.
+    keys: one PRNG key per prompt (default: `prompt_keys(settings.seed, len(prompts))`).
     """
     if not prompts or len(outputs) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts need as many outputs, got {len(outputs)}")
     if images is not None and len(images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts need as many images, got {len(images)}")
     timings = timings if timings is not None else Timings()
-    keys = prompt_keys(settings.seed, len(prompts))
+    keys = prompt_keys(settings.seed, len(prompts)) if keys is None else keys
     plan = settings.clips()
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=len(plan) + (images is None), desc="video", unit="stage", disable=not progress))

@@ -21,7 +21,7 @@ GENERATE_KEYS: dict[str, tuple[type, ...]] = {
     "frames": (int,), "clip_frames": (int,), "fps": (int,), "size": (str,),
     "steps": (int,), "shift": (int, float), "guidance": (int, float), "seed": (int,), "reference_mean": (bool,),
     "t2i_steps": (int,), "t2i_shift": (int, float), "t2i_guidance": (int, float), "t2i_template": (str,),
-    "dtype": (str,), "text_length": (int,), "quantize": (str,),
+    "dtype": (str,), "text_length": (int,), "quantize": (str,), "low_memory": (bool,),
     "mesh": (str,), "sequence_parallel": (str,),
 }
 

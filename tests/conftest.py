@@ -6,6 +6,8 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+# commands run in-process leave the user's persistent compilation cache alone (tests that want one pass a folder)
+os.environ.setdefault("M141JAX_COMPILATION_CACHE", "off")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from m141jax import pipeline
+from m141jax import compile_cache, pipeline
 from m141jax.cli import compress, generate, init_i2v, parity, train
 
 
@@ -17,13 +17,23 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_parsers(sub)
     train.add_parsers(sub)
     init_i2v.add_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument("--compilation-cache", metavar="DIR|off",
+                             help="persistent compilation cache: compiled programs are kept there and reused by the "
+                                  f"next run with the same shapes (default: ${compile_cache.ENV}, else "
+                                  f"{compile_cache.default_dir()}); 'off' compiles everything anew")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        cache = compile_cache.enable(args.compilation_cache)
+        before = compile_cache.stats()
+        code = args.func(args)
+        if cache is not None or args.compilation_cache is not None:
+            print(f"{(compile_cache.stats() - before).line()} ({cache or 'cache off'})", file=sys.stderr)
+        return code
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,10 +7,13 @@ checkpoint folder's components) is checked before any weights are read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from m141jax import components, demo, media, pipeline, presets
+import jax
+
+from m141jax import components, demo, media, pipeline, presets, serve
 from m141jax.cli import devices
 from m141jax.compress import quant
 from m141jax.prompts import MAX_LENGTH
@@ -65,10 +68,57 @@ def apply_preset(args) -> None:
             setattr(args, name, value)
 
 
+def load(args, with_t2i: bool, mesh=None) -> components.Models:
+    """The models of the checkpoint folder on the --mesh, quantized by --quantize, staged by --low-memory."""
+    mesh = devices.mesh_from_args(args) if mesh is None else mesh
+    where = dict(dtype=args.dtype, mesh=mesh, sequence_parallel=args.sequence_parallel, max_length=args.text_length)
+    if args.low_memory:
+        return components.load_staged(args.checkpoints, with_t2i, quantize=args.quantize, **where)
+    models = components.load_models(args.checkpoints, with_t2i=with_t2i, **where)
+    return quant.quantize_models(models, args.quantize) if args.quantize else models
+
+
+def main_interactive(args, settings: pipeline.Settings) -> int:
+    """--interactive: load once, then one video per line of standard input until its end."""
+    output_paths(args.out, 1)  # checked before loading
+    if args.image is not None:
+        media.open_image(args.image)  # checked before loading
+    models = load(args, with_t2i=(Path(args.checkpoints) / "t2i").is_dir())
+    done, errors = serve.interactive(models, settings, sys.stdin, args.out, ask=sys.stdin.isatty(),
+                                     default_image=args.image)
+    print(f"{done} video(s), {errors} error(s)", file=sys.stderr)
+    return 0
+
+
+def main_jsonl(args, settings: pipeline.Settings) -> int:
+    """A JSON Lines --prompts-file: resumable batches of equal shape, recorded in manifest.jsonl."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be positive")
+    entries = serve.read_jsonl(args.prompts_file, args.out)
+    mesh = devices.mesh_from_args(args)
+    local = mesh is None or all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    index, count = (jax.process_index(), jax.process_count()) if local else (0, 1)
+    entries = serve.host_share(entries, index, count)
+    if args.image is not None:  # the first frame of the entries that name none
+        entries = [dataclasses.replace(e, image=e.image or args.image) if isinstance(e, serve.Request) else e
+                   for e in entries]
+    needs_t2i = any(isinstance(e, serve.Request) and e.image is None for e in entries)
+    models = load(args, with_t2i=needs_t2i, mesh=mesh)
+    counts = serve.run_batch(models, entries, settings, serve.manifest_path(Path(args.out).parent, index, count),
+                             batch_size=args.batch_size, progress=not args.quiet)
+    print(f"{counts['done']} video(s) written, {counts['skipped']} already done, {counts['failed']} failed",
+          file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
 @pipeline.interruptible()
 def main(args) -> int:
     apply_preset(args)
     settings = settings_from(args)
+    if args.interactive:
+        return main_interactive(args, settings)
+    if serve.is_jsonl(args.prompts_file):
+        return main_jsonl(args, settings)
     prompts = read_prompts(args)
     outputs = output_paths(args.out, len(prompts))
     images = vlm_images = None
@@ -76,12 +126,7 @@ def main(args) -> int:
         original = media.open_image(args.image)
         first = media.fit_image(original, settings.size)
         images, vlm_images = [first] * len(prompts), [original] * len(prompts)
-    mesh = devices.mesh_from_args(args)
-    models = components.load_models(args.checkpoints, with_t2i=images is None, dtype=args.dtype, mesh=mesh,
-                                    sequence_parallel=args.sequence_parallel,
-                                    max_length=args.text_length)
-    if args.quantize:
-        models = quant.quantize_models(models, args.quantize)
+    models = load(args, with_t2i=images is None)
     timings = pipeline.Timings()
     clips = len(settings.clips())
     print(f"{len(prompts)} prompt(s), {settings.frames} frames in {clips} clip(s) of {settings.clip_frames}, "
@@ -94,6 +139,8 @@ def main(args) -> int:
         print(timings.summary(), file=sys.stderr)
         return e.exit_code
     print(timings.summary(), file=sys.stderr)
+    if isinstance(models, components.StagedModels):
+        print(models.summary(), file=sys.stderr)
     for p in paths:
         print(f"wrote {p}: {settings.frames} frames at {settings.fps} fps")
     return 0
@@ -124,7 +171,14 @@ def add_parser(sub) -> None:
                                    "frame comes from the text-to-image stage.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text prompt")
-    src.add_argument("--prompts-file", help="a text file with one prompt per line: one batch, one compiled program")
+    src.add_argument("--prompts-file", help="a text file with one prompt per line: one batch, one compiled program; "
+                                            "or JSON Lines (*.jsonl: prompt, image, seed, frames, out per line): "
+                                            "batches of equal shape, resumable, recorded in manifest.jsonl beside --out")
+    src.add_argument("--interactive", action="store_true",
+                     help="load the models once, then make one video per line of standard input: "
+                          "'prompt [| image path [| seed]]'; end of input quits")
+    p.add_argument("--batch-size", type=int, help="JSON Lines prompts file: at most this many videos per batch "
+                                                  "(default: every prompt of one shape)")
     p.add_argument("--image", help="the first frame (any size: fitted to its 540p aspect bucket or --size)")
     p.add_argument("--config", action=_ConfigDefaults,
                    help="a YAML file of settings (configs/generate/*.yaml: flag names without dashes) used as the "
@@ -161,6 +215,9 @@ def add_parser(sub) -> None:
     p.add_argument("--quantize", choices=quant.MODES,
                    help="weight-only quantization after loading, as the release: the DiTs' blocks in int8 or int4 "
                         "(other DiT kernels int8), the text encoders int8")
+    p.add_argument("--low-memory", action="store_true",
+                   help="staged residency: only the running stage's weights on the device (encoders, then the T2I "
+                        "DiT, then the I2V DiT, then the VAE), the others in host memory; same videos")
     p.add_argument("--out", default="video.mp4", help="output MP4 (a batch writes OUT_000.mp4, OUT_001.mp4, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     devices.add_mesh_args(p)

@@ -170,6 +170,14 @@ def quantize_component(c, mode: str):
     return dataclasses.replace(c, params=q if c.mesh is None else split_boxes(q, c.mesh))
 
 
+def quantize_one(name: str, obj, mode: str):
+    """One component of the generation models as `quantize_models` quantizes it: the DiTs ('dit', 't2i') in
+    `mode`, the 'encoders' in int8, the 'vae' unchanged."""
+    if obj is None or name == "vae":
+        return obj
+    return quantize_encoders(obj, "int8", free=True) if name == "encoders" else quantize_component(obj, mode)
+
+
 def quantize_models(models, mode: str):
     """The generation models (`components.Models`) as the release quantizes them (release.md G.2): both DiTs
     in `mode` (their blocks; other kernels int8), the encoders in int8; the VAE unchanged. The loaded
