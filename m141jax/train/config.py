@@ -102,6 +102,7 @@ class RunConfig:
     profile_start: int = 5  # first step (0-based) of the jax.profiler trace written to RUN/profile ...
     profile_steps: int = 0  # ... and how many steps it covers; 0 = no trace
     count_flops: bool = True  # count each step's model FLOPs on its jaxpr (throughput, MFU in the metrics)
+    shard_min_size: int = 0  # state arrays with fewer elements stay replicated (parallel.Strategy.min_size)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -114,6 +115,8 @@ class RunConfig:
                              f"must be ≥ 0")
         if self.log_every < 1:
             raise ValueError(f"run.log_every {self.log_every} must be ≥ 1")
+        if self.shard_min_size < 0:
+            raise ValueError(f"run.shard_min_size {self.shard_min_size} must be ≥ 0")
 
 
 @dataclasses.dataclass(frozen=True)
