@@ -28,8 +28,8 @@ def _metrics(path):
 
 def _run(tmp_path, command, mesh, *extra):
     out = tmp_path / f"{command}-{mesh.replace(',', '-').replace('=', '')}"
-    assert main([command, "--config", str(CONFIGS / command / "tiny-i2v.yaml"), "--output", str(out), "--mesh", mesh, "--quiet",
-                 *COMMON, *extra]) == 0
+    config = str(CONFIGS / command / "tiny-i2v.yaml")
+    assert main([command, "--config", config, "--output", str(out), "--mesh", mesh, "--quiet", *COMMON, *extra]) == 0
     return out
 
 

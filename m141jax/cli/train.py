@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import jax
-
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 

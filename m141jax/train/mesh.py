@@ -21,6 +21,7 @@ from m141jax.axes import BATCH_AXES
 from m141jax.config import DiTConfig
 from m141jax.models.dit import param_logical_axes
 
+
 def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     """The four-axis mesh of `parallel.make_mesh` from 'data=2,fsdp=2,tensor=2,sequence=-1' (default: every
     device on fsdp)."""
