@@ -88,7 +88,7 @@ class _Run:
 
     def step_fn(self, fn, state, *consts):
         """fn(state, *consts, batch, rng) -> (state, metrics) as step(state, batch, rng), jitted on the mesh and
-        traced under the rule table for the global batch (`parallel.jit_sharded`); the state is donated.
+        traced under the rule table for a micro-batch (`parallel.jit_sharded`); the state is donated.
         Batch shardings are those of the first batch (split over data × fsdp by `global_batch`)."""
         state_sh = self.shardings(state)
         const_sh = tuple(self.shardings(c) for c in consts)
@@ -100,7 +100,8 @@ class _Run:
                 batch_sh = jax.tree.map(lambda a: a.sharding, batch)
                 cache["f"] = parallel.jit_sharded(
                     lambda s_, cs, b, r: fn(s_, *cs, b, r), self.mesh, (state_sh, const_sh, batch_sh, replicated),
-                    (state_sh, replicated), batch=self.cfg.data.batch_size, donate_argnums=0)
+                    (state_sh, replicated), batch=self.cfg.data.batch_size // self.cfg.accumulate,
+                    donate_argnums=0)
             return cache["f"](s, consts, batch, rng)
 
         return step

@@ -119,6 +119,11 @@ class RunConfig:
             raise ValueError(f"run.shard_min_size {self.shard_min_size} must be ≥ 0")
 
 
+def _check_accumulate(cfg) -> None:
+    if cfg.accumulate < 1 or cfg.data.batch_size % cfg.accumulate:
+        raise ValueError(f"accumulate {cfg.accumulate} must be ≥ 1 and divide data.batch_size {cfg.data.batch_size}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Flow-matching training of the DiT (`m141jax train`)."""
@@ -132,10 +137,12 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
     mesh: str = ""  # the mesh the run is meant for, e.g. 'data=8,fsdp=8' ('' = every device on fsdp); --mesh wins
+    accumulate: int = 1  # gradient accumulation: each step's batch is run as this many micro-batches
 
     def __post_init__(self):
         if not 0.0 <= self.ema_decay < 1.0:  # 1 would export the initialisation unchanged
             raise ValueError(f"ema_decay {self.ema_decay} must lie in [0, 1) (0 disables the EMA)")
+        _check_accumulate(self)
 
 
 @dataclasses.dataclass(frozen=True)
