@@ -187,6 +187,10 @@ class DistillConfig:
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
     mesh: str = ""  # the device mesh the run is meant for, e.g. 'fsdp=64' ('' = every device on fsdp); --mesh wins
+    accumulate: int = 1  # gradient accumulation: each turn's batch is run as this many micro-batches
+
+    def __post_init__(self):
+        _check_accumulate(self)
 
 
 _TINY = dict(param_dtype="fp32", dtype="fp32")
