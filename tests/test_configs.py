@@ -96,7 +96,7 @@ def test_train_mesh_from_the_file_unless_given(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         main(["distill", "--output", str(tmp_path / "d"), "--quiet", "--config",
               str(CONFIGS / "distill" / "magic141-i2v-13b-dmd2.yaml")])
-    assert seen == ["fsdp=-1", "data=2,fsdp=4", None, "fsdp=64"]
+    assert seen == ["fsdp=-1", "data=2,fsdp=4", None, "fsdp=8,sequence=8"]
 
 
 def _generate_args(*argv):
