@@ -54,7 +54,7 @@ class DiTConfig:
     dtype: str = "bf16"  # activation / matmul dtype; norms, softmax, RoPE always run in fp32
     attention: str = "auto"  # auto | xla | blockwise | splash | cudnn (models/attention.py); auto: splash on TPU
     attention_block: int | None = None  # block length of blockwise / splash (None: per platform, per TPU generation)
-    remat: str = "none"  # none | full | dots (see models/dit.py)
+    remat: str = "none"  # none | full | dots | attention | offload (models/dit.py _REMAT)
     sequence_parallel: str = "none"  # none | ulysses | ring over a mesh's `sequence` axis (models/sequence_parallel.py)
 
     def __post_init__(self):

@@ -55,11 +55,10 @@ def test_run_file(path):
                 assert got == (tuple(v) if isinstance(v, list) else v), f"{key}.{sub}"
         elif key != "preset":
             assert getattr(cfg, key) == value, key
-    # the mesh is a training mesh (data, fsdp) that the batch splits over
+    # the mesh is a four-axis mesh whose batch axes (data, fsdp) split each micro-batch
     explicit = math.prod(int(p.split("=")[1]) for p in cfg.mesh.split(",") if not p.endswith("=-1"))
     sizes = parse_mesh(cfg.mesh, explicit if "-1" not in cfg.mesh else 8)
-    assert all(sizes[a] == 1 for a in sizes if a not in ("data", "fsdp")), sizes
-    assert cfg.data.batch_size % (sizes["data"] * sizes["fsdp"]) == 0
+    assert cfg.data.batch_size % (sizes["data"] * sizes["fsdp"] * cfg.accumulate) == 0
 
 
 def test_13b_runs_are_meant_for_64_devices():
@@ -97,7 +96,7 @@ def test_train_mesh_from_the_file_unless_given(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         main(["distill", "--output", str(tmp_path / "d"), "--quiet", "--config",
               str(CONFIGS / "distill" / "magic141-i2v-13b-dmd2.yaml")])
-    assert seen == ["fsdp=-1", "data=2,fsdp=4", None, "fsdp=64"]
+    assert seen == ["fsdp=-1", "data=2,fsdp=4", None, "fsdp=8,sequence=8"]
 
 
 def _generate_args(*argv):

@@ -203,3 +203,15 @@ def test_dmd_step_sharded_on_8_devices_equals_unsharded():
     r = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, cwd=ROOT,
                        timeout=900, check=False)
     assert r.returncode == 0 and "SHARDED_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_accumulated_dmd_steps_run_both_turns():
+    """accumulate=2: both turns run as two micro-batches (own randomness each) and move their networks."""
+    cfg, batch, teacher, state = _setup()
+    cfg = dataclasses.replace(cfg, accumulate=2)
+    step = pixel_dmd_step(cfg)
+    s1, m1 = step(state, teacher, batch, jax.random.PRNGKey(10), True)
+    s2, m2 = step(s1, teacher, batch, jax.random.PRNGKey(11), False)
+    assert all(np.isfinite(float(v)) for v in [*m1.values(), *m2.values()]) and "gen_loss_dm" in m1
+    assert not tree_equal(state.generator, s1.generator) and tree_equal(s1.generator, s2.generator)
+    assert not tree_equal(s1.critic, s2.critic)

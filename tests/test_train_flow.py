@@ -10,9 +10,9 @@ from train_helpers import pixel_params, pixel_velocity, tiny_train_config
 
 from m141jax import sampling
 from m141jax.models.conditioning import Conditioning
-from m141jax.models.dit import abstract_params
+from m141jax.models.dit import abstract_params, init_params
 from m141jax.train import flow
-from m141jax.train.config import FlowConfig, OptimizerConfig
+from m141jax.train.config import DataConfig, FlowConfig, OptimizerConfig
 from m141jax.train.data import SyntheticSource
 from m141jax.train.optim import ema_init, ema_update, lr_schedule, make_optimizer
 
@@ -160,3 +160,44 @@ def test_remat_policy_comes_from_the_model_config():
         state = jax.eval_shape(lambda c=c: flow.init_train_state(c, abstract_params(c.model)))
         counts[remat] = str(jax.make_jaxpr(flow.make_train_step(c))(state, batch, jax.random.PRNGKey(0))).count("remat")
     assert counts == {"none": 0, "full": 3}  # refiner, double-stream and single-stream stacks
+
+
+def _tiny_batch(cfg, n):
+    src = SyntheticSource(cfg.model, cfg.data, cfg.flow.n_image_tokens)
+    batch = {k: np.stack([src[i][k] for i in range(n)]) for k in src[0]}
+    batch.update({f"null_{k}": v for k, v in src.null().items()})
+    return batch
+
+
+def test_accumulated_step_equals_the_large_batch_step():
+    """accumulate=2 over a batch of 4 gives the loss, gradient norm and parameters of one batch of 4."""
+    cfg = dataclasses.replace(tiny_train_config(), data=DataConfig(batch_size=4, num_samples=6))
+    batch = _tiny_batch(cfg, 4)
+    state = flow.init_train_state(cfg, init_params(cfg.model, jax.random.PRNGKey(0)))
+    out = {}
+    for n in (1, 2, 4):
+        c = dataclasses.replace(cfg, accumulate=n)
+        out[n] = jax.jit(flow.make_train_step(c))(state, batch, jax.random.PRNGKey(3))
+    for n in (2, 4):
+        for k in ("loss", "grad_norm", "sigma_mean"):
+            np.testing.assert_allclose(float(out[n][1][k]), float(out[1][1][k]), rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(out[n][0].params), jax.tree.leaves(out[1][0].params)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="accumulate 3"):
+        dataclasses.replace(cfg, accumulate=3)
+
+
+@pytest.mark.parametrize("remat", ["dots", "attention"])
+def test_remat_policies_keep_the_gradient(remat):
+    """Every remat policy (model.remat) computes the same loss and gradient as none."""
+    cfg = tiny_train_config()
+    batch = _tiny_batch(cfg, 2)
+    x0, cond, extra, null = flow.split_batch(batch)
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
+    grads = {}
+    for r in ("none", remat):
+        vel = flow.dit_velocity(dataclasses.replace(cfg.model, remat=r))
+        grads[r] = jax.jit(jax.grad(lambda p, vel=vel: flow.flow_loss(vel, p, cfg.flow, x0, cond, extra, null,
+                                                                         jax.random.PRNGKey(1))[0]))(params)
+    for a, b in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["none"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -42,7 +42,6 @@ def test_make_mesh():
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh("data=4,fsdp=4")
     assert make_mesh("data=2,fsdp=-1").shape["fsdp"] == n // 2
-    with pytest.raises(ValueError, match="data and fsdp only"):
-        make_mesh("tensor=2,fsdp=-1")
+    assert dict(make_mesh("data=2,fsdp=2,tensor=2,sequence=1").shape)["tensor"] == 2  # four axes
     with pytest.raises(ValueError, match="does not split over the 8 devices"):
         check_batch(2, make_mesh("data=2,fsdp=4"))

@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from m141jax import checkpoint, media
+from m141jax import checkpoint, media, parallel
 from m141jax.config import DiTConfig, to_json_dict
 from m141jax.models.dit import init_params
 from m141jax.train import data as data_lib
@@ -30,7 +32,7 @@ from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
 from m141jax.train.dmd import generator_turn, init_dmd_state, make_dmd_step
 from m141jax.train.flow import init_train_state, make_train_step
 from m141jax.train.loop import MetricsLog, run_loop
-from m141jax.train.mesh import batch_shardings, check_batch, make_mesh, state_shardings
+from m141jax.train.mesh import batch_shardings, check_batch, dit_config, make_mesh, state_shardings, strategy
 
 
 def _record_config(out: Path, cfg) -> None:
@@ -56,11 +58,14 @@ class _Run:
     """What both commands share: output dir, mesh, data iterator, checkpoints, metrics, the loop."""
 
     def __init__(self, args, cfg, n_image_tokens: int):
-        self.cfg, self.out = cfg, Path(args.output)
+        self.out = Path(args.output)
         self.out.mkdir(parents=True, exist_ok=True)
         _record_config(self.out, cfg)
         self.mesh = make_mesh(args.mesh or cfg.mesh or None)  # --mesh, else the config file's `mesh`
         check_batch(cfg.data.batch_size, self.mesh)
+        # the DiT attends over the mesh's sequence axis (Ulysses or ring) when it has one
+        self.cfg = cfg = dataclasses.replace(cfg, model=dit_config(cfg.model, self.mesh))
+        self.strategy = strategy(cfg.run.shard_min_size)
         self.batch_sharding = batch_shardings(self.mesh)
         source = data_lib.open_source(cfg.data, cfg.model, n_image_tokens)
         self.data_iter = data_lib.make_iterator(source, cfg.data)
@@ -68,10 +73,38 @@ class _Run:
                                    cfg.run.async_checkpoints)
         self.console = not args.quiet
 
+    def shardings(self, state):
+        """The shardings of a state (arrays or shapes) by the logical-axis rules and the run's strategy."""
+        return state_shardings(state, self.cfg.model, self.mesh, self.strategy)
+
     def place(self, make_state, *inputs):
-        """make_state(*inputs) evaluated under jit straight into its fsdp shardings."""
+        """make_state(*inputs) evaluated under jit straight into its shardings."""
         shapes = jax.eval_shape(make_state, *inputs)
-        return jax.jit(make_state, out_shardings=state_shardings(shapes, self.cfg.model, self.mesh))(*inputs)
+        return jax.jit(make_state, out_shardings=self.shardings(shapes))(*inputs)
+
+    def put(self, tree):
+        """A parameter tree moved to its shardings."""
+        return jax.device_put(tree, self.shardings(tree))
+
+    def step_fn(self, fn, state, *consts):
+        """fn(state, *consts, batch, rng) -> (state, metrics) as step(state, batch, rng), jitted on the mesh and
+        traced under the rule table for a micro-batch (`parallel.jit_sharded`); the state is donated.
+        Batch shardings are those of the first batch (split over data × fsdp by `global_batch`)."""
+        state_sh = self.shardings(state)
+        const_sh = tuple(self.shardings(c) for c in consts)
+        replicated = NamedSharding(self.mesh, P())
+        cache = {}
+
+        def step(s, batch, rng):
+            if "f" not in cache:
+                batch_sh = jax.tree.map(lambda a: a.sharding, batch)
+                cache["f"] = parallel.jit_sharded(
+                    lambda s_, cs, b, r: fn(s_, *cs, b, r), self.mesh, (state_sh, const_sh, batch_sh, replicated),
+                    (state_sh, replicated), batch=self.cfg.data.batch_size // self.cfg.accumulate,
+                    donate_argnums=0)
+            return cache["f"](s, consts, batch, rng)
+
+        return step
 
     def resume(self, state):
         """(state, first step): the newest checkpoint that restores, when there is one; damaged newer ones are
@@ -106,6 +139,7 @@ class _Run:
 def train_main(args) -> int:
     cfg = load_run_config(TRAIN_PRESETS, args.config, args.overrides)
     run = _Run(args, cfg, cfg.flow.n_image_tokens)
+    cfg = run.cfg
     if cfg.init:
         params = _load_dit(cfg.init, cfg.model, cfg.model.param_dtype, run.mesh)
         state = run.place(functools.partial(init_train_state, cfg), params)
@@ -113,7 +147,7 @@ def train_main(args) -> int:
         state = run.place(lambda key: init_train_state(cfg, init_params(cfg.model, key)),
                           jax.random.PRNGKey(cfg.run.seed))
     state, start = run.resume(state)
-    step = jax.jit(make_train_step(cfg), donate_argnums=0)
+    step = run.step_fn(make_train_step(cfg), state)
     count = make_train_step(observe.model_flops_config(cfg))
     flops = observe.FlopCounter(lambda s, b, r, i: observe.step_flops(count, s, b, r))
     state = run.loop(lambda s, b, r, i: step(s, b, r), state, start, "train", flops)
@@ -124,20 +158,23 @@ def train_main(args) -> int:
 def distill_main(args) -> int:
     cfg = load_run_config(DISTILL_PRESETS, args.config, args.overrides)
     run = _Run(args, cfg, cfg.n_image_tokens)
+    cfg = run.cfg
     if cfg.teacher:
-        teacher = _load_dit(cfg.teacher, cfg.model, cfg.teacher_dtype, run.mesh)
+        teacher = run.put(_load_dit(cfg.teacher, cfg.model, cfg.teacher_dtype, run.mesh))
     else:
         print("note: no teacher checkpoint given; distilling a randomly initialised teacher")
         model = dataclasses.replace(cfg.model, param_dtype=cfg.teacher_dtype)
         teacher = run.place(functools.partial(init_params, model), jax.random.PRNGKey(cfg.run.seed))
     state = run.place(functools.partial(init_dmd_state, cfg), teacher, jax.random.PRNGKey(cfg.run.seed + 1))
     state, start = run.resume(state)
-    step = jax.jit(make_dmd_step(cfg), static_argnums=4, donate_argnums=0)
+    dmd_step = make_dmd_step(cfg)
+    steps = {turn_: run.step_fn(lambda s, t, b, r, turn_=turn_: dmd_step(s, t, b, r, turn_), state, teacher)
+             for turn_ in (True, False)}  # the generator turn and the critic-only turn
     count = make_dmd_step(observe.model_flops_config(cfg))
     turn = functools.partial(generator_turn, dmd=cfg.dmd)
     flops = observe.FlopCounter(lambda s, b, r, i: observe.step_flops(count, s, teacher, b, r, turn(i), static_argnums=4),
                                 turn)
-    state = run.loop(lambda s, b, r, i: step(s, teacher, b, r, turn(i)), state, start, "distill", flops)
+    state = run.loop(lambda s, b, r, i: steps[turn(i)](s, b, r), state, start, "distill", flops)
     run.export("generator", state.generator)
     return 0
 

@@ -17,6 +17,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from m141jax.axes import ACTIVATIONS
 from m141jax.config import DiTConfig, dtype_of
@@ -37,8 +38,16 @@ from m141jax.models.params import views
 from m141jax.models.rope import apply_rope, rope_tables
 from m141jax.models.sequence_parallel import attend
 
+ATTENTION_OUT = "attention_out"  # the name (jax.ad_checkpoint.checkpoint_name) of each block's attention output
+# remat policies by name (model.remat; 'none' saves every activation): full/nothing recompute each block in
+# the backward pass, dots saves matmul outputs, attention saves the attention outputs (the costliest part
+# to recompute at long sequence), offload saves them in pinned host memory (backends with host memory kinds)
 _REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-          "nothing": jax.checkpoint_policies.nothing_saveable}
+          "nothing": jax.checkpoint_policies.nothing_saveable,
+          "attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
+          "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+              names_which_can_be_saved=(), names_which_can_be_offloaded=(ATTENTION_OUT,),
+              offload_src="device", offload_dst="pinned_host")}
 
 
 def _kw(cfg: DiTConfig):
@@ -65,8 +74,8 @@ class _Attention(nn.Module):
 
 def _attend(cfg: DiTConfig, q, k, v, valid_len):
     """The image+text self-attention: over the mesh's `sequence` axis by the configured method."""
-    return attend(q, k, v, valid_len=valid_len, method=cfg.sequence_parallel, impl=cfg.attention,
-                  block=cfg.attention_block)
+    return checkpoint_name(attend(q, k, v, valid_len=valid_len, method=cfg.sequence_parallel, impl=cfg.attention,
+                                  block=cfg.attention_block), ATTENTION_OUT)
 
 
 def _out_proj(cfg: DiTConfig, name: str, use_bias: bool = True):

@@ -102,6 +102,7 @@ class RunConfig:
     profile_start: int = 5  # first step (0-based) of the jax.profiler trace written to RUN/profile ...
     profile_steps: int = 0  # ... and how many steps it covers; 0 = no trace
     count_flops: bool = True  # count each step's model FLOPs on its jaxpr (throughput, MFU in the metrics)
+    shard_min_size: int = 0  # state arrays with fewer elements stay replicated (parallel.Strategy.min_size)
 
     def __post_init__(self):
         if self.steps < 0:
@@ -114,6 +115,13 @@ class RunConfig:
                              f"must be ≥ 0")
         if self.log_every < 1:
             raise ValueError(f"run.log_every {self.log_every} must be ≥ 1")
+        if self.shard_min_size < 0:
+            raise ValueError(f"run.shard_min_size {self.shard_min_size} must be ≥ 0")
+
+
+def _check_accumulate(cfg) -> None:
+    if cfg.accumulate < 1 or cfg.data.batch_size % cfg.accumulate:
+        raise ValueError(f"accumulate {cfg.accumulate} must be ≥ 1 and divide data.batch_size {cfg.data.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +137,12 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
     mesh: str = ""  # the mesh the run is meant for, e.g. 'data=8,fsdp=8' ('' = every device on fsdp); --mesh wins
+    accumulate: int = 1  # gradient accumulation: each step's batch is run as this many micro-batches
 
     def __post_init__(self):
         if not 0.0 <= self.ema_decay < 1.0:  # 1 would export the initialisation unchanged
             raise ValueError(f"ema_decay {self.ema_decay} must lie in [0, 1) (0 disables the EMA)")
+        _check_accumulate(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +187,10 @@ class DistillConfig:
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
     mesh: str = ""  # the device mesh the run is meant for, e.g. 'fsdp=64' ('' = every device on fsdp); --mesh wins
+    accumulate: int = 1  # gradient accumulation: each turn's batch is run as this many micro-batches
+
+    def __post_init__(self):
+        _check_accumulate(self)
 
 
 _TINY = dict(param_dtype="fp32", dtype="fp32")

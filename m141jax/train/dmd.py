@@ -35,7 +35,7 @@ from m141jax.config import dtype_of
 from m141jax.models.layers import LayerNorm, dense
 from m141jax.sampling import interpolate, predict_x0
 from m141jax.train.config import DistillConfig, DMDConfig
-from m141jax.train.flow import Velocity, dit_velocity, drop_text, flow_loss, split_batch
+from m141jax.train.flow import Velocity, dit_velocity, drop_text, flow_loss, micro_batches, split_batch
 from m141jax.train.optim import make_optimizer
 
 sg = jax.lax.stop_gradient
@@ -195,11 +195,42 @@ def generator_turn(step: int, dmd: DMDConfig) -> bool:
 def make_dmd_step(cfg: DistillConfig, velocity: Velocity | None = None):
     """dmd_step(state, teacher, batch, rng, update_generator) -> (state, metrics): one DMD2 iteration.
 
-    update_generator is static (jit it with static_argnums=4); take it from `generator_turn(step)`.
+    update_generator is static (jit it with static_argnums=4); take it from `generator_turn(step)`. With
+    cfg.accumulate = n > 1 both turns run their batch as n micro-batches one after another (lax.map),
+    averaging gradients and metrics; each micro-batch draws its own σ's and noise (fold_in of the turn's
+    key by its index), so the step is the large-batch step in expectation, not bit for bit.
     """
     losses = DMD(cfg, velocity)
     (gen_tx, gen_schedule), (critic_tx, critic_schedule) = _optimizers(cfg)
     n_img = cfg.n_image_tokens
+
+    n_micro = cfg.accumulate
+
+    def gen_grads(generator, critic, teacher, rows, k, rng):
+        """((loss, (x̂₀ [B], metrics)), grads) of the generator loss; with accumulation, over micro-batches
+        (each drawing its own randomness by fold_in(rng, j)), x̂₀ reassembled in batch order."""
+        def one(m, key):
+            noise, cond, uncond, extra = m
+            return jax.value_and_grad(losses.generator_loss, has_aux=True)(
+                generator, critic, teacher, noise, cond, uncond, extra, k, key)
+        if n_micro == 1:
+            return one(rows, rng)
+        micro = micro_batches(rows, n_micro)
+        (loss, (x0s, ms)), grads = jax.lax.map(lambda jm: one(jm[1], jax.random.fold_in(rng, jm[0])),
+                                                (jnp.arange(n_micro), micro))
+        x0 = x0s.swapaxes(0, 1).reshape(-1, *x0s.shape[2:])  # inverse of micro_batches
+        return (loss.mean(), (x0, jax.tree.map(jnp.mean, ms))), jax.tree.map(lambda g: g.mean(0), grads)
+
+    def critic_grads(critic, rows, null, rng):
+        def one(m, key):
+            x0_gen, x_real, cond, extra = m
+            return jax.value_and_grad(losses.critic_loss, has_aux=True)(critic, x0_gen, x_real, cond, extra, null,
+                                                                         key)
+        if n_micro == 1:
+            return one(rows, rng)
+        (loss, ms), grads = jax.lax.map(lambda jm: one(jm[1], jax.random.fold_in(rng, jm[0])),
+                                        (jnp.arange(n_micro), micro_batches(rows, n_micro)))
+        return (loss.mean(), jax.tree.map(jnp.mean, ms)), jax.tree.map(lambda g: g.mean(0), grads)
 
     def dmd_step(state: DMDState, teacher, batch: dict, rng, update_generator: bool):
         x_real, cond, extra, null = split_batch(batch)
@@ -211,16 +242,19 @@ def make_dmd_step(cfg: DistillConfig, velocity: Velocity | None = None):
         metrics = {}
         generator, generator_opt = state.generator, state.generator_opt
         if update_generator:
-            (_, (x0_gen, gm)), grads = jax.value_and_grad(losses.generator_loss, has_aux=True)(
-                generator, state.critic, teacher, noise, cond, uncond, extra, k, k_gen)
+            (_, (x0_gen, gm)), grads = gen_grads(generator, state.critic, teacher, (noise, cond, uncond, extra), k,
+                                                 k_gen)
             updates, generator_opt = gen_tx.update(grads, generator_opt, generator)
             generator = optax.apply_updates(generator, updates)
             metrics.update(gm, gen_grad_norm=optax.tree.norm(grads),
                            gen_lr=gen_schedule(state.step // cfg.dmd.critic_steps))
-        else:
+        elif n_micro == 1:
             x0_gen = sg(generate(losses.velocity, generator, noise, cond, extra, losses.sigmas, k))
-        (_, cm), grads = jax.value_and_grad(losses.critic_loss, has_aux=True)(
-            state.critic, x0_gen, x_real, cond, extra, null, k_critic)
+        else:
+            x0s = jax.lax.map(lambda m: sg(generate(losses.velocity, generator, m[0], m[1], m[2], losses.sigmas, k)),
+                              micro_batches((noise, cond, extra), n_micro))
+            x0_gen = x0s.swapaxes(0, 1).reshape(-1, *x0s.shape[2:])
+        (_, cm), grads = critic_grads(state.critic, (x0_gen, x_real, cond, extra), null, k_critic)
         updates, critic_opt = critic_tx.update(grads, state.critic_opt, state.critic)
         critic = optax.apply_updates(state.critic, updates)
         metrics.update(cm, critic_grad_norm=optax.tree.norm(grads), critic_lr=critic_schedule(state.step),

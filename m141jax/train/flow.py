@@ -103,19 +103,58 @@ def flow_matching_loss(v, x0, eps, sigma, weighting: str = "none", skip_frames: 
     return jnp.mean(loss_weight(sigma, weighting) * err.mean(axis=tuple(range(1, err.ndim))))
 
 
-def flow_loss(velocity: Velocity, params, cfg: FlowConfig, x0, cond: Conditioning, extra: dict, null: Conditioning,
-              rng):
-    """The flow-matching loss of `params` on clean latents x₀ with CFG dropout; returns (loss, metrics)."""
+def flow_noise(rng, x0, cfg: FlowConfig):
+    """The randomness of a flow-matching loss on x₀ [B, ...]: (σ [B], ε like x₀, text dropped [B])."""
     k_sigma, k_eps, k_drop = jax.random.split(rng, 3)
     b = x0.shape[0]
-    sigma = sample_sigmas(k_sigma, b, cfg)
-    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    return (sample_sigmas(k_sigma, b, cfg), jax.random.normal(k_eps, x0.shape, jnp.float32),
+            jax.random.uniform(k_drop, (b,)) < cfg.cfg_dropout)
+
+
+def flow_loss_at(velocity: Velocity, params, cfg: FlowConfig, x0, cond: Conditioning, extra: dict,
+                 null: Conditioning, noise):
+    """The flow-matching loss of `params` on x₀ with the randomness `noise` (`flow_noise`); (loss, metrics)."""
+    sigma, eps, drop = noise
     if cfg.cfg_dropout > 0:
-        cond = drop_text(cond, jax.random.uniform(k_drop, (b,)) < cfg.cfg_dropout, null, cfg.n_image_tokens)
+        cond = drop_text(cond, drop, null, cfg.n_image_tokens)
     v = velocity(params, sampling.interpolate(x0, eps, sigma), sigma, cond, extra)
     skip = 0 if cfg.ref_frame_loss or "ref_latents" not in extra else extra["ref_latents"].shape[1]
     loss = flow_matching_loss(v, x0, eps, sigma, cfg.weighting, skip)
     return loss, {"sigma_mean": sigma.mean()}
+
+
+def flow_loss(velocity: Velocity, params, cfg: FlowConfig, x0, cond: Conditioning, extra: dict, null: Conditioning,
+              rng):
+    """The flow-matching loss of `params` on clean latents x₀ with CFG dropout; returns (loss, metrics)."""
+    return flow_loss_at(velocity, params, cfg, x0, cond, extra, null, flow_noise(rng, x0, cfg))
+
+
+def micro_batches(tree, n: int):
+    """Every array of `tree` [B, ...] as [n, B/n, ...]: micro-batch j holds rows j, j+n, j+2n, ... (so
+    a device's block of consecutive rows holds its share of every micro-batch)."""
+    def split(a):
+        if a.shape[0] % n:
+            raise ValueError(f"a batch of {a.shape[0]} rows does not split into {n} micro-batches")
+        return a.reshape(a.shape[0] // n, n, *a.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, tree)
+
+
+def accumulated_value_and_grad(loss_fn, params, batched, n: int):
+    """(mean loss, mean metrics), mean gradient of loss_fn(params, micro_batch) -> (loss, metrics) over the
+    n equal micro-batches of `batched` (a tree of [B, ...] arrays), one micro-batch at a time (lax.scan):
+    the large-batch step's values, with the activations of B/n rows. n = 1 is the plain value_and_grad."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if n == 1:
+        return grad_fn(params, batched)
+
+    def body(acc, micro):
+        out = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, acc, out), None
+
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda a: a[0], micro_batches(batched, n))))
+    total, _ = jax.lax.scan(body, zeros, micro_batches(batched, n))
+    return jax.tree.map(lambda a: a / n, total)
 
 
 # ------------------------------------------------------------------ training step
@@ -136,14 +175,17 @@ def init_train_state(cfg: TrainConfig, params) -> TrainState:
 
 
 def make_train_step(cfg: TrainConfig, velocity: Velocity | None = None):
-    """train_step(state, batch, rng) -> (state, metrics): one AdamW update on the flow-matching loss."""
+    """train_step(state, batch, rng) -> (state, metrics): one AdamW update on the flow-matching loss (its
+    gradient accumulated over `cfg.accumulate` micro-batches)."""
     velocity = velocity or dit_velocity(cfg.model)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.run.steps, cfg.sparsity, cfg.model)
 
     def train_step(state: TrainState, batch: dict, rng):
         x0, cond, extra, null = split_batch(batch)
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: flow_loss(velocity, p, cfg.flow, x0, cond, extra, null, rng), has_aux=True)(state.params)
+        rows = (x0, cond, extra, flow_noise(rng, x0, cfg.flow))  # the randomness of the whole batch, then split
+        (loss, aux), grads = accumulated_value_and_grad(
+            lambda p, m: flow_loss_at(velocity, p, cfg.flow, m[0], m[1], m[2], null, m[3]), state.params, rows,
+            cfg.accumulate)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **aux}

@@ -1,12 +1,17 @@
 """Training on a device mesh, placed by the same logical-axis rules as inference (`m141jax.parallel`).
 
-Parameters, optimizer moments, EMA and N:M masks take the logical names of the DiT parameters they
-mirror (`parallel.state_shardings`): split along `embed` over fsdp (and sequence), along heads / MLP
-channels over tensor; step counters and other small leaves are replicated. Batches are split along
-their leading axis over data × fsdp.
+The mesh has the four axes of `parallel.make_mesh` (data, fsdp, tensor, sequence). Parameters,
+optimizer moments, EMA and N:M masks take the logical names of the DiT parameters they mirror
+(`parallel.state_shardings`): split along `embed` over fsdp (and sequence), along heads / MLP channels
+over tensor; step counters and arrays below `run.shard_min_size` elements are replicated. Batches are
+split along their leading axis over data × fsdp; the step functions are traced inside the mesh and the
+rule table (`parallel.jit_sharded`), so block activations are split along their tokens over `sequence`
+and the DiT's attention runs Ulysses or ring over it (`dit_config`), forward and backward.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -16,18 +21,24 @@ from m141jax.axes import BATCH_AXES
 from m141jax.config import DiTConfig
 from m141jax.models.dit import param_logical_axes
 
-TRAINING_AXES = BATCH_AXES  # the mesh axes training splits today
-
 
 def make_mesh(spec: str | None = None, devices=None) -> Mesh:
-    """The four-axis mesh of `parallel.make_mesh` from 'data=2,fsdp=-1' (default: every device on fsdp);
-    training uses its data and fsdp axes."""
-    mesh = parallel.make_mesh(spec or "fsdp=-1", devices)
-    unused = [a for a, n in mesh.shape.items() if a not in TRAINING_AXES and n > 1]
-    if unused:
-        raise ValueError(f"training meshes split over {' and '.join(TRAINING_AXES)} only; got "
-                         f"{parallel.format_mesh(mesh)}")
-    return mesh
+    """The four-axis mesh of `parallel.make_mesh` from 'data=2,fsdp=2,tensor=2,sequence=-1' (default: every
+    device on fsdp)."""
+    return parallel.make_mesh(spec or "fsdp=-1", devices)
+
+
+def dit_config(model: DiTConfig, mesh: Mesh) -> DiTConfig:
+    """The model config with its sequence-parallel method for `mesh` (as inference's `dit_on_mesh`): the
+    configured one, or when it is 'none'/'auto', Ulysses where each tensor shard's heads split over the
+    sequence axis, else ring ('none' on a mesh without a sequence split)."""
+    requested = "auto" if model.sequence_parallel in ("none", "auto") else model.sequence_parallel
+    return dataclasses.replace(model, sequence_parallel=parallel.sequence_parallel_method(model, mesh, requested))
+
+
+def strategy(min_size: int) -> parallel.Strategy:
+    """The run's placement strategy: the rule table, arrays below `min_size` elements replicated."""
+    return parallel.Strategy(min_size=min_size)
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
