@@ -11,7 +11,8 @@ every local shard against WORKDIR/params.npz. Writes WORKDIR/velocity.npz (proce
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=600 "
+                           "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -197,8 +197,7 @@ SHARDED = textwrap.dedent("""
 @pytest.mark.slow
 def test_dmd_step_sharded_on_8_devices_equals_unsharded():
     # 8 host devices; cheaper CPU code generation halves the two compiles (both runs get the same flags)
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " \
-            "--xla_llvm_disable_expensive_passes=true"
+    flags = os.environ["XLA_FLAGS"] + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, cwd=ROOT,
                        timeout=900, check=False)
