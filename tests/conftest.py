@@ -1,7 +1,10 @@
 """Test set-up: eight simulated CPU devices (set before JAX starts, so the sharding tests can build
-real meshes; every other test runs on the first of them), and in-process CLI runners. Collectives between
-simulated devices wait up to 10 minutes for each other (XLA's default, 40 s, aborts the process when a
-loaded machine schedules some device threads late); subprocesses inherit these flags."""
+real meshes; every other test runs on the first of them), and in-process CLI runners.
+
+XLA's CPU client gets 16 threads whatever the core count (PJRT_NPROC): with its default, one per core, the
+sharded DMD2 step on 8 devices deadlocked on 2 busy cores (two collectives in flight, each joined by 4 of
+the 8 devices; it passed with 16 under the same load), and collectives wait 10 minutes for late devices
+rather than XLA's 40 s. Subprocesses inherit these settings."""
 
 import os
 
@@ -11,6 +14,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
 if "collective_timeout" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += f" {_PATIENT}"
+os.environ.setdefault("PJRT_NPROC", "16")
 # commands run in-process leave the user's persistent compilation cache alone (tests that want one pass a folder)
 os.environ.setdefault("M141JAX_COMPILATION_CACHE", "off")
 
