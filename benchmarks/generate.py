@@ -169,6 +169,44 @@ def bench_start(prompt: str = "a red circle moves to the right", argv: tuple[str
            compiled_cold=counts[0], compiled_warm=counts[1], ratio=seconds[0] / seconds[1])
 
 
+def _generate_process(argv: list[str], out: Path) -> tuple[float, int]:
+    """(seconds, peak resident set in bytes) of one `m141jax generate` process (`os.wait4`'s rusage of that
+    child alone); its standard error ends up in out.log."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = out.with_suffix(".log")
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        child = subprocess.Popen([sys.executable, "-m", "m141jax", "generate", *argv, "--quiet", "--out", str(out)],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"generate failed ({os.waitstatus_to_exitcode(status)}): {log.read_text()[-2000:]}")
+    return time.perf_counter() - start, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def bench_rss(clips: int = 6, size: str = "128x128", prompt: str = "a red circle moving right") -> None:
+    """Peak host memory (RSS) of a 1-clip and a `clips`-clip `m141jax generate --preset demo` video, each
+    in a fresh process with a warm compilation cache (a first run fills it), so both load and compile
+    alike: the sliding window carries only the reference frames from clip to clip, so the peak should
+    not grow with the number of clips. clip_mib: one clip's decoded float32 frames, what each clip would
+    add if clips were held."""
+    import math
+
+    frames = lambda n: 17 + 16 * (n - 1)  # noqa: E731 - the demo's 17-frame clips, each later one adds 16
+    with tempfile.TemporaryDirectory() as tmp:
+        base = ["--preset", "demo", "--prompt", prompt, "--size", size, "--compilation-cache", str(Path(tmp) / "jax")]
+        _generate_process([*base, "--frames", "17"], Path(tmp) / "warm.mp4")
+        (s1, rss1), (sn, rssn) = (_generate_process([*base, "--frames", str(frames(n))], Path(tmp) / f"{n}.mp4")
+                                  for n in (1, clips))
+    h, w = (int(x) for x in size.split("x"))
+    result("generate_rss", preset="demo", size=size, clips=f"1,{clips}", frames=f"17,{frames(clips)}",
+           rss_1_mib=rss1 / 2**20, rss_n_mib=rssn / 2**20, growth=rssn / rss1 - 1,
+           clip_mib=17 * h * w * 3 * 4 / 2**20, seconds_1=s1, seconds_n=sn, flat=int(math.isclose(rssn, rss1, rel_tol=0.1)))
+
+
 # ----------------------------------------------------------------------------------------- accelerator
 
 def bench_13b(repeats: int, frames: int = 81, size: tuple[int, int] = (544, 960), steps: int = 4,
@@ -239,9 +277,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-cpu", action="store_true", help="only the accelerator section")
     p.add_argument("--start", action="store_true", help="only the cold / warm start of `generate --preset demo`")
+    p.add_argument("--rss", action="store_true", help="only the peak host memory of a 1-clip and a 6-clip demo video")
     args = p.parse_args()
     if args.start:
         return bench_start()
+    if args.rss:
+        return bench_rss()
     if not args.skip_cpu:
         bench_start()
         bench_sampler_vs_torch(args.repeats)
