@@ -19,20 +19,24 @@ Every measurement ends in one `RESULT <name> key=value ...` line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from common import best_of, result
+if "--batch" in sys.argv:  # the mesh of the batch section: 8 simulated CPU devices, set before JAX starts
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
-from m141jax import pipeline, sampling
-from m141jax.config import preset
-from m141jax.models import dit as dit_lib
-from m141jax.models.conditioning import Conditioning
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from common import best_of, result  # noqa: E402
+
+from m141jax import pipeline, sampling  # noqa: E402
+from m141jax.config import preset  # noqa: E402
+from m141jax.models import dit as dit_lib  # noqa: E402
+from m141jax.models.conditioning import Conditioning  # noqa: E402
 
 PAPER_SECONDS_PER_VIDEO_SECOND = 3.0 / 5.0  # "5-second video clips within 3 seconds"
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "v5e": 197.0, "v5 lite": 197.0, "v5p": 459.0,
@@ -169,6 +173,76 @@ def bench_start(prompt: str = "a red circle moves to the right", argv: tuple[str
            compiled_cold=counts[0], compiled_warm=counts[1], ratio=seconds[0] / seconds[1])
 
 
+def _generate_process(argv: list[str], out: Path) -> tuple[float, int]:
+    """(seconds, peak resident set in bytes) of one `m141jax generate` process (`os.wait4`'s rusage of that
+    child alone); its standard error ends up in out.log."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = out.with_suffix(".log")
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        child = subprocess.Popen([sys.executable, "-m", "m141jax", "generate", *argv, "--quiet", "--out", str(out)],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"generate failed ({os.waitstatus_to_exitcode(status)}): {log.read_text()[-2000:]}")
+    return time.perf_counter() - start, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def bench_rss(clips: int = 6, size: str = "128x128", prompt: str = "a red circle moving right") -> None:
+    """Peak host memory (RSS) of a 1-clip and a `clips`-clip `m141jax generate --preset demo` video, each
+    in a fresh process with a warm compilation cache (a first run fills it), so both load and compile
+    alike: the sliding window carries only the reference frames from clip to clip, so the peak should
+    not grow with the number of clips. clip_mib: one clip's decoded float32 frames, what each clip would
+    add if clips were held."""
+    import math
+
+    frames = lambda n: 17 + 16 * (n - 1)  # noqa: E731 - the demo's 17-frame clips, each later one adds 16
+    with tempfile.TemporaryDirectory() as tmp:
+        base = ["--preset", "demo", "--prompt", prompt, "--size", size, "--compilation-cache", str(Path(tmp) / "jax")]
+        _generate_process([*base, "--frames", "17"], Path(tmp) / "warm.mp4")
+        (s1, rss1), (sn, rssn) = (_generate_process([*base, "--frames", str(frames(n))], Path(tmp) / f"{n}.mp4")
+                                  for n in (1, clips))
+    h, w = (int(x) for x in size.split("x"))
+    result("generate_rss", preset="demo", size=size, clips=f"1,{clips}", frames=f"17,{frames(clips)}",
+           rss_1_mib=rss1 / 2**20, rss_n_mib=rssn / 2**20, growth=rssn / rss1 - 1,
+           clip_mib=17 * h * w * 3 * 4 / 2**20, seconds_1=s1, seconds_n=sn, flat=int(math.isclose(rssn, rss1, rel_tol=0.1)))
+
+
+def bench_batch(prompts: int = 8, spec: str = "data=8", repeats: int = 1) -> None:
+    """Videos per minute of a JSON Lines batch (`serve.run_batch`: text → image → video, 5 frames of 64×64)
+    of `prompts` tiny-model prompts, on one device and on a `spec` mesh of 8 simulated CPU devices (the
+    batch's rows split over its data axis), after a first run that compiles; best of `repeats`. Simulated
+    devices share this host's cores, so the ratio says what splitting costs here, not an accelerator's speed-up."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fixtures import write_tiny_checkpoints
+
+    from m141jax import components, parallel, serve
+
+    settings = pipeline.Settings(frames=5, clip_frames=5, size=(64, 64), t2i_steps=4)
+    rate = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_tiny_checkpoints(Path(tmp) / "ckpt")
+        for name, mesh in [("one", None), ("mesh", parallel.make_mesh(spec))]:
+            models = components.load_models(ckpt, with_t2i=True, dtype="fp32", mesh=mesh)
+            times = []
+            for run in range(repeats + 1):  # the first run compiles
+                out = Path(tmp) / f"{name}{run}"
+                out.mkdir()
+                requests = [serve.Request(f"a shape number {i} moving", out / f"{i:03d}.mp4", i) for i in range(prompts)]
+                start = time.perf_counter()
+                counts = serve.run_batch(models, requests, settings, out / serve.MANIFEST, log=lambda s: None)
+                times.append(time.perf_counter() - start)
+                if counts["done"] != prompts:
+                    raise SystemExit(f"batch run: {counts}")
+            rate[name] = prompts / min(times[1:]) * 60
+    result("generate_batch", prompts=prompts, frames=settings.frames, size="64x64", devices=len(jax.devices()),
+           mesh=spec, videos_per_min_one_device=rate["one"], videos_per_min_mesh=rate["mesh"],
+           ratio=rate["mesh"] / rate["one"])
+
+
 # ----------------------------------------------------------------------------------------- accelerator
 
 def bench_13b(repeats: int, frames: int = 81, size: tuple[int, int] = (544, 960), steps: int = 4,
@@ -239,9 +313,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-cpu", action="store_true", help="only the accelerator section")
     p.add_argument("--start", action="store_true", help="only the cold / warm start of `generate --preset demo`")
+    p.add_argument("--rss", action="store_true", help="only the peak host memory of a 1-clip and a 6-clip demo video")
+    p.add_argument("--batch", action="store_true",
+                   help="only videos per minute of a tiny-model JSON Lines batch, one device against data=8")
     args = p.parse_args()
+    if args.batch:
+        return bench_batch(repeats=args.repeats)
     if args.start:
         return bench_start()
+    if args.rss:
+        return bench_rss()
     if not args.skip_cpu:
         bench_start()
         bench_sampler_vs_torch(args.repeats)

@@ -9,11 +9,14 @@ fold_in(key(S), 0)); one without takes the run's --seed and its index (fold_in(k
 rule of a plain prompts file), so its video does not depend on the other prompts of its batch.
 
 Batches (`run_batch`): requests of equal shape (image size, frame count) run together, at most
-`batch_size` at a time; `manifest.jsonl` beside the outputs gets one line per finished video (prompt,
-seed, file, seconds, status "ok") or failed request (status "error", message), each appended in one
-write; a rerun skips the requests whose video and "ok" line exist. A batch that fails is retried
-request by request, so one bad request is recorded and the others finish. Over several processes each
-takes the requests whose index modulo the process count is its own (when its devices are its own).
+`batch_size` at a time, in device batches that are whole multiples of the mesh's data axis where the
+group allows (`device_batches`: the samplers split a batch's rows over that axis; a batch it does not
+divide would run whole on every data shard), the rest as one smaller batch. `manifest.jsonl` beside the
+outputs gets one line per finished video (prompt, seed, file, seconds, status "ok") or failed request
+(status "error", message), each appended in one write; a rerun skips the requests whose video and "ok"
+line exist. A batch that fails is retried request by request, so one bad request is recorded and the
+others finish. Over several processes each takes the requests whose index modulo the process count is its
+own (when its devices are its own).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax
 import numpy as np
 
 from m141jax import media, pipeline
+from m141jax.axes import DATA
 from m141jax.components import Models
 
 MANIFEST = "manifest.jsonl"
@@ -262,6 +266,30 @@ def manifest_path(folder: Path, process_index: int = 0, process_count: int = 1) 
     return folder / (MANIFEST if process_count == 1 else f"manifest-{process_index:03d}.jsonl")
 
 
+def data_width(models: Models) -> int:
+    """The size of the data axis of the mesh the I2V DiT runs on (1 without a mesh)."""
+    mesh = getattr(models.dit, "mesh", None)
+    return 1 if mesh is None else mesh.shape.get(DATA, 1)
+
+
+def device_batches(n: int, batch_size: int | None, width: int) -> list[int]:
+    """Sizes of the device batches of a group of n requests: at most batch_size each (None: n), each a
+    multiple of the data axis `width` when n allows (batch_size rounded down to one, if it is at least
+    `width`), the remainder (< width) last."""
+    size = batch_size or n
+    if size >= width:
+        size -= size % width
+    sizes = []
+    while n >= size:
+        sizes.append(size)
+        n -= size
+    while n:  # fewer left than a full batch: the largest multiple of width, then the rest
+        part = n - n % width or n
+        sizes.append(part)
+        n -= part
+    return sizes
+
+
 def run_batch(models: Models, entries: list[Request | str], settings: pipeline.Settings, manifest: Path,
               batch_size: int | None = None, progress: bool = False,
               log: Callable[[str], None] | None = None) -> dict[str, int]:
@@ -294,10 +322,12 @@ def run_batch(models: Models, entries: list[Request | str], settings: pipeline.S
             counts["failed"] += 1
             continue
         groups.setdefault(prepared.shape, []).append(prepared)
+    width = data_width(models)
     for group in groups.values():
-        size = batch_size or len(group)
-        for i in range(0, len(group), size):
-            _run_recorded(models, group[i:i + size], settings.seed, record, counts, progress, log)
+        start = 0
+        for size in device_batches(len(group), batch_size, width):
+            _run_recorded(models, group[start:start + size], settings.seed, record, counts, progress, log)
+            start += size
     return counts
 
 

@@ -214,3 +214,40 @@ def test_low_memory_equals_resident(ckpt, image, tmp_path, quantize):
     # text -> image, then two clips: encoders, T2I DiT, VAE (decode); per clip encoders, VAE, I2V DiT, VAE
     assert order == ["encoders", "t2i", "vae"] + ["encoders", "vae", "dit", "vae"] * 2
     assert staged.swaps == len(order) and staged.swap_seconds > 0
+
+
+def test_device_batches():
+    from m141jax.serve import device_batches
+    assert device_batches(5, None, 2) == [4, 1] and device_batches(9, None, 4) == [8, 1]
+    assert device_batches(10, 4, 2) == [4, 4, 2] and device_batches(5, 3, 2) == [2, 2, 1]
+    assert device_batches(3, None, 1) == [3] and device_batches(1, None, 8) == [1]
+
+
+@pytest.mark.slow
+def test_jsonl_batch_split_over_the_data_axis(ckpt, image, tmp_path, monkeypatch):
+    """A JSON Lines batch on a data=2 mesh (8 simulated devices): three requests of one shape run as a
+    device batch of two, its rows split over the data axis, and one of one; the videos equal the
+    one-device run's (one batch of three) up to uint8 truncation of float rounding."""
+    from m141jax import components, parallel, pipeline, sampling, serve
+
+    seen, clips = [], []
+    denoise, image_to_video = sampling.denoise, pipeline.image_to_video
+    monkeypatch.setattr(sampling, "denoise", lambda p, cfg, noise, *a: seen.append(
+        (noise.shape[0], getattr(noise.sharding, "spec", (None,))[0])) or denoise(p, cfg, noise, *a))
+    monkeypatch.setattr(pipeline, "image_to_video", lambda *a: clips.append(image_to_video(*a)) or clips[-1])
+    settings = pipeline.Settings(frames=5, clip_frames=5, size=(64, 64))
+    requests = [serve.Request(p, tmp_path / f"{i}.mp4", i, image=str(image))
+                for i, p in enumerate(["a cat", "a dog on a hill", "a red car"])]
+    videos = {}
+    for name, mesh in [("one", None), ("mesh", parallel.make_mesh("data=2,fsdp=4"))]:
+        models = components.load_models(ckpt, with_t2i=False, dtype="fp32", mesh=mesh)
+        seen.clear(), clips.clear()
+        counts = serve.run_batch(models, requests, settings, tmp_path / f"manifest-{name}.jsonl", log=lambda s: None)
+        assert counts == dict(done=3, skipped=0, failed=0)
+        videos[name] = (np.concatenate(clips).astype(np.int16), list(seen))
+        for r in requests:
+            r.out.unlink()
+    assert videos["one"][1] == [(3, None)]
+    assert videos["mesh"][1] == [(2, "data"), (1, None)]
+    one, mesh = videos["one"][0], videos["mesh"][0]
+    assert np.abs(one - mesh).max() <= 1 and (one != mesh).mean() < 0.01
