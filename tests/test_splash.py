@@ -186,6 +186,23 @@ def test_cudnn_call_with_query_and_key_lengths():
         assert rel_err(a, b) <= 1e-5
 
 
+def test_cudnn_gradient_lowers_to_the_cudnn_kernels(monkeypatch):
+    """Lowered for CUDA, the cudnn backend's gradient is cuDNN's flash attention forward and backward with
+    the padding mask (query and key lengths), nothing else. No cuDNN on a CPU host: its version query is
+    stubbed (9.10); the kernels' numbers are checked only on a GPU."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    q = jnp.zeros((2, 300, 4, 128), jnp.bfloat16)
+    f = jax.jit(jax.grad(lambda q, k, v: A.attention(q, k, v, valid_len=jnp.array([250, 10]), impl="cudnn")
+                         .astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+    text = f.trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @(\S+)\(", text)
+    assert sorted(calls) == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]
+    assert text.count('mask_type\\22: \\22PADDING') == 2
+    assert "dot_general" not in text  # no XLA attention beside the kernels
+
+
 def test_parity_dit_splash_equals_xla(tmp_path, run_parity):
     """`parity dit` on a checkpoint whose m141jax.json says "attention": "splash" equals "xla" (fp32)."""
     cfg = preset("tiny-i2v", param_dtype="fp32", dtype="fp32")
