@@ -16,7 +16,8 @@ program and adds `ms=` (median of --repeats) and `tflops=`: model FLOPs 4·B·H�
     python benchmarks/attention.py --topology v5e:2x4 --mesh sequence=8 --method ring   # a v5e-8 ring
 
 `--mesh` runs it over a device mesh (`sequence` axis: sequence parallelism by `--method`, ring or
-ulysses; models/sequence_parallel.py), the tokens split over `sequence`; temporaries are per chip.
+ulysses; models/sequence_parallel.py), the inputs split over `sequence` where the tokens divide
+(else replicated; the attention pads them); temporaries are per chip.
 
 Default backends: splash and blockwise on TPU (and for --topology), cudnn and blockwise on a GPU.
 A compile the TPU compiler refuses for memory prints compiled=0 with the temporaries it asked for.
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     mesh = parallel.make_mesh(args.mesh or {}, devices if args.mesh else [device])
     method = args.method if args.mesh else "none"
+    split = "sequence" if args.tokens % mesh.shape["sequence"] == 0 else None  # else replicated inputs
     length, h, d = args.tokens, args.heads, args.dim
     print(f"attention at {length} tokens x {h} heads x {d} ({args.dtype}) on {platform} ({device.device_kind}), "
           f"mesh {args.mesh or 'one device'}", flush=True)
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
                 out, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, valid), q, k, v)
                 return out, vjp(dout)
 
-            x = jax.ShapeDtypeStruct((b, length, h, d), dtype, sharding=NamedSharding(mesh, P(None, "sequence")))
+            x = jax.ShapeDtypeStruct((b, length, h, d), dtype, sharding=NamedSharding(mesh, P(None, split)))
             lens = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=NamedSharding(mesh, P()))
             for name in args.passes.split(","):
                 fn, shapes = (fwd, (x, x, x, lens)) if name == "fwd" else (fwd_bwd, (x, x, x, lens, x))
