@@ -11,7 +11,7 @@ chip's memory, leaving room for the runtime. Nothing is allocated or run.
     python benchmarks/fit.py --topology v5e:2x4 --attention splash   # with the Pallas splash kernel
 
 `--attention` picks the kernel (default blockwise; splash compiles the Pallas TPU kernel for a
-topology, interpreted on other platforms; ring attention runs splash forward, blockwise backward).
+topology, interpreted on other platforms; ring attention runs it on every key/value block).
 
 `--topology` compiles for a TPU slice with the real TPU compiler on any machine where libtpu is
 importable; that compiler refuses a program whose temporaries exceed the chip's HBM, which is then

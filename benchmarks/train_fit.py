@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--size", default="544x960x81")
     p.add_argument("--text-len", type=int, default=402)
     p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--attention", help="the DiT's attention backend, e.g. splash (default: the config's, auto)")
     p.add_argument("--train-config", default=os.path.join(ROOT, "configs/train/magic141-i2v-13b.yaml"))
     p.add_argument("--distill-config", default=os.path.join(ROOT, "configs/distill/magic141-i2v-13b-dmd2.yaml"))
     p.add_argument("overrides", nargs="*", help="config overrides for both files, e.g. model.remat=dots accumulate=2")
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     chip = args.topology.split(":")[0] if args.topology else None
     hbm = HBM_GIB.get(chip)
     h, w, frames = (int(x) for x in args.size.split("x"))
-    over = [*args.overrides, *([f"data.batch_size={args.videos}"] if args.videos else []), "data.source=synthetic"]
+    over = [*args.overrides, *([f"data.batch_size={args.videos}"] if args.videos else []), "data.source=synthetic",
+            *([f"model.attention={args.attention}"] if args.attention else [])]
 
     def setup(presets, path):
         cfg = load_run_config(presets, path, over)
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
         fits = ok and (hbm is None or peak <= 0.9 * hbm)
         spec = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
         print(f"RESULT train_fit topology={args.topology or devices[0].platform} step={name} mesh={spec} "
-              f"videos={videos} remat={cfg.model.remat} accumulate={cfg.accumulate} "
+              f"videos={videos} remat={cfg.model.remat} accumulate={cfg.accumulate} attention={cfg.model.attention} "
               f"sequence_parallel={cfg.model.sequence_parallel} peak_gib={peak:.2f} hbm_gib={hbm or 'nan'} "
               f"fits={int(fits)} xla_tflop={xla:.1f} model_tflop={model_tflop:.1f} "
               f"compile_s={time.perf_counter() - t0:.0f}", flush=True)

@@ -2,6 +2,7 @@
 on its own, under sequence parallelism and through the DiT; the cudnn backend's call run by XLA."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,7 @@ def test_block_sizes():
                                          ("none", "data=2,tensor=4")])
 def test_splash_under_sequence_parallelism(method, mesh):
     """37 tokens over sequence=4 (padded to 40) with tensor=2: ulysses attends with splash per device; ring
-    merges per-block splash results by log-sum-exp (its backward is blockwise). Without sequence
+    merges per-block splash results by log-sum-exp and sums per-block splash gradients. Without sequence
     parallelism on a mesh, splash runs under shard_map over batch and heads (Mosaic kernels cannot be
     partitioned automatically). Valid rows and the gradients they produce equal the single-device xla
     backend."""
@@ -123,6 +124,47 @@ def test_splash_under_sequence_parallelism(method, mesh):
         assert rel_err(a, b) <= 1e-5
 
 
+def test_splash_grads_of_key_blocks_sum_to_the_gradient():
+    """`splash_grads` of two key blocks (150 keys each, padded to 256 with block 128; 200 queries over two
+    query blocks) with the whole softmax's output and log-sum-exp: their sum is the xla gradient."""
+    q, _, _, w = _qkv(2, 200, h=1)
+    _, k, v, _ = _qkv(2, 300, h=1, seed=1)
+    valid = jnp.array([170, 40])
+    seg_q = (jnp.arange(200)[None] >= valid[:, None]).astype(jnp.int32)
+    seg_k = (jnp.arange(300)[None] >= valid[:, None]).astype(jnp.int32)
+
+    @jax.jit
+    def shares(q, k, v, w):
+        out, lse = splash.splash_attention(q, k, v, seg_q, seg_k, block=128, save_residuals=True)
+        return [splash.splash_grads(q, k[:, s], v[:, s], seg_q, seg_k[:, s], out, lse, w, block=128)
+                for s in (slice(0, 150), slice(150, 300))]
+
+    (dq0, dk0, dv0), (dq1, dk1, dv1) = shares(q, k, v, w)
+    got = dq0 + dq1, jnp.concatenate([dk0, dk1], 1), jnp.concatenate([dv0, dv1], 1)
+
+    def xla(q, k, v):  # the same two segments with 300 keys: A.attention's are for self-attention
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
+        s = jnp.where(seg_q[:, None, :, None] == seg_k[:, None, None, :], s, -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+
+    _, vjp = jax.vjp(xla, q, k, v)
+    for a, b in zip(got, vjp(w)):
+        assert a.dtype == jnp.float32 and rel_err(a, b) <= 1e-5
+
+
+def test_ring_backward_runs_the_splash_kernels():
+    """Lowered for TPU, the gradient of ring attention with the splash backend holds the kernel's forward
+    (with residuals) and its dq and dkv backward kernels: the ring's backward is splash, not blockwise."""
+    q = jnp.zeros((1, 512, 8, 128), jnp.bfloat16)
+    f = jax.jit(jax.grad(lambda q: attend(q, q, q, valid_len=jnp.array([400]), method="ring", impl="splash")
+                         .astype(jnp.float32).sum()))
+    with jax.set_mesh(parallel.make_mesh("sequence=4,tensor=2")):
+        text = f.trace(q).lower(lowering_platforms=("tpu",)).as_text()
+    assert set(re.findall(r"splash_mha_\w+", text)) == {
+        "splash_mha_fwd_segmented_residuals", "splash_mha_dq_segmented_no_residuals",
+        "splash_mha_dkv_segmented_no_residuals"}
+
+
 def test_cudnn_call_with_query_and_key_lengths():
     """The cudnn backend's exact call, run by XLA: valid rows and their gradients are the release's,
     padding query rows are zero (not read by the release)."""
@@ -142,6 +184,23 @@ def test_cudnn_call_with_query_and_key_lengths():
     assert not np.asarray(jnp.where(valid, 0, got)).any()
     for a, b in zip(ggot, gwant):
         assert rel_err(a, b) <= 1e-5
+
+
+def test_cudnn_gradient_lowers_to_the_cudnn_kernels(monkeypatch):
+    """Lowered for CUDA, the cudnn backend's gradient is cuDNN's flash attention forward and backward with
+    the padding mask (query and key lengths), nothing else. No cuDNN on a CPU host: its version query is
+    stubbed (9.10); the kernels' numbers are checked only on a GPU."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    q = jnp.zeros((2, 300, 4, 128), jnp.bfloat16)
+    f = jax.jit(jax.grad(lambda q, k, v: A.attention(q, k, v, valid_len=jnp.array([250, 10]), impl="cudnn")
+                         .astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+    text = f.trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @(\S+)\(", text)
+    assert sorted(calls) == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]
+    assert text.count('mask_type\\22: \\22PADDING') == 2
+    assert "dot_general" not in text  # no XLA attention beside the kernels
 
 
 def test_parity_dit_splash_equals_xla(tmp_path, run_parity):

@@ -7,11 +7,12 @@ batch axes that divide it, the tokens over `sequence`, the heads over `tensor`.
   whole sequence for its heads with the usual backend (`attention`, cuDNN included), and a second
   all-to-all turns them back. Needs the heads of a tensor shard to divide by the sequence axis.
 - Ring: each device keeps its queries and passes its key/value block around the ring; every step
-  adds one block's partial result, merged by log-sum-exp: the splash kernel's (`save_residuals`) when
-  the backend is splash (asked for, or auto on a TPU), else the blockwise online softmax
-  (`flash_partial`). The backward pass walks the ring again with the blockwise gradient pieces
-  (`flash_grads`, pure JAX, for every backend, splash included), the key / value gradients travelling
-  with their blocks, so memory stays O(L/n · block) in both directions.
+  adds one block's partial result, merged by log-sum-exp. The backward pass walks the ring again,
+  each block's gradient share computed from the global output and log-sum-exp, the key / value
+  gradients travelling with their blocks, so memory stays O(L/n · block) in both directions. The
+  per-block kernel is the splash kernel when the backend is splash (asked for, or auto on a TPU):
+  forward with `save_residuals`, backward with its dq / dkv kernels (`splash_grads`); else the
+  blockwise pieces (`flash_partial`, `flash_grads`, pure JAX).
 
 Masking is the release's segment mask (release.md B.6): a token attends only within its segment (the
 image tokens plus the valid text prefix; the text padding). When the token count does not divide
@@ -31,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from m141jax.axes import BATCH_AXES, SEQUENCE, TENSOR, fit_axes
 from m141jax.models.attention import attention, resolve
 from m141jax.models.blockwise import block_split, default_block, flash_grads, flash_partial, from_blocks, to_blocks
-from m141jax.models.splash import splash_attention
+from m141jax.models.splash import splash_attention, splash_grads
 
 AXIS = SEQUENCE
 METHODS = ("none", "ulysses", "ring")
@@ -100,20 +101,12 @@ def _ulysses(q, k, v, valid_len, *, impl, block):
 
 def _ring(q, k, v, valid_len, *, length, block, splash=False):
     """On one device: its query block against every key/value block as they pass around the ring.
-    block: the splash forward's block length when `splash`, and the blockwise pieces' (None: defaults)."""
+    block: the per-block kernel's block length (None: its default)."""
     chunk = q.shape[1]
     pos = jax.lax.axis_index(AXIS) * chunk + jnp.arange(chunk)
     # segment 0: image + valid text; 1: text padding; 2: the padding added to divide the axis
     seg = (pos[None] >= valid_len[:, None]).astype(jnp.int32) + (pos[None] >= length).astype(jnp.int32)
-    if splash:
-        return ring_attention(q, k, v, seg, seg, default_block() if block is None else block,
-                              "splash" if block is None else f"splash:{block}")
-    return ring_attention(q, k, v, seg, seg, block or default_block())
-
-
-def _rows(lse, n):
-    """Blockwise log-sum-exp [nq, B, H, bq] -> per row [B, n, H]."""
-    return from_blocks(lse[..., None], n)[..., 0]
+    return ring_attention(q, k, v, seg, seg, "splash" if splash else "blockwise", block)
 
 
 def _pass(xs):
@@ -123,29 +116,47 @@ def _pass(xs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def ring_attention(q, k, v, seg_q, seg_k, block: int, forward: str = "blockwise"):
+def ring_attention(q, k, v, seg_q, seg_k, kernel: str = "blockwise", block: int | None = None):
     """Exact segment-masked attention of this device's queries against the keys of the whole ring
     (call inside shard_map over the `sequence` axis). q/k/v [b, l, h, D], seg [b, l].
 
-    forward: the per-block kernel of the forward pass: "blockwise" (`flash_partial` with `block`), or
-    "splash" / "splash:N" (the splash kernel with its default block / block N). The backward pass is
-    blockwise (`flash_grads` with `block`) either way."""
-    return _ring_fwd(q, k, v, seg_q, seg_k, block, forward)[0]
+    kernel: what computes each key/value block, forward and backward: "blockwise" (`flash_partial`,
+    `flash_grads`) or "splash" (the kernel with `save_residuals`, `splash_grads`); block: its block
+    length (None: that kernel's default). Either way the backward pieces take the global output and
+    log-sum-exp, so their sum over the ring is the exact gradient."""
+    return _ring_fwd(q, k, v, seg_q, seg_k, kernel, block)[0]
 
 
-def _partial(q, k, v, seg_q, seg_k, block, forward):
+def _partial(kernel, block, q, k, v, seg_q, seg_k):
     """One key/value block's fp32 output [b, l, h, D] and log-sum-exp per row [b, l, h]."""
-    if forward.startswith("splash"):
-        _, _, n = forward.partition(":")
-        o, lse = splash_attention(q, k, v, seg_q, seg_k, block=int(n) if n else None, save_residuals=True)
+    if kernel == "splash":
+        o, lse = splash_attention(q, k, v, seg_q, seg_k, block=block, save_residuals=True)
         return o.astype(jnp.float32), lse
-    o, lse = flash_partial(q, k, v, seg_q, seg_k, block)
+    o, lse = flash_partial(q, k, v, seg_q, seg_k, block or default_block())
     return o, _rows(lse, q.shape[1])
 
 
-def _ring_fwd(q, k, v, seg_q, seg_k, block, forward="blockwise"):
+def _rows(lse, n):
+    """Blockwise log-sum-exp [nq, B, H, bq] -> per row [B, n, H]."""
+    return from_blocks(lse[..., None], n)[..., 0]
+
+
+def _grads(kernel, block, q, k, v, seg_q, seg_k, out, lse, dout):
+    """One key/value block's fp32 share (dq, dk, dv) of the gradient, given the global output and
+    log-sum-exp per row [b, l, h]."""
+    if kernel == "splash":
+        return splash_grads(q, k, v, seg_q, seg_k, out, lse, dout, block=block)
+    block = block or default_block()
+    nq, bq = block_split(q.shape[1], block)
+    return flash_grads(block, (q, k, v, seg_q, seg_k, out, to_blocks(lse[..., None], nq, bq)[..., 0]), dout)
+
+
+def _ring_fwd(q, k, v, seg_q, seg_k, kernel, block):
+    if kernel not in ("blockwise", "splash"):
+        raise ValueError(f"unknown ring attention kernel {kernel!r}; accepted: 'blockwise', 'splash'")
+
     def add(out, lse, kv):
-        o_j, lse_j = _partial(q, kv[0], kv[1], seg_q, kv[2], block, forward)
+        o_j, lse_j = _partial(kernel, block, q, kv[0], kv[1], seg_q, kv[2])
         m = jnp.maximum(lse, lse_j)
         w, w_j = jnp.exp(lse - m), jnp.exp(lse_j - m)
         out = (out * w[..., None] + o_j * w_j[..., None]) / (w + w_j)[..., None]
@@ -156,20 +167,19 @@ def _ring_fwd(q, k, v, seg_q, seg_k, block, forward="blockwise"):
         nxt = _pass(kv)  # independent of this block's compute, so the two can overlap
         return (*add(out, lse, kv), nxt), None
 
-    out, lse = _partial(q, k, v, seg_q, seg_k, block, forward)  # the local block; n - 1 more follow
+    out, lse = _partial(kernel, block, q, k, v, seg_q, seg_k)  # the local block; n - 1 more follow
     carry = (out, lse, _pass((k, v, seg_k)))
     (out, lse, kv), _ = jax.lax.scan(step, carry, None, length=jax.lax.axis_size(AXIS) - 2)
     out, lse = add(out, lse, kv)
     out = out.astype(q.dtype)
-    nq, bq = block_split(q.shape[1], block)
-    return out, (q, k, v, seg_q, seg_k, out, to_blocks(lse[..., None], nq, bq)[..., 0])
+    return out, (q, k, v, seg_q, seg_k, out, lse)
 
 
-def _ring_bwd(block, forward, res, dout):
+def _ring_bwd(kernel, block, res, dout):
     q, k, v, seg_q, seg_k, out, lse = res
 
     def grads(dq, kv, dkv):
-        dq_j, dk_j, dv_j = flash_grads(block, (q, kv[0], kv[1], seg_q, kv[2], out, lse), dout)
+        dq_j, dk_j, dv_j = _grads(kernel, block, q, kv[0], kv[1], seg_q, kv[2], out, lse, dout)
         return dq + dq_j, (dkv[0] + dk_j, dkv[1] + dv_j)
 
     def step(carry, _):

@@ -23,8 +23,9 @@ What this module adds around the kernel:
   the padded length), by default per TPU generation (`default_block`).
 
 `save_residuals=True` also returns the fp32 log-sum-exp per row [B, Lq, H] (the forward only: the
-kernel refuses to differentiate it); ring attention (models/sequence_parallel.py) merges per-block
-results through it.
+kernel refuses to differentiate it), and `splash_grads` runs the kernel's backward pass for a block of
+keys given another softmax's output and log-sum-exp: ring attention (models/sequence_parallel.py)
+merges per-block results through the first and sums per-block gradients with the second.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sak
 from jax.sharding import PartitionSpec as P
 
 from m141jax.axes import BATCH_AXES, TENSOR, fit_axes
@@ -101,27 +103,83 @@ def splash_attention(q, k, v, seg_q, seg_k, *, block: int | None = None, save_re
                          check_vma=False)(q, k, v, seg_q, seg_k)
 
 
-def _splash(q, k, v, seg_q, seg_k, *, block, save_residuals):
-    """`splash_attention` on one device's share."""
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
+def _layout(q, k, v, seg_q, seg_k, block):
+    """One device's share in the kernel's layout: q scaled by 1/sqrt(D), q/k/v heads-major [B, H, L, D]
+    and segment ids [B, L], all padded to whole blocks; and the blocks (bq, bk)."""
+    lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
     bq, bk = block_for(lq, block), block_for(lk, block)
     pq, pk = _round_up(lq, bq) - lq, _round_up(lk, bk) - lk
-    heads_major = lambda x, pad: jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, pad), (0, 0)])
-    qs = heads_major(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), pq)
-    ks, vs = heads_major(k, pk), heads_major(v, pk)
+    qs = _heads_major(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), pq)
+    ks, vs = _heads_major(k, pk), _heads_major(v, pk)
     sq = jnp.pad(jnp.asarray(seg_q, jnp.int32), [(0, 0), (0, pq)], constant_values=Q_PAD)
     sk = jnp.pad(jnp.asarray(seg_k, jnp.int32), [(0, 0), (0, pk)], constant_values=KV_PAD)
+    return (qs, ks, vs, sq, sk), (bq, bk)
+
+
+def _heads_major(x, pad):
+    """[B, L, H, ...] -> [B, H, L + pad, ...], zero-padded."""
+    x = jnp.swapaxes(x, 1, 2)
+    return jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+
+
+def _tokens_major(x, n):
+    """[B, H, L + pad, ...] -> [B, n, H, ...]."""
+    return jnp.swapaxes(x[:, :, :n], 1, 2)
+
+
+def _on_platform(run, *args):
+    """`run(interpret, *args)`: the compiled kernel where the program is lowered for TPU, the Pallas
+    interpreter on every other platform."""
+    return jax.lax.platform_dependent(*args, tpu=functools.partial(run, False),
+                                      default=functools.partial(run, True))
+
+
+def _splash(q, k, v, seg_q, seg_k, *, block, save_residuals):
+    """`splash_attention` on one device's share."""
+    lq, h = q.shape[1], q.shape[2]
+    (qs, ks, vs, sq, sk), (bq, bk) = _layout(q, k, v, seg_q, seg_k, block)
 
     def run(interpret, qs, ks, vs, sq, sk):
-        kernel = _kernel(h, lq + pq, lk + pk, bq, bk, save_residuals, interpret)
+        kernel = _kernel(h, qs.shape[2], ks.shape[2], bq, bk, save_residuals, interpret)
         return jax.vmap(lambda q, k, v, a, c: kernel(q, k, v, segment_ids=sa.SegmentIds(q=a, kv=c)))(
             qs, ks, vs, sq, sk)
 
-    res = jax.lax.platform_dependent(qs, ks, vs, sq, sk, tpu=functools.partial(run, False),
-                                     default=functools.partial(run, True))
+    res = _on_platform(run, qs, ks, vs, sq, sk)
     out, lse = res if save_residuals else (res, None)
-    out = jnp.swapaxes(out[:, :, :lq], 1, 2)
+    out = _tokens_major(out, lq)
     if not save_residuals:
         return out
-    return out, jnp.swapaxes(lse[0] if isinstance(lse, (tuple, list)) else lse, 1, 2)[:, :lq]
+    return out, _tokens_major(lse[0] if isinstance(lse, (tuple, list)) else lse, lq)
+
+
+def splash_grads(q, k, v, seg_q, seg_k, out, lse, dout, *, block: int | None = None):
+    """fp32 (dq, dk, dv): these keys' share of the gradient of a softmax attention whose output `out`
+    [B, Lq, H, D] and log-sum-exp `lse` [B, Lq, H] (as `save_residuals` gives it) may cover more keys
+    than k/v, given the output's cotangent `dout`. Runs the splash backward kernels (dq, dkv) with
+    those statistics in place of the block's own: with every key it is the kernel's own backward pass;
+    ring attention (models/sequence_parallel.py) sums it over the key blocks of the ring. One device's
+    share (no automatic partitioning of the kernel: call it inside `shard_map` or without a mesh).
+
+    The kernel's public custom VJP saves its own block's output and log-sum-exp, so the backward
+    function behind it (`_splash_attention_bwd`, jax 0.10) is called with the global ones."""
+    lq, lk, h, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    (qs, ks, vs, sq, sk), (bq, bk) = _layout(q, k, v, seg_q, seg_k, block)
+    pq = qs.shape[2] - lq
+    outs, douts = _heads_major(out, pq), _heads_major(dout.astype(out.dtype), pq)
+    lses = _heads_major(jnp.asarray(lse, jnp.float32), pq)  # padded rows: 0, their dout is 0
+
+    def run(interpret, qs, ks, vs, sq, sk, outs, lses, douts):
+        kernel = _kernel(h, qs.shape[2], ks.shape[2], bq, bk, False, interpret)
+        kw = kernel.kwargs
+
+        def one(q, k, v, a, c, o, lse, do):
+            res = (q, k, v, sa.SegmentIds(q=a, kv=c), None, o, lse, kernel.dq_mask_info, kernel.dkv_mask_info)
+            grads = sak._splash_attention_bwd(False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"], None,
+                                              kw["mask_function"], kw["attn_logits_soft_cap"], interpret, res, do)
+            return grads[3:6]  # dq, dk, dv (after the three mask infos)
+
+        return jax.vmap(one)(qs, ks, vs, sq, sk, outs, lses, douts)
+
+    dq, dk, dv = _on_platform(run, qs, ks, vs, sq, sk, outs, lses, douts)
+    f32 = lambda x, n: _tokens_major(x, n).astype(jnp.float32)
+    return f32(dq, lq) * (1.0 / math.sqrt(d)), f32(dk, lk), f32(dv, lk)  # dq: the kernel's q was scaled
