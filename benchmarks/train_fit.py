@@ -9,10 +9,13 @@ Each step uses the mesh, remat policy and gradient accumulation of its config fi
 overrides change them), the I2V DiT at 544×960×81 (43,242 tokens with 402 text tokens). One line per step:
 
     RESULT train_fit topology=… step=flow|dmd_generator|dmd_critic mesh=… videos=N peak_gib=… hbm_gib=…
-           fits=0|1 xla_tflop=… model_tflop=…
+           fits=0|1 xla_tflop=… model_tflop=… est_step_s_at_50pct=…
 
 peak = arguments + outputs + temporaries − aliased, per chip; fits = compiled and peak ≤ 90 % of HBM;
-model_tflop from the jaxpr's analytic count (`train.observe.step_flops`), xla_tflop from cost_analysis().
+model_tflop from the jaxpr's analytic count (`train.observe.step_flops`), xla_tflop from cost_analysis();
+est_step_s_at_50pct = model_tflop / (50 % of the chips' bf16 peak × chips): an estimate, no TPU runs.
+The activations, the part of the peak that grows with the batch, scale with the micro-batch (videos /
+accumulate): `--videos 128 accumulate=8` asks whether 16 videos per micro-batch fit.
 Without --topology it compiles for the local devices (CPU: simulated, `--devices`).
 """
 
@@ -124,12 +127,14 @@ def main(argv=None) -> int:
                 raise
             peak, xla, ok = float(need.group(1)), float("nan"), False
         fits = ok and (hbm is None or peak <= 0.9 * hbm)
+        chip_peak = observe.peak_flops(devices[0])  # an estimate: model FLOPs at half the chips' bf16 peak
+        estimate = model_tflop * 1e12 / (0.5 * chip_peak * len(devices)) if chip_peak else float("nan")
         spec = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
         print(f"RESULT train_fit topology={args.topology or devices[0].platform} step={name} mesh={spec} "
               f"videos={videos} remat={cfg.model.remat} accumulate={cfg.accumulate} "
               f"sequence_parallel={cfg.model.sequence_parallel} peak_gib={peak:.2f} hbm_gib={hbm or 'nan'} "
               f"fits={int(fits)} xla_tflop={xla:.1f} model_tflop={model_tflop:.1f} "
-              f"compile_s={time.perf_counter() - t0:.0f}", flush=True)
+              f"est_step_s_at_50pct={estimate:.1f} compile_s={time.perf_counter() - t0:.0f}", flush=True)
 
     wanted = args.steps.split(",")
     if "flow" in wanted:
