@@ -9,10 +9,13 @@ Each step uses the mesh, remat policy and gradient accumulation of its config fi
 overrides change them), the I2V DiT at 544×960×81 (43,242 tokens with 402 text tokens). One line per step:
 
     RESULT train_fit topology=… step=flow|dmd_generator|dmd_critic mesh=… videos=N peak_gib=… hbm_gib=…
-           fits=0|1 xla_tflop=… model_tflop=…
+           fits=0|1 xla_tflop=… model_tflop=… est_step_s_at_50pct=…
 
 peak = arguments + outputs + temporaries − aliased, per chip; fits = compiled and peak ≤ 90 % of HBM;
-model_tflop from the jaxpr's analytic count (`train.observe.step_flops`), xla_tflop from cost_analysis().
+model_tflop from the jaxpr's analytic count (`train.observe.step_flops`), xla_tflop from cost_analysis();
+est_step_s_at_50pct = model_tflop / (50 % of the chips' bf16 peak × chips): an estimate, no TPU runs.
+The activations, the part of the peak that grows with the batch, scale with the micro-batch (videos /
+accumulate): `--videos 128 accumulate=8` asks whether 16 videos per micro-batch fit.
 Without --topology it compiles for the local devices (CPU: simulated, `--devices`).
 """
 
@@ -83,27 +86,26 @@ def main(argv=None) -> int:
         mesh = parallel.make_mesh(args.mesh or cfg.mesh or "fsdp=-1", devices)
         return dataclasses.replace(cfg, model=dit_config(cfg.model, mesh)), mesh
 
-    def batch_of(cfg, mesh):
-        m, b = cfg.model, cfg.data.batch_size
+    def batch_of(cfg, mesh, n_img):
+        m, b, n_null = cfg.model, cfg.data.batch_size, args.text_len - n_img
         f, lh, lw = (frames - 1) // 4 + 1, h // 8, w // 8
         shapes = {"latents": ((b, f, lh, lw, m.out_channels), jnp.float32),
                   "ref_latents": ((b, 1, lh, lw, m.out_channels), jnp.float32),
                   "text_states": ((b, args.text_len, m.text_dim), jnp.float32),
                   "text_mask": ((b, args.text_len), jnp.int32), "text_states_2": ((b, m.pooled_dim), jnp.float32),
-                  "null_text_states": ((args.text_len - 146, m.text_dim), jnp.float32),
-                  "null_text_mask": ((args.text_len - 146,), jnp.int32),
+                  "null_text_states": ((n_null, m.text_dim), jnp.float32), "null_text_mask": ((n_null,), jnp.int32),
                   "null_text_states_2": ((m.pooled_dim,), jnp.float32)}
         return {k: jax.ShapeDtypeStruct(s, d, sharding=(NamedSharding(mesh, P()) if k.startswith("null_") else
                                                         parallel.batch_sharding(mesh, len(s), b)))
                 for k, (s, d) in shapes.items()}
 
-    def compile_step(name, cfg, mesh, fn, state, consts, count):
+    def compile_step(name, cfg, mesh, fn, state, consts, count, n_img):
         videos = cfg.data.batch_size
         st = strategy(cfg.run.shard_min_size)
         place = lambda tree: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,  # noqa: E731
                                           state_shardings(tree, cfg.model, mesh, st))
         state, consts = place(state), tuple(place(c) for c in consts)
-        batch = batch_of(cfg, mesh)
+        batch = batch_of(cfg, mesh, n_img)
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
         rep = NamedSharding(mesh, P())
         sh = lambda t: jax.tree.map(lambda a: a.sharding, t)  # noqa: E731
@@ -127,12 +129,14 @@ def main(argv=None) -> int:
                 raise
             peak, xla, ok = float(need.group(1)), float("nan"), False
         fits = ok and (hbm is None or peak <= 0.9 * hbm)
+        chip_peak = observe.peak_flops(devices[0])  # an estimate: model FLOPs at half the chips' bf16 peak
+        estimate = model_tflop * 1e12 / (0.5 * chip_peak * len(devices)) if chip_peak else float("nan")
         spec = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
         print(f"RESULT train_fit topology={args.topology or devices[0].platform} step={name} mesh={spec} "
               f"videos={videos} remat={cfg.model.remat} accumulate={cfg.accumulate} attention={cfg.model.attention} "
               f"sequence_parallel={cfg.model.sequence_parallel} peak_gib={peak:.2f} hbm_gib={hbm or 'nan'} "
               f"fits={int(fits)} xla_tflop={xla:.1f} model_tflop={model_tflop:.1f} "
-              f"compile_s={time.perf_counter() - t0:.0f}", flush=True)
+              f"est_step_s_at_50pct={estimate:.1f} compile_s={time.perf_counter() - t0:.0f}", flush=True)
 
     wanted = args.steps.split(",")
     if "flow" in wanted:
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
         state = jax.eval_shape(lambda: init_train_state(cfg, abstract_params(cfg.model)))
         count = make_train_step(observe.model_flops_config(cfg))
         compile_step("flow", cfg, mesh, make_train_step(cfg), state, (),
-                     lambda s, b, r: observe.step_flops(count, s, b, r))
+                     lambda s, b, r: observe.step_flops(count, s, b, r), cfg.flow.n_image_tokens)
     if {"dmd_generator", "dmd_critic"} & set(wanted):
         cfg, mesh = setup(DISTILL_PRESETS, args.distill_config)
         teacher = abstract_params(dataclasses.replace(cfg.model, param_dtype=cfg.teacher_dtype))
@@ -150,7 +154,8 @@ def main(argv=None) -> int:
             if name in wanted:
                 compile_step(name, cfg, mesh, lambda s, t, b, r, turn=turn: step(s, t, b, r, turn), state, (teacher,),
                              lambda s, t, b, r, turn=turn: observe.step_flops(count, s, t, b, r, turn,
-                                                                               static_argnums=4))
+                                                                               static_argnums=4),
+                             cfg.n_image_tokens)
     return 0
 
 

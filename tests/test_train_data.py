@@ -1,4 +1,4 @@
-"""grain input: deterministic sources and shuffling, per-host shards, iterator state, prepared-data dirs."""
+"""grain input: deterministic sources and shuffling, per-process rows, iterator state, prepared-data dirs."""
 
 import jax
 import numpy as np
@@ -69,18 +69,14 @@ def test_iterator_state_resumes_the_same_batches():
     assert [list(b["i"]) for b in _take(again, 5)] == want
 
 
-def test_hosts_read_disjoint_shards(monkeypatch):
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    seen = []
-    for host in (0, 1):
-        monkeypatch.setattr(jax, "process_index", lambda host=host: host)
-        it = data.make_iterator(IndexSource(8), DataConfig(batch_size=4, seed=0))
-        batches = _take(it, 2)  # one epoch of this host's 4 samples, 2 per batch
-        assert all(len(b["i"]) == 2 for b in batches)
-        seen.append({int(x) for b in batches for x in b["i"]})
-    assert seen[0] == {0, 2, 4, 6} and seen[1] == {1, 3, 5, 7}
-    with pytest.raises(ValueError, match="not divisible"):
-        data.make_iterator(IndexSource(8), DataConfig(batch_size=3))
+def test_processes_read_their_rows_of_the_same_global_batches():
+    cfg = DataConfig(batch_size=4, seed=0)
+    whole = [list(b["i"]) for b in _take(data.make_iterator(IndexSource(6), cfg), 3)]
+    parts = [[list(b["i"]) for b in _take(data.make_iterator(IndexSource(6), cfg, rows), 3)]
+             for rows in (slice(0, 1), slice(1, 4))]
+    assert [p + q for p, q in zip(*parts)] == whole and all(len(p) == 1 for p in parts[0])
+    mesh = make_mesh("data=2,fsdp=2,sequence=2")
+    assert data.process_rows(batch_shardings(mesh)["batch"], 8) == slice(0, 8)  # one process holds every row
 
 
 def test_prepared_directory_source(tmp_path):

@@ -17,6 +17,11 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
                                   "missing axes are 1, -1 fills); default: one device")
     g.add_argument("--sequence-parallel", choices=("auto", "none", "ulysses", "ring"), default="auto",
                    help="attention over the sequence axis (auto: ulysses when heads divide, else ring)")
+    add_host_args(g)
+
+
+def add_host_args(g) -> None:
+    """--coordinator, --num-processes, --process-id (shared by every command that can run on many hosts)."""
     g.add_argument("--coordinator", help="host:port of process 0 for a multi-host run, or 'auto' "
                                          "(env JAX_COORDINATOR_ADDRESS)")
     g.add_argument("--num-processes", type=int, help="number of processes (env JAX_NUM_PROCESSES)")

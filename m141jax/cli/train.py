@@ -3,6 +3,10 @@
     m141jax train   --config CFG.yaml --output RUN [--mesh data=1,fsdp=8] [--quiet] [field.sub=value ...]
     m141jax distill --config CFG.yaml --output RUN [--mesh ...] [--quiet] [field.sub=value ...]
 
+On several hosts every host runs the same command with --coordinator HOST:PORT --num-processes N
+--process-id I (or 'auto', or the JAX_* variables): each reads only its rows of every batch, Orbax
+checkpoints are written by all of them together, and process 0 writes config.json, metrics and events.
+
 Starting points are configs/train/*.yaml and configs/distill/*.yaml; --mesh wins over the file's `mesh`.
 
 RUN receives config.json, checkpoints/ (Orbax, resumed from automatically), metrics.csv, TensorBoard event
@@ -23,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from m141jax import checkpoint, media, parallel
+from m141jax.cli import devices
 from m141jax.config import DiTConfig, to_json_dict
 from m141jax.models.dit import init_params
 from m141jax.train import data as data_lib
@@ -59,8 +64,11 @@ class _Run:
 
     def __init__(self, args, cfg, n_image_tokens: int):
         self.out = Path(args.output)
-        self.out.mkdir(parents=True, exist_ok=True)
-        _record_config(self.out, cfg)
+        self.lead = jax.process_index() == 0  # the process that writes config, metrics and events
+        if self.lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _record_config(self.out, cfg)
+        parallel.sync("m141jax run directory")
         self.mesh = make_mesh(args.mesh or cfg.mesh or None)  # --mesh, else the config file's `mesh`
         check_batch(cfg.data.batch_size, self.mesh)
         # the DiT attends over the mesh's sequence axis (Ulysses or ring) when it has one
@@ -68,7 +76,8 @@ class _Run:
         self.strategy = strategy(cfg.run.shard_min_size)
         self.batch_sharding = batch_shardings(self.mesh)
         source = data_lib.open_source(cfg.data, cfg.model, n_image_tokens)
-        self.data_iter = data_lib.make_iterator(source, cfg.data)
+        self.data_iter = data_lib.make_iterator(
+            source, cfg.data, data_lib.process_rows(self.batch_sharding["batch"], cfg.data.batch_size))
         self.ckpt = RunCheckpoints(self.out / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints,
                                    cfg.run.async_checkpoints)
         self.console = not args.quiet
@@ -118,13 +127,15 @@ class _Run:
 
     def loop(self, step_fn, state, start: int, desc: str, flops=None):
         """Run the steps; flops(state, batch, rng, step): the step's model FLOPs (throughput and MFU)."""
-        to_device = functools.partial(data_lib.global_batch, sharding=self.batch_sharding)
+        to_device = functools.partial(data_lib.global_batch, sharding=self.batch_sharding,
+                                      batch_size=self.cfg.data.batch_size)
         run = self.cfg.run
-        events = observe.EventWriter(self.out, start) if jax.process_index() == 0 else None
+        events = observe.EventWriter(self.out, start) if self.lead else None
+        log = MetricsLog(self.out / "metrics.csv", start) if self.lead else None
         profile = observe.ProfileWindow(self.out / "profile", run.profile_start, run.profile_steps)
         try:
             return run_loop(step_fn, state, self.data_iter, to_device, run, self.ckpt,
-                            MetricsLog(self.out / "metrics.csv", start), start, self.cfg.data.batch_size, desc,
+                            log, start, self.cfg.data.batch_size, desc,
                             self.console, flops=flops if run.count_flops else None, events=events, profile=profile)
         finally:
             self.ckpt.close()
@@ -137,6 +148,7 @@ class _Run:
 
 
 def train_main(args) -> int:
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before any JAX work
     cfg = load_run_config(TRAIN_PRESETS, args.config, args.overrides)
     run = _Run(args, cfg, cfg.flow.n_image_tokens)
     cfg = run.cfg
@@ -156,6 +168,7 @@ def train_main(args) -> int:
 
 
 def distill_main(args) -> int:
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = load_run_config(DISTILL_PRESETS, args.config, args.overrides)
     run = _Run(args, cfg, cfg.n_image_tokens)
     cfg = run.cfg
@@ -186,6 +199,7 @@ def _add(sub, name: str, help_: str, func, presets) -> None:
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: the config's `mesh`, else every "
                                   "device on fsdp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or console metrics")
+    devices.add_host_args(p.add_argument_group("multi-host (the same command on every host)"))
     p.add_argument("overrides", nargs="*", help="config overrides field.sub=value, e.g. optimizer.learning_rate=1e-4")
     p.set_defaults(func=func)
 

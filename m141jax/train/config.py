@@ -78,7 +78,7 @@ class DataConfig:
     written by `m141jax prepare-data`."""
 
     source: str = "synthetic"
-    batch_size: int = 1  # global batch; each host reads batch_size / process_count
+    batch_size: int = 1  # global batch; each process reads the rows its devices hold
     seed: int = 0  # shuffling seed
     read_threads: int = 4  # grain reader threads
     prefetch: int = 8  # batches read ahead

@@ -6,9 +6,10 @@ A prepared-data directory (written by `m141jax prepare-data`) holds
     samples/{i:08d}.npz   latents [F,H,W,C] (scaled VAE latents, channels-last), ref_latents [1,H,W,C]
                      (I2V), text_states [L,D], text_mask [L], text_states_2 [D2]
 
-The pipeline shards the sample indices over JAX processes (host i reads i, i+P, ...), shuffles them
-deterministically (a new order every epoch, from `seed`), repeats forever and batches; its iterator
-state (a position) is saved with every checkpoint so a resumed run reads the same batches.
+The pipeline shuffles the sample indices deterministically (a new order every epoch, from `seed`), repeats
+forever and batches them into global batches, the same on every JAX process; each process reads only the
+rows its devices hold, so a step sees the same samples however many hosts run it. Its iterator state (a
+position) is saved with every checkpoint so a resumed run reads the same batches.
 """
 
 from __future__ import annotations
@@ -97,23 +98,54 @@ def open_source(data: DataConfig, model: DiTConfig, n_image_tokens: int):
     return src
 
 
-def make_iterator(source, data: DataConfig) -> grain.DatasetIterator:
-    """An endless iterator of this host's batches (dicts of numpy arrays) with the empty prompt attached
-    as `null_*` entries; checkpointable with grain.checkpoint.CheckpointSave/Restore."""
-    procs, index = jax.process_count(), jax.process_index()
-    if data.batch_size % procs:
-        raise ValueError(f"batch_size {data.batch_size} is not divisible by the {procs} processes")
-    if len(source) < procs:
-        raise ValueError(f"{len(source)} samples cannot be shared by {procs} processes")
+def process_rows(sharding, batch_size: int) -> slice:
+    """The rows of a global batch of `batch_size` held by this process's devices under `sharding` (split
+    along the leading axis): one contiguous range, since hosts are grouped on the outer mesh axes
+    (`parallel.make_mesh`); every row on a single process."""
+    rows = sorted({r for idx in sharding.addressable_devices_indices_map((batch_size,)).values()
+                   for r in range(batch_size)[idx[0]]})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError(f"this process's devices hold rows {rows} of the batch of {batch_size}, not one "
+                         f"contiguous range; put the hosts on the mesh's data/fsdp axes")
+    return slice(rows[0], rows[-1] + 1)
+
+
+def make_iterator(source, data: DataConfig, rows: slice | None = None) -> grain.DatasetIterator:
+    """An endless iterator of batches (dicts of numpy arrays) with the empty prompt attached as `null_*`
+    entries; checkpointable with grain.checkpoint.CheckpointSave/Restore.
+
+    Every process draws the same sequence of global batches (sample order shuffled from `seed`, a new order
+    every epoch) and reads only its `rows` of each (default: all; `process_rows`), so the samples of a step
+    do not depend on the number of processes."""
+    if len(source) < 1:
+        raise ValueError("the data source holds no samples")
+    rows = rows or slice(0, data.batch_size)
     null = {f"null_{k}": v for k, v in source.null().items()}
-    ds = (grain.MapDataset.source(source).slice(slice(index, None, procs)).seed(data.seed).shuffle().repeat()
-          .batch(data.batch_size // procs, drop_remainder=True).map(lambda b: {**b, **null}))
+
+    def load(indices):
+        samples = [source[int(i)] for i in indices[rows]]
+        return {**{k: np.stack([s[k] for s in samples]) for k in samples[0]}, **null}
+
+    ds = (grain.MapDataset.range(len(source)).seed(data.seed).shuffle().repeat()
+          .batch(data.batch_size, drop_remainder=True).map(load))
     options = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch)
     return iter(ds.to_iter_dataset(options))
 
 
-def global_batch(batch: dict, sharding) -> dict:
-    """This host's batch as global jax arrays: batched entries split by sharding['batch'], the
-    unbatched empty prompt placed by sharding['replicated']."""
-    return {k: jax.make_array_from_process_local_data(
-        sharding["replicated" if k.startswith("null_") else "batch"], np.asarray(v)) for k, v in batch.items()}
+def global_batch(batch: dict, sharding, batch_size: int | None = None) -> dict:
+    """This process's rows of a global batch of `batch_size` (default: the rows given, a single process) as
+    global jax arrays: batched entries split by sharding['batch'], the unbatched empty prompt placed by
+    sharding['replicated']."""
+    def put(key, x):
+        x = np.asarray(x)
+        if key.startswith("null_"):
+            return jax.make_array_from_callback(x.shape, sharding["replicated"], lambda idx: x[idx])
+        n = batch_size or x.shape[0]
+        lo = process_rows(sharding["batch"], n).start
+
+        def rows(idx):
+            r = range(n)[idx[0]]
+            return x[(slice(r.start - lo, r.stop - lo), *idx[1:])]
+        return jax.make_array_from_callback((n, *x.shape[1:]), sharding["batch"], rows)
+
+    return {k: put(k, v) for k, v in batch.items()}

@@ -58,14 +58,15 @@ def _format(metrics: dict[str, float]) -> str:
 
 
 def run_loop(step_fn: Callable, state, data_iter, to_device: Callable, run: RunConfig, ckpt: RunCheckpoints,
-             log: MetricsLog, start: int, batch_size: int, desc: str = "train", console: bool = True, *,
+             log: MetricsLog | None, start: int, batch_size: int, desc: str = "train", console: bool = True, *,
              flops: Callable | None = None, events: observe.EventWriter | None = None,
              profile: observe.ProfileWindow | None = None):
     """Run steps start..run.steps−1 of step_fn(state, batch, rng, step) -> (state, metrics); returns the
     final state after saving it. Raises NonFiniteLoss on a NaN/Inf metric.
 
     flops(state, batch, rng, step): the model FLOPs of that step (all devices together), or None; called
-    before the step (whose state may be donated). events: also write each window's metrics there.
+    before the step (whose state may be donated). log / events: where each window's metrics go (None: not
+    on this process).
     profile: the profiler window."""
     base = jax.random.PRNGKey(run.seed)
     window: dict[str, list[float]] = defaultdict(list)
@@ -102,7 +103,8 @@ def run_loop(step_fn: Callable, state, data_iter, to_device: Callable, run: RunC
                 if window_flops:
                     means.update(observe.window_rates(window_flops, dt, n_devices, peak))
                 means.update(observe.memory_in_use())
-                log.write(done, means)
+                if log is not None:
+                    log.write(done, means)
                 if events is not None:
                     events.scalars(done, means)
                 bar.set_postfix_str(_format({k: means[k] for k in sorted(means)[:4]}))
