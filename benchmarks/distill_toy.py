@@ -15,7 +15,7 @@ prompt and averaged, for the teacher with 50 and with 4 Euler steps and for the 
 the release's sampler (`m141jax.sampling`, shift 5); `floor` is the distance between two independent
 held-out sets (sampling noise); ratio = teacher4 / student4.
 
-    python benchmarks/distill_toy.py [--teacher-steps 3000] [--distill-steps 900]
+    python benchmarks/distill_toy.py [--teacher-steps 3000] [--distill-steps 900] [--seed 0]
     RESULT distill_toy teacher50=… teacher4=… student4=… floor=… ratio=… teacher_s=… distill_s=… total_s=…
 """
 
@@ -46,10 +46,12 @@ from m141jax.train.config import (
     TrainConfig,
 )
 from m141jax.train.data import make_iterator
+from m141jax.train.distance import sliced_wasserstein
 
 F, H, W, C = 3, 4, 4, 4  # latent frames, height, width, channels
 K, TEXT, TEXT_DIM, POOLED = 4, 3, 32, 16  # prompts, text tokens, their widths
 BITS, AMPLITUDE, NOISE = 5, 0.4, 0.05  # motion: one of 2^BITS sign patterns per prompt, + small noise
+HELD_OUT = 99  # the held-out set's data seed
 MODEL = DiTConfig(in_channels=2 * C + 1, out_channels=C, hidden_size=64, num_heads=4, double_blocks=2,
                   single_blocks=2, rope_axes=(4, 6, 6), text_dim=TEXT_DIM, pooled_dim=POOLED,
                   param_dtype="fp32", dtype="fp32", attention="xla")
@@ -92,14 +94,6 @@ class ToyVideos:
         return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
-def sliced_wasserstein(a, b, rng, n_dirs: int = 512) -> float:
-    """Mean over random unit directions of the 1-D Wasserstein-1 distance between equal-size sets."""
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    d = rng.standard_normal((a.shape[1], n_dirs))
-    d /= np.linalg.norm(d, axis=0, keepdims=True)
-    return float(np.mean(np.abs(np.sort(a @ d, 0) - np.sort(b @ d, 0))))
-
-
 def conditional_distance(videos, ref_videos, refs, ref_refs, prompts, ref_prompts, seed: int = 0) -> float:
     """Sliced Wasserstein distance between the motion (video − its reference frame) of two sets, per
     prompt, averaged over prompts (equal counts per prompt are matched by truncation)."""
@@ -112,15 +106,20 @@ def conditional_distance(videos, ref_videos, refs, ref_refs, prompts, ref_prompt
     return float(np.mean(out))
 
 
+def key(args, i: int):
+    """The i-th of the run's four PRNG keys (teacher init, teacher steps, critic init, distill steps)."""
+    return jax.random.PRNGKey(4 * args.seed + i)
+
+
 def train_teacher(args, source):
     cfg = TrainConfig(model=MODEL, flow=FlowConfig(n_image_tokens=1, cfg_dropout=0.1),
                       optimizer=OptimizerConfig(learning_rate=args.teacher_lr, warmup_steps=100, decay="cosine",
                                                 final_lr_ratio=0.1, weight_decay=0.0),
-                      data=DataConfig(batch_size=args.batch, seed=0), run=RunConfig(steps=args.teacher_steps))
-    state = flow.init_train_state(cfg, init_params(MODEL, jax.random.PRNGKey(0)))
+                      data=DataConfig(batch_size=args.batch, seed=2 * args.seed), run=RunConfig(steps=args.teacher_steps))
+    state = flow.init_train_state(cfg, init_params(MODEL, key(args, 0)))
     step = jax.jit(flow.make_train_step(cfg), donate_argnums=0)
     it = make_iterator(source, cfg.data)
-    base = jax.random.PRNGKey(1)
+    base = key(args, 1)
     for i in range(cfg.run.steps):
         state, m = step(state, next(it), jax.random.fold_in(base, i))
         if (i + 1) % 500 == 0:
@@ -137,11 +136,12 @@ def distill(args, source, teacher):
                                                             weight_decay=0.0),
                         critic_optimizer=OptimizerConfig(learning_rate=args.critic_lr, decay="cosine",
                                                          weight_decay=0.0),
-                        data=DataConfig(batch_size=args.batch, seed=1), run=RunConfig(steps=args.distill_steps))
-    state = dmd.init_dmd_state(cfg, teacher, jax.random.PRNGKey(2))
+                        data=DataConfig(batch_size=args.batch, seed=2 * args.seed + 1),
+                        run=RunConfig(steps=args.distill_steps))
+    state = dmd.init_dmd_state(cfg, teacher, key(args, 2))
     step = jax.jit(dmd.make_dmd_step(cfg), static_argnums=4, donate_argnums=0)
     it = make_iterator(source, cfg.data)
-    base = jax.random.PRNGKey(3)
+    base = key(args, 3)
     for i in range(cfg.run.steps):
         state, m = step(state, teacher, next(it), jax.random.fold_in(base, i), dmd.generator_turn(i, cfg.dmd))
         if i % 150 == 0:  # a generator turn: all the losses
@@ -152,7 +152,7 @@ def distill(args, source, teacher):
 
 def evaluate(params_by_name: dict, n: int) -> dict[str, float]:
     """Conditional distances to n held-out videos of the Euler samples of each (params, steps)."""
-    held = ToyVideos(2 * n, seed=99)
+    held = ToyVideos(2 * n, seed=HELD_OUT)
     ref, other = held.batch(0, n), held.batch(n, 2 * n)
     noise = jax.random.normal(jax.random.PRNGKey(7), ref["latents"].shape)
     text = Conditioning.from_batch(ref)
@@ -181,9 +181,12 @@ def main():
     p.add_argument("--critic-lr", type=float, default=1e-4)
     p.add_argument("--critic-steps", type=int, default=5)
     p.add_argument("--eval", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0, help="seeds the training data, initialisation and noise")
     args = p.parse_args()
+    if not 0 <= args.seed != HELD_OUT:
+        p.error(f"--seed must be a non-negative integer other than {HELD_OUT} (the held-out set's)")
     t0 = time.perf_counter()
-    train_src = ToyVideos(100_000, seed=0)
+    train_src = ToyVideos(100_000, seed=args.seed)
     teacher = train_teacher(args, train_src)
     t1 = time.perf_counter()
     generator = distill(args, train_src, teacher)
