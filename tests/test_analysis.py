@@ -86,3 +86,39 @@ def test_count_objects():
     two = np.where(frames[0] != frames[0][0, 0], frames[0], shapes.render(far, frames=1)[0])
     assert analysis.count_objects(two) == 2
     assert analysis.count_objects(np.full_like(edge, 40)) == 0
+
+
+def _blur(video, sigma=1.0):
+    smooth = ndimage.gaussian_filter(video.astype(np.float32), (0, sigma, sigma, 0), mode="wrap")
+    return np.clip(np.round(smooth), 0, 255).astype(np.uint8)
+
+
+def test_edge_sharpness_drops_with_blur(videos):
+    clips = [v for v, _ in videos[::8]]
+    sharp = np.asarray([analysis.edge_sharpness(v) for v in clips])
+    for sigma in (0.7, 1.5):
+        blurred = np.asarray([analysis.edge_sharpness(_blur(v, sigma)) for v in clips])
+        assert np.all(blurred < 0.9 * sharp), (sigma, blurred / sharp)
+    assert np.all(sharp > 40)  # a step of ≥ 80 levels between object and background, over ~2 pixels
+    assert np.isnan(analysis.edge_sharpness(np.full((17, 32, 32, 3), 40, np.uint8)))
+
+
+def test_edge_sharpness_is_the_same_across_the_torus_edge():
+    scene = shapes.ShapesDataset(1, "train", seed=3).scene(0)
+    inside = shapes.render(dataclasses.replace(scene, start=(16.0, 16.0), speed=0.0), frames=2)
+    split = np.roll(inside, (16, 16), axis=(1, 2))  # the same frames with the object over the four corners
+    assert abs(analysis.edge_sharpness(split) - analysis.edge_sharpness(inside)) < 1e-3
+
+
+def test_one_object_in_every_frame(videos):
+    assert all(analysis.one_object_in_every_frame(v) for v, _ in videos[::4])
+    video, _ = videos[0]
+    scene = shapes.ShapesDataset(80, "train", seed=11).scene(0)
+    far = shapes.render(dataclasses.replace(scene, start=((scene.start[0] + 16) % 32, (scene.start[1] + 16) % 32)))
+    two = video.copy()
+    two[9] = np.where(video[9] != video[9, 0, 0], video[9], far[9])  # a second object in frame 9 only
+    assert analysis.count_objects(two[8]) == 1 and analysis.count_objects(two[9]) == 2
+    assert not analysis.one_object_in_every_frame(two)
+    empty = video.copy()
+    empty[3] = video[0, 0, 0]  # no object in frame 3
+    assert not analysis.one_object_in_every_frame(empty)

@@ -15,7 +15,15 @@ Per video (uint8 [F, H, W, 3]):
 
 `judge(video, caption)` scores one video against its caption; `accuracy` averages over videos, with
 `correct` = every attribute right and the video consistent. For a still image (the text-to-image stage's
-output), `count_objects` says how many separate objects its mask holds.
+output), `count_objects` says how many separate objects its mask holds; `one_object_in_every_frame`
+asks it of every frame of a video.
+
+Edge sharpness (`edge_sharpness`): per frame with an object (step 2), the mean RGB gradient magnitude
+(central differences, the Euclidean norm over the 3 channels × 2 axes, in uint8 levels per pixel) on
+the object's boundary pixels (its mask minus the mask's 4-neighbour erosion), averaged over those
+frames. Like everything here it treats the frame as a torus (the rolled frame of step 2, wrap-around
+differences and erosion), so an object crossing an edge is measured as one. A blurred copy of a clip
+scores lower; compare a model's clips with the dataset's clips of the same scenes as a ratio.
 """
 
 from __future__ import annotations
@@ -121,6 +129,45 @@ def count_objects(image: np.ndarray) -> int:
     for i, size in enumerate(ndimage.sum(masks[0], labels, range(1, n + 1)), start=1):
         sizes[root(i)] = sizes.get(root(i), 0) + size
     return int(sum(size >= MIN_PART for size in sizes.values()))
+
+
+def one_object_in_every_frame(video: np.ndarray) -> bool:
+    """Whether `count_objects` finds exactly one object in every frame of a uint8 video [F, H, W, 3]."""
+    video = np.asarray(video)
+    if video.ndim != 4:
+        raise ValueError(f"video must be [frames, height, width, 3], got {video.shape}")
+    return all(count_objects(frame) == 1 for frame in video)
+
+
+def _boundary(part: np.ndarray) -> np.ndarray:
+    """The pixels of a mask with a 4-neighbour outside it (the mask minus its erosion, on the torus)."""
+    inner = part.copy()
+    for shift, axis in ((1, 0), (-1, 0), (1, 1), (-1, 1)):
+        inner &= np.roll(part, shift, axis=axis)
+    return part & ~inner
+
+
+def _gradient_magnitude(frame: np.ndarray) -> np.ndarray:
+    """|∇| [H, W] of a float frame [H, W, 3]: wrap-around central differences, the norm over channels."""
+    gy = (np.roll(frame, -1, axis=0) - np.roll(frame, 1, axis=0)) / 2
+    gx = (np.roll(frame, -1, axis=1) - np.roll(frame, 1, axis=1)) / 2
+    return np.sqrt((gy * gy + gx * gx).sum(axis=-1))
+
+
+def edge_sharpness(video: np.ndarray) -> float:
+    """The mean RGB gradient magnitude on the object's boundary, averaged over the frames of a uint8 video
+    [F, H, W, 3] with an object (see the module docstring); NaN when no frame has one."""
+    x, masks = _masks(video)
+    if masks is None:
+        return float("nan")
+    per_frame = []
+    for f in range(len(x)):
+        found = _object(masks[f])
+        if found is None:
+            continue
+        part, _, shift = found
+        per_frame.append(_gradient_magnitude(np.roll(x[f], shift, axis=(0, 1)))[_boundary(part)].mean())
+    return float(np.mean(per_frame)) if per_frame else float("nan")
 
 
 def analyse(video: np.ndarray) -> Analysis:
