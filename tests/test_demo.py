@@ -1,12 +1,15 @@
 """The shipped demo checkpoints: complete, small, and `m141jax generate --preset demo` makes a clip of the
 right shape from text alone on CPU (text → image → video); the demo's training sources are shaped for
-the demo DiTs."""
+the demo DiTs; the quality harness' splits, text-only path and target metrics."""
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from m141jax import cli, components, demo
+from m141jax.cli import generate as generate_cli
+from m141jax.data import shapes
 from m141jax.demo import data as demo_data
 from m141jax.demo import encoders as demo_encoders
 from m141jax.demo import quality, recipe
@@ -95,3 +98,56 @@ def test_paired_gap_is_clear_only_for_a_real_difference():
     assert lo < 0 < hi
     with pytest.raises(ValueError, match="aligned"):
         quality.paired_gap(b, b[:10])
+
+
+def test_split_clips():
+    dev, dev_captions = quality.split_clips("dev", "held_out", 1)
+    final, final_captions = quality.split_clips("final", "held_out", 1)
+    assert dev.shape == final.shape == (len(shapes.HELD_OUT), 17, 32, 32, 3) and dev.dtype == np.uint8
+    assert dev_captions == final_captions == [shapes.caption(*c) for c in shapes.combinations("eval")]
+    assert all((d != f).any() for d, f in zip(dev, final))  # other scenes of the same captions
+    assert np.array_equal(quality.eval_clips(1)[0], dev)  # the harness' historical clips are dev's
+    train, train_captions = quality.split_clips("dev", "training", 1)
+    assert len(train) == 40 and {shapes.parse_caption(c) for c in train_captions} == set(shapes.combinations("train"))
+    seen = shapes.ShapesDataset(40, "train", seed=0)  # the demo's training clips
+    assert all((train[i] != seen[i][0]).any() for i in range(40))
+    final_train, _ = quality.split_clips("final", "training", 1)
+    assert all((t != f).any() for t, f in zip(train, final_train))
+    assert quality.SPLITS["dev"] == quality.EVAL_SEED and len(set(quality.SPLITS.values())) == len(quality.SPLITS)
+    assert len(set(quality.NOISE_SEEDS.values())) == len(quality.NOISE_SEEDS)
+    with pytest.raises(ValueError, match="unknown split"):
+        quality.split_clips("test", "held_out", 1)
+
+
+def test_generate_settings_are_the_demo_presets():
+    args = cli.build_parser().parse_args(["generate", "--preset", "demo", "--prompt", "a red circle moving up"])
+    generate_cli.apply_preset(args)
+    assert quality.generate_settings() == generate_cli.settings_from(args)
+
+
+def test_metrics_of_true_and_degraded_clips():
+    videos, captions = quality.split_clips("dev", "held_out", 1)
+    truth = quality.metrics(videos, captions, videos)
+    assert truth == {"colour": 1.0, "direction": 1.0, "shape": 1.0, "single_all_frames": 1.0, "consistent": 1.0,
+                     "edge_ratio": 1.0}, truth
+    blurred = np.clip(np.round(ndimage.gaussian_filter(videos.astype(np.float32), (0, 0, 1.5, 1.5, 0), mode="wrap")),
+                      0, 255).astype(np.uint8)
+    assert quality.metrics(blurred, captions, videos)["edge_ratio"] < 0.8
+    still = np.repeat(videos[:, :1], videos.shape[1], axis=1)
+    m = quality.metrics(still, captions, videos)
+    assert m["direction"] == 0.0 and m["consistent"] == 0.0 and m["colour"] == 1.0, m
+
+
+@pytest.mark.slow
+def test_text_to_video_on_the_shipped_checkpoints():
+    """Two captions through `m141jax generate --preset demo`'s text-only path (T2I first frame, 4-step
+    student); the target metrics against true clips of the same captions are fractions, and the edge
+    ratio is positive (the shipped models' edges are blurrier than the dataset's: below 1)."""
+    truth, captions = quality.split_clips("dev", "held_out", 1)
+    truth, captions = truth[:2], captions[:2]
+    videos = quality.text_to_video(quality.load_models(), captions, batch=2)
+    assert videos.shape == (2, 17, 32, 32, 3) and videos.dtype == np.uint8
+    assert videos.std() > 5  # not blank
+    m = quality.metrics(videos, captions, truth)
+    assert set(m) == {"colour", "direction", "shape", "single_all_frames", "consistent", "edge_ratio"}
+    assert all(0.0 <= v <= 1.0 for v in m.values()) and m["edge_ratio"] > 0, m

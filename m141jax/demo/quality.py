@@ -8,6 +8,16 @@ The evaluation clips are the shapes dataset's `eval` split (the 8 held-out colou
 combinations, never seen in training); image-to-video models get each clip's true first frame, text-to-video
 models the caption alone. The text-to-image stage's images (the first frames of the text-only path) are
 scored on colour, shape and whether they hold exactly one object (`image_accuracies`).
+
+The demo's targets (`metrics`) are measured over all 48 captions, on clips of a `SPLITS` seed: `dev`
+(`EVAL_SEED`, the one any tuning looks at) or `final` (its own seed, for the verdict after the recipe is
+fixed). `split_clips` draws a split's clips of the held-out combinations (the dataset's `eval` split)
+or of the 40 training ones (the dataset's `train` split at the evaluation seed: new scenes of the
+training captions; the demo trains on seed 0). `text_to_video` makes clips from captions alone, by the
+path and settings of `m141jax generate --preset demo` (the T2I DiT's first frame, then the 4-step I2V
+student); `metrics` scores clips against the true clips of the same captions: colour, direction,
+shape, one object in every frame, temporal consistency, and the edge sharpness as a ratio to the true
+clips'.
 """
 
 from __future__ import annotations
@@ -15,21 +25,39 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from PIL import Image
 
-from m141jax import demo, pipeline
+from m141jax import components, demo, media, pipeline
 from m141jax.components import Component
 from m141jax.data import analysis, shapes
 from m141jax.demo import recipe
 from m141jax.demo.data import Prepared
 
 EVAL_SEED = 1
+SPLITS = {"dev": EVAL_SEED, "final": 2}  # evaluation split -> dataset seed; `final` is never used for tuning
+# evaluation split -> the generators' noise seed: every split shares the 48 captions, so the text-only
+# clips of `final` must come from other noise than `dev`'s (`dev`'s 0 is the harness' historical seed)
+NOISE_SEEDS = {"dev": 0, "final": 1}
+CAPTION_SETS = {"held_out": "eval", "training": "train"}  # caption set -> the shapes dataset's split
+
+
+def split_clips(split: str, captions: str, per_combination: int) -> tuple[np.ndarray, list[str]]:
+    """uint8 videos [N, F, H, W, 3] and captions of an evaluation split (`SPLITS`) for a caption set
+    (`CAPTION_SETS`: the 8 held-out combinations or the 40 training ones), `per_combination` of each."""
+    if split not in SPLITS or captions not in CAPTION_SETS:
+        raise ValueError(f"unknown split {split!r} or caption set {captions!r}; accepted: {sorted(SPLITS)}, "
+                         f"{sorted(CAPTION_SETS)}")
+    if per_combination < 1:
+        raise ValueError(f"per_combination {per_combination} must be ≥ 1")
+    kind = CAPTION_SETS[captions]
+    ds = shapes.ShapesDataset(per_combination * len(shapes.combinations(kind)), kind, seed=SPLITS[split])
+    items = [ds[i] for i in range(len(ds))]
+    return np.stack([v for v, _ in items]), [c for _, c in items]
 
 
 def eval_clips(per_combination: int) -> tuple[np.ndarray, list[str]]:
     """uint8 videos [N, F, H, W, 3] and captions of the held-out split, `per_combination` of each."""
-    ds = shapes.ShapesDataset(per_combination * len(shapes.HELD_OUT), "eval", seed=EVAL_SEED)
-    items = [ds[i] for i in range(len(ds))]
-    return np.stack([v for v, _ in items]), [c for _, c in items]
+    return split_clips("dev", "held_out", per_combination)
 
 
 def generate(model, params, vae: Component, prepared: Prepared, steps: int, guidance: float = 1.0,
@@ -71,6 +99,72 @@ def image_accuracies(images: np.ndarray, captions: list[str]) -> dict[str, float
         hits["shape"].append(a.shape == shape)
         hits["single"].append(analysis.count_objects(image) == 1)
     return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+def generate_settings(seed: int = 0) -> pipeline.Settings:
+    """The generation settings of `m141jax generate --preset demo --seed SEED` (`demo.GENERATE`)."""
+    g = demo.GENERATE
+    return pipeline.Settings(frames=g["frames"], clip_frames=g["clip_frames"], steps=g["steps"], shift=g["shift"],
+                             seed=seed, size=media.parse_size(g["size"]), fps=g["fps"], t2i_steps=g["t2i_steps"],
+                             t2i_shift=g["t2i_shift"], t2i_guidance=g["t2i_guidance"])
+
+
+def load_models(root=demo.CHECKPOINTS) -> components.Models:
+    """The demo's models with the text-to-image DiT, loaded as `m141jax generate --preset demo` loads them."""
+    return components.load_models(root, with_t2i=True, dtype=demo.GENERATE["dtype"],
+                                  max_length=demo.GENERATE["text_length"])
+
+
+def text_to_video(models: components.Models, captions: list[str], seed: int = 0, batch: int = 16) -> np.ndarray:
+    """uint8 clips [N, F, H, W, 3] from the captions alone, by `m141jax generate --preset demo`'s stages
+    and settings (`pipeline.text_to_image`, then `pipeline.image_to_video` from its first frame); caption i
+    gets the key of prompt i (`pipeline.prompt_keys(seed, N)`), as in a prompts file of these captions.
+    The frames are the decoded ones, before MP4 encoding. Batches of `batch` (the last one padded, so one
+    program shape is compiled)."""
+    settings = generate_settings(seed)
+    if len(settings.clips()) != 1:
+        raise ValueError(f"the demo's settings make {len(settings.clips())} clips; this path runs one")
+    n = len(captions)
+    if not n:
+        raise ValueError("no captions")
+    keys = pipeline.prompt_keys(seed, n)
+    timings, out = pipeline.Timings(), []
+    for i in range(0, n, batch):
+        rows = np.minimum(np.arange(i, i + batch), n - 1)  # the last batch repeats its last caption
+        prompts, k = [captions[r] for r in rows], keys[rows]
+        first = pipeline.text_to_image(models, prompts, settings.size, k, settings, timings)
+        video = pipeline.image_to_video(models, prompts, first, [Image.fromarray(f) for f in first],
+                                        settings.clip_frames, k, 0, settings, timings)
+        out.append(video[:min(batch, n - i)])
+    return np.concatenate(out)
+
+
+def metrics(videos: np.ndarray, captions: list[str], truth: np.ndarray) -> dict[str, float]:
+    """The demo's targets for clips [N, F, H, W, 3] of the captions, against the true clips `truth` of the
+    same captions (the same scenes for image-to-video clips, others for text-only ones): the fractions of
+    clips whose object has the caption's colour, direction and shape, that hold exactly one object in
+    every frame (`single_all_frames`) and are temporally consistent; `edge_ratio`: the clips' mean edge
+    sharpness over the true clips' (clips without an object left out of the mean)."""
+    if not len(captions) or len(videos) != len(captions) or len(truth) != len(captions):
+        raise ValueError(f"{len(captions)} captions (≥ 1) need as many clips and true clips, got {len(videos)} "
+                         f"and {len(truth)}")
+    judged = [analysis.judge(v, c) for v, c in zip(videos, captions)]
+    out = {k: float(np.mean([j[k] for j in judged])) for k in ("colour", "direction", "shape")}
+    out["single_all_frames"] = float(np.mean([analysis.one_object_in_every_frame(v) for v in videos]))
+    out["consistent"] = float(np.mean([j["consistent"] for j in judged]))
+    out["edge_ratio"] = edge_ratio(videos, truth)
+    return out
+
+
+def edge_sharpness(videos: np.ndarray) -> float:
+    """The mean `analysis.edge_sharpness` of clips [N, F, H, W, 3], over those with an object (NaN: none)."""
+    edges = np.asarray([analysis.edge_sharpness(v) for v in videos])
+    return float(np.nanmean(edges)) if np.isfinite(edges).any() else float("nan")
+
+
+def edge_ratio(videos: np.ndarray, truth: np.ndarray) -> float:
+    """`edge_sharpness` of the clips over that of the true clips."""
+    return edge_sharpness(videos) / edge_sharpness(truth)
 
 
 def accuracies(videos: np.ndarray, captions: list[str]) -> dict[str, float]:
