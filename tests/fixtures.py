@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from m141jax import checkpoint, sampling
 from m141jax.config import CLIP_TEXT_PRESETS, LLAVA_PRESETS, VAE_PRESETS, preset, to_json_dict
@@ -158,6 +159,14 @@ def write_tiny_checkpoints(root: Path) -> Path:
     save_random(root / "t2i", "dit", dit, preset("tiny-t2v", **dims), 3)
     save_random(root / "vae", "vae", vae, dataclasses.replace(VAE_PRESETS["tiny-vae"], **f32), 4)
     return root
+
+
+def write_gradient_image(path: Path, height: int = 64, width: int = 64, step: int = 3) -> Path:
+    """A first-frame PNG of colour ramps (red along x, green along y, blue along both; `step` per pixel):
+    every pixel distinct, so a crop or a resize shows."""
+    y, x = np.mgrid[0:height, 0:width]
+    Image.fromarray(np.stack([x * step, y * step, x + y], -1).astype(np.uint8)).save(path)
+    return path
 
 
 # ------------------------------------------------------------------------------------ prepared data

@@ -7,7 +7,7 @@ import imageio.v2 as imageio
 import jax
 import numpy as np
 import pytest
-from fixtures import TINY_I2V, save_random, write_tiny_checkpoints
+from fixtures import TINY_I2V, save_random, write_gradient_image, write_tiny_checkpoints
 from PIL import Image
 
 from m141jax import checkpoint, components, encoders, media, pipeline
@@ -37,10 +37,7 @@ def models(ckpt):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "first.png"
-    y, x = np.mgrid[0:90, 0:120]
-    Image.fromarray(np.stack([x * 2, y * 2, (x + y)], -1).astype(np.uint8)).save(path)
-    return path
+    return write_gradient_image(tmp_path_factory.mktemp("img") / "first.png", 90, 120, step=2)
 
 
 def _generate(ckpt, tmp_path, *argv):

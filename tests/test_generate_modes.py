@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import write_tiny_checkpoints
-from PIL import Image
+from fixtures import write_gradient_image, write_tiny_checkpoints
 
 from m141jax import compile_cache
 
@@ -27,10 +26,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "first.png"
-    y, x = np.mgrid[0:64, 0:64]
-    Image.fromarray(np.stack([x * 3, y * 3, (x + y)], -1).astype(np.uint8)).save(path)
-    return path
+    return write_gradient_image(tmp_path_factory.mktemp("img") / "first.png")
 
 
 def _command(*argv, stdin=None):

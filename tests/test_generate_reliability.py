@@ -14,8 +14,7 @@ import imageio.v2 as imageio
 import jax
 import numpy as np
 import pytest
-from fixtures import TINY_I2V, dit_inputs, tiny_dit_params, write_tiny_checkpoints
-from PIL import Image
+from fixtures import TINY_I2V, dit_inputs, tiny_dit_params, write_gradient_image, write_tiny_checkpoints
 
 from m141jax import checkpoint, components, demo, encoders
 from m141jax.cli import main
@@ -32,10 +31,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "first.png"
-    y, x = np.mgrid[0:64, 0:64]
-    Image.fromarray(np.stack([x * 3, y * 3, (x + y)], -1).astype(np.uint8)).save(path)
-    return path
+    return write_gradient_image(tmp_path_factory.mktemp("img") / "first.png")
 
 
 def _one_line_error(capsys, argv, code=2):
