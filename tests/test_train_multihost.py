@@ -1,8 +1,9 @@
 """Multi-host training: `m141jax train` as 2 processes × 4 CPU devices (gloo) on data=2,fsdp=2,sequence=2
 writes Orbax checkpoints from both processes (asynchronously, the default), is killed with SIGKILL once
-the step-2 checkpoint is complete on disk, and resumes with the same command — on the same mesh and on
-fsdp=2,tensor=2,sequence=2 — continuing like the one-process 8-device run: the same losses, gradient
-norms and final DiT up to fp32 rounding (gloo reduces across processes in its own order)."""
+the step-2 checkpoint is complete on disk, and resumes with the same command — on the same mesh, and on
+fsdp=2,tensor=2,sequence=2 with the optimizer state moved to host memory — continuing like the
+one-process 8-device run: the same losses, gradient norms and final DiT up to fp32 rounding (gloo reduces
+across processes in its own order)."""
 
 import csv
 import os
@@ -38,7 +39,7 @@ def _dit(run: Path):
     return jax.tree.leaves(checkpoint.load(run / "dit", ("dit",), "fp32")[2])
 
 
-def _launch(out: Path, mesh: str) -> list[subprocess.Popen]:
+def _launch(out: Path, mesh: str, *overrides: str) -> list[subprocess.Popen]:
     """`m141jax train` on 2 local processes of 4 devices each, together in a new process group; their
     output goes to OUT.log0 / OUT.log1."""
     with socket.socket() as s:
@@ -51,7 +52,7 @@ def _launch(out: Path, mesh: str) -> list[subprocess.Popen]:
         with open(f"{out}.log{i}", "w") as log:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "m141jax", "train", "--config", CONFIG, "--output", str(out), "--mesh", mesh,
-                 "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i), *COMMON],
+                 "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i), *COMMON, *overrides],
                 env=env, stdout=log, stderr=subprocess.STDOUT, process_group=procs[0].pid if procs else 0))
     return procs
 
@@ -60,9 +61,9 @@ def _log(out: Path, i: int = 0) -> str:
     return Path(f"{out}.log{i}").read_text()
 
 
-def _two_processes(out: Path, mesh: str) -> str:
+def _two_processes(out: Path, mesh: str, *overrides: str) -> str:
     """Run `_launch` to the end; returns process 0's output."""
-    procs = _launch(out, mesh)
+    procs = _launch(out, mesh, *overrides)
     try:
         for p in procs:
             p.wait(timeout=600)
@@ -106,8 +107,8 @@ def test_two_process_training_killed_and_resumed(tmp_path):
     other = tmp_path / "other-mesh"
     shutil.copytree(run, other)
     # gloo sums across processes in another order than one process does: equal to fp32 rounding
-    for out, mesh, tol in ((run, MESH, 1e-6), (other, OTHER, 1e-5)):
-        resumed = _two_processes(out, mesh)
+    for out, mesh, tol, extra in ((run, MESH, 1e-6, ()), (other, OTHER, 1e-5, ("optimizer.state_memory=host",))):
+        resumed = _two_processes(out, mesh, *extra)
         assert any(f"resuming from step {s} " in resumed for s in range(2, STEPS, 2)), resumed[-3000:]
         got = _metrics(out)
         assert got.keys() == want.keys()
