@@ -61,7 +61,10 @@ def ema_update(ema, params, decay: float):
 def in_host_memory(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """tx with its state in host memory between updates: each update (inside the jitted step) moves the
     state to the device, updates it and moves the new state back. The state's shardings must carry the
-    host memory kind (`train.mesh.strategy`), so it enters and leaves the step there."""
+    host memory kind (`train.mesh.strategy`), so it enters and leaves the step there. The TPU compiler
+    (libtpu 0.0.42) starts these copies early, so they are live at the step's peak: the state leaves the
+    step's device arguments, the peak does not drop (README, "Training on a TPU pod"). Updating on the host instead
+    (`compute_on('device_host')`) did not compile for the DiT step there (an XLA internal error)."""
     def update(updates, state, params=None):
         updates, state = tx.update(updates, jax.device_put(state, jax.memory.Space.Device), params)
         return updates, jax.device_put(state, jax.memory.Space.Host)
