@@ -8,10 +8,12 @@ Each step uses the mesh, remat policy and gradient accumulation of its config fi
 (configs/train/magic141-i2v-13b.yaml, configs/distill/magic141-i2v-13b-dmd2.yaml; --mesh / --videos /
 overrides change them), the I2V DiT at 544×960×81 (43,242 tokens with 402 text tokens). One line per step:
 
-    RESULT train_fit topology=… step=flow|dmd_generator|dmd_critic mesh=… videos=N peak_gib=… hbm_gib=…
-           fits=0|1 xla_tflop=… model_tflop=… est_step_s_at_50pct=…
+    RESULT train_fit topology=… step=flow|dmd_generator|dmd_critic mesh=… videos=N host_state=… peak_gib=…
+           args_gib=… host_args_gib=… hbm_gib=… fits=0|1 xla_tflop=… model_tflop=… est_step_s_at_50pct=…
 
 peak = arguments + outputs + temporaries − aliased, per chip; fits = compiled and peak ≤ 90 % of HBM;
+args / host_args = the step's arguments in device / host memory per chip: `optimizer.state_memory=host` (an
+`optimizer.` override applies to both DMD2 optimizers) moves the optimizer state from the first to the second;
 model_tflop from the jaxpr's analytic count (`train.observe.step_flops`), xla_tflop from cost_analysis();
 est_step_s_at_50pct = model_tflop / (50 % of the chips' bf16 peak × chips): an estimate, no TPU runs.
 The activations, the part of the peak that grows with the batch, scale with the micro-batch (videos /
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
 
     from m141jax import parallel
     from m141jax.models.dit import abstract_params
-    from m141jax.train import observe
+    from m141jax.train import dmd, flow, observe
     from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
     from m141jax.train.dmd import init_dmd_state, make_dmd_step
     from m141jax.train.flow import init_train_state, make_train_step
@@ -82,7 +84,11 @@ def main(argv=None) -> int:
             *([f"model.attention={args.attention}"] if args.attention else [])]
 
     def setup(presets, path):
-        cfg = load_run_config(presets, path, over)
+        opts = ("generator_optimizer", "critic_optimizer") if presets is DISTILL_PRESETS else ("optimizer",)
+        # an `optimizer.` override sets every optimizer of the config (both of DMD2's)
+        mine = [x for x in over if not x.startswith("optimizer.")]
+        mine += [o + x[len("optimizer"):] for x in over if x.startswith("optimizer.") for o in opts]
+        cfg = load_run_config(presets, path, mine)
         mesh = parallel.make_mesh(args.mesh or cfg.mesh or "fsdp=-1", devices)
         return dataclasses.replace(cfg, model=dit_config(cfg.model, mesh)), mesh
 
@@ -99,9 +105,9 @@ def main(argv=None) -> int:
                                                         parallel.batch_sharding(mesh, len(s), b)))
                 for k, (s, d) in shapes.items()}
 
-    def compile_step(name, cfg, mesh, fn, state, consts, count, n_img):
+    def compile_step(name, cfg, mesh, fn, state, consts, count, n_img, host):
         videos = cfg.data.batch_size
-        st = strategy(cfg.run.shard_min_size)
+        st = strategy(mesh, cfg.run.shard_min_size, host)
         place = lambda tree: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,  # noqa: E731
                                           state_shardings(tree, cfg.model, mesh, st))
         state, consts = place(state), tuple(place(c) for c in consts)
@@ -119,6 +125,7 @@ def main(argv=None) -> int:
             m = compiled.memory_analysis()
             peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                     - m.alias_size_in_bytes) / 2**30
+            arg_gib, host_arg_gib = m.argument_size_in_bytes / 2**30, m.host_argument_size_in_bytes / 2**30
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             xla = (cost or {}).get("flops", float("nan")) * len(devices) / 1e12
@@ -128,13 +135,15 @@ def main(argv=None) -> int:
             if "RESOURCE_EXHAUSTED" not in str(e) or not need:
                 raise
             peak, xla, ok = float(need.group(1)), float("nan"), False
+            arg_gib = host_arg_gib = float("nan")
         fits = ok and (hbm is None or peak <= 0.9 * hbm)
         chip_peak = observe.peak_flops(devices[0])  # an estimate: model FLOPs at half the chips' bf16 peak
         estimate = model_tflop * 1e12 / (0.5 * chip_peak * len(devices)) if chip_peak else float("nan")
         spec = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
         print(f"RESULT train_fit topology={args.topology or devices[0].platform} step={name} mesh={spec} "
               f"videos={videos} remat={cfg.model.remat} accumulate={cfg.accumulate} attention={cfg.model.attention} "
-              f"sequence_parallel={cfg.model.sequence_parallel} peak_gib={peak:.2f} hbm_gib={hbm or 'nan'} "
+              f"sequence_parallel={cfg.model.sequence_parallel} host_state={','.join(host) or 'none'} "
+              f"peak_gib={peak:.2f} args_gib={arg_gib:.2f} host_args_gib={host_arg_gib:.2f} hbm_gib={hbm or 'nan'} "
               f"fits={int(fits)} xla_tflop={xla:.1f} model_tflop={model_tflop:.1f} "
               f"est_step_s_at_50pct={estimate:.1f} compile_s={time.perf_counter() - t0:.0f}", flush=True)
 
@@ -144,7 +153,7 @@ def main(argv=None) -> int:
         state = jax.eval_shape(lambda: init_train_state(cfg, abstract_params(cfg.model)))
         count = make_train_step(observe.model_flops_config(cfg))
         compile_step("flow", cfg, mesh, make_train_step(cfg), state, (),
-                     lambda s, b, r: observe.step_flops(count, s, b, r), cfg.flow.n_image_tokens)
+                     lambda s, b, r: observe.step_flops(count, s, b, r), cfg.flow.n_image_tokens, flow.host_fields(cfg))
     if {"dmd_generator", "dmd_critic"} & set(wanted):
         cfg, mesh = setup(DISTILL_PRESETS, args.distill_config)
         teacher = abstract_params(dataclasses.replace(cfg.model, param_dtype=cfg.teacher_dtype))
@@ -155,7 +164,7 @@ def main(argv=None) -> int:
                 compile_step(name, cfg, mesh, lambda s, t, b, r, turn=turn: step(s, t, b, r, turn), state, (teacher,),
                              lambda s, t, b, r, turn=turn: observe.step_flops(count, s, t, b, r, turn,
                                                                                static_argnums=4),
-                             cfg.n_image_tokens)
+                             cfg.n_image_tokens, dmd.host_fields(cfg))
     return 0
 
 

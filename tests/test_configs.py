@@ -227,6 +227,7 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
     ("optimizer.learning_rate=NaN", "OptimizerConfig.learning_rate nan must be a finite number"),
     ("optimizer.learning_rate=-1e-4", "must be ≥ 0"),
     ("run.checkpoint_every=0", "run.checkpoint_every 0"),
+    ("optimizer.state_memory=disk", "unknown optimizer state_memory 'disk'; accepted: device, host"),
 ])
 def test_bad_training_values_are_refused_before_compiling(override, message):
     with pytest.raises(ValueError) as e:

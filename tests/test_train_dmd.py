@@ -214,3 +214,23 @@ def test_accumulated_dmd_steps_run_both_turns():
     assert all(np.isfinite(float(v)) for v in [*m1.values(), *m2.values()]) and "gen_loss_dm" in m1
     assert not tree_equal(state.generator, s1.generator) and tree_equal(s1.generator, s2.generator)
     assert not tree_equal(s1.critic, s2.critic)
+
+
+def test_both_optimizer_states_in_host_memory():
+    """state_memory=host for both optimizers: their states enter and leave every turn in pinned host memory
+    (the networks stay on the device), and two generator turns give the device-resident run's states (≤1e-6)."""
+    cfg, batch, teacher, state = _setup()
+    host = dataclasses.replace(cfg, generator_optimizer=dataclasses.replace(cfg.generator_optimizer, state_memory="host"),
+                               critic_optimizer=dataclasses.replace(cfg.critic_optimizer, state_memory="host"))
+    assert dmd.host_fields(host) == ("generator_opt", "critic_opt") and dmd.host_fields(cfg) == ()
+    out = {}
+    for c in (cfg, host):  # the host run starts as `m141jax distill` places it: both states in host memory
+        s = state.replace(**{f: jax.device_put(getattr(state, f), jax.memory.Space.Host) for f in dmd.host_fields(c)})
+        for i in range(2):  # generator turns: both optimizers update (one compile per config)
+            s, _ = pixel_dmd_step(c)(s, teacher, batch, jax.random.PRNGKey(10 + i), True)
+        out[c] = s
+    kinds = lambda tree: {a.sharding.memory_kind for a in jax.tree.leaves(tree)}  # noqa: E731
+    assert kinds((out[host].generator_opt, out[host].critic_opt)) == {"pinned_host"}
+    assert kinds((out[host].generator, out[host].critic, out[cfg].critic_opt)) == {"device"}
+    for a, b in zip(jax.tree.leaves(out[cfg]), jax.tree.leaves(out[host])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)

@@ -110,3 +110,12 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, how):
     assert not (ckpts / "4").exists() and any((tmp_path / "split" / "damaged-checkpoints").iterdir())
     split, split_pos = _session(tmp_path / "split", cfg, n_img, make_state, step_fn)
     assert int(split.step) == 6 and split_pos == full_pos and tree_equal(full, split)
+
+
+def test_metrics_log_drops_the_tail_and_a_row_cut_short(tmp_path):
+    """Resuming from step 2 keeps the rows of steps ≤ 2 and drops later ones, also a last row a kill cut
+    short in its step number ('1' of '12,...')."""
+    path = tmp_path / "m.csv"
+    path.write_text("step,metric,value\r\n1,loss,0.5\r\n2,loss,0.25\r\n3,loss,0.125\r\n1")
+    MetricsLog(path, resume_step=2).write(3, {"loss": 0.1})
+    assert path.read_text().splitlines() == ["step,metric,value", "1,loss,0.5", "2,loss,0.25", "3,loss,0.1"]

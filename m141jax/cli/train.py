@@ -31,7 +31,7 @@ from m141jax.cli import devices
 from m141jax.config import DiTConfig, to_json_dict
 from m141jax.models.dit import init_params
 from m141jax.train import data as data_lib
-from m141jax.train import observe, prepare
+from m141jax.train import dmd, flow, observe, prepare
 from m141jax.train.checkpointing import RunCheckpoints
 from m141jax.train.config import DISTILL_PRESETS, TRAIN_PRESETS, load_run_config
 from m141jax.train.dmd import generator_turn, init_dmd_state, make_dmd_step
@@ -62,7 +62,7 @@ def _load_dit(path: str, model: DiTConfig, dtype: str, mesh):
 class _Run:
     """What both commands share: output dir, mesh, data iterator, checkpoints, metrics, the loop."""
 
-    def __init__(self, args, cfg, n_image_tokens: int):
+    def __init__(self, args, cfg, n_image_tokens: int, host: tuple[str, ...] = ()):
         self.out = Path(args.output)
         self.lead = jax.process_index() == 0  # the process that writes config, metrics and events
         if self.lead:
@@ -73,7 +73,7 @@ class _Run:
         check_batch(cfg.data.batch_size, self.mesh)
         # the DiT attends over the mesh's sequence axis (Ulysses or ring) when it has one
         self.cfg = cfg = dataclasses.replace(cfg, model=dit_config(cfg.model, self.mesh))
-        self.strategy = strategy(cfg.run.shard_min_size)
+        self.strategy = strategy(self.mesh, cfg.run.shard_min_size, host)  # host: state fields in host memory
         self.batch_sharding = batch_shardings(self.mesh)
         source = data_lib.open_source(cfg.data, cfg.model, n_image_tokens)
         self.data_iter = data_lib.make_iterator(
@@ -150,7 +150,7 @@ class _Run:
 def train_main(args) -> int:
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before any JAX work
     cfg = load_run_config(TRAIN_PRESETS, args.config, args.overrides)
-    run = _Run(args, cfg, cfg.flow.n_image_tokens)
+    run = _Run(args, cfg, cfg.flow.n_image_tokens, flow.host_fields(cfg))
     cfg = run.cfg
     if cfg.init:
         params = _load_dit(cfg.init, cfg.model, cfg.model.param_dtype, run.mesh)
@@ -170,7 +170,7 @@ def train_main(args) -> int:
 def distill_main(args) -> int:
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = load_run_config(DISTILL_PRESETS, args.config, args.overrides)
-    run = _Run(args, cfg, cfg.n_image_tokens)
+    run = _Run(args, cfg, cfg.n_image_tokens, dmd.host_fields(cfg))
     cfg = run.cfg
     if cfg.teacher:
         teacher = run.put(_load_dit(cfg.teacher, cfg.model, cfg.teacher_dtype, run.mesh))

@@ -10,6 +10,7 @@ from m141jax.parallel.jit import MeshFunction, activate, jit_sharded
 from m141jax.parallel.mesh import format_mesh, host_split, make_mesh, parse_mesh
 from m141jax.parallel.rules import (
                                     DEFAULT,
+                                    HOST,
                                     RULES,
                                     Strategy,
                                     batch_axes,
@@ -22,7 +23,7 @@ from m141jax.parallel.rules import (
                                     tree_shardings,
 )
 
-__all__ = ["DEFAULT", "RULES", "MeshFunction", "Strategy", "activate", "batch_axes", "batch_sharding",
+__all__ = ["DEFAULT", "HOST", "RULES", "MeshFunction", "Strategy", "activate", "batch_axes", "batch_sharding",
            "dit_forward_fn", "dit_on_mesh", "dit_param_shardings", "format_mesh", "gather", "host_split",
            "initialize_distributed", "jit_sharded", "logical_sharding", "make_mesh", "parse_mesh", "path_str",
            "put", "rules_for_batch", "sequence_parallel_method", "shared_token", "state_shardings",

@@ -6,9 +6,9 @@ dimension is left out for that array (it stays replicated there), so one table s
 every shape, in inference and in training.
 
 `Strategy` adds what a run chooses on top of the table: a minimum size below which arrays stay
-replicated (small arrays are not worth a gather), and per-path overrides of the logical names.
-`state_shardings` places whole training states (parameters, optimizer moments, EMA, masks) by the
-names of the parameters they mirror.
+replicated (small arrays are not worth a gather), per-path overrides of the logical names, and the
+parts of a state kept in host memory. `state_shardings` places whole training states (parameters,
+optimizer moments, EMA, masks) by the names of the parameters they mirror.
 """
 
 from __future__ import annotations
@@ -55,11 +55,14 @@ class Strategy:
     min_size: arrays with fewer elements stay replicated (0: every array follows the table).
     overrides: (regular expression, logical names) pairs; a parameter whose '/'-joined path matches
     takes those names instead of its own (the first match wins).
+    host: top-level fields of a state (e.g. 'opt_state') whose arrays live in host memory (`HOST`), split
+    as on the device.
     """
 
     rules: tuple = RULES
     min_size: int = 0
     overrides: tuple[tuple[str, tuple], ...] = ()
+    host: tuple[str, ...] = ()
 
     def names(self, path: str, names: tuple) -> tuple:
         for pattern, override in self.overrides:
@@ -69,6 +72,7 @@ class Strategy:
 
 
 DEFAULT = Strategy()
+HOST = "pinned_host"  # the host memory kind of the CPU, GPU and TPU backends (jax.memory.Space.Host)
 
 
 def path_str(path) -> str:
@@ -104,17 +108,18 @@ def state_shardings(state, logical_axes, mesh: Mesh, strategy: Strategy = DEFAUL
     """NamedShardings for a training state (arrays or ShapeDtypeStructs) holding parameter trees: every
     leaf whose path ends with a parameter's path and has its rank (the parameters, EMA, AdamW moments,
     N:M masks, a second model's copy) takes that parameter's logical names; other leaves (step counters,
-    scalars) are replicated."""
+    scalars) are replicated. Leaves under a field of `strategy.host` get the host memory kind."""
     names = _names_by_path(logical_axes)
 
     def place(path, a):
-        key = path_str(path)
-        parts = key.split("/")
+        parts = path_str(path).split("/")
+        kind = HOST if parts[0] in strategy.host else None
         for i in range(len(parts)):
             suffix = "/".join(parts[i:])
             if suffix in names and len(names[suffix]) == len(a.shape):
-                return logical_sharding(strategy.names(suffix, names[suffix]), a.shape, mesh, strategy)
-        return NamedSharding(mesh, P())
+                sharding = logical_sharding(strategy.names(suffix, names[suffix]), a.shape, mesh, strategy)
+                return sharding.with_memory_kind(kind) if kind else sharding
+        return NamedSharding(mesh, P(), memory_kind=kind)
 
     return jax.tree_util.tree_map_with_path(place, state)
 

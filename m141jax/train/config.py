@@ -25,7 +25,8 @@ def _finite(cfg, *names: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW after global-norm clipping, with a linear warm-up then a constant / cosine / linear decay."""
+    """AdamW after global-norm clipping, with a linear warm-up then a constant / cosine / linear decay; its
+    state (the moments) on the device or, to free device memory, in host memory between updates."""
 
     learning_rate: float = 1e-5
     warmup_steps: int = 0
@@ -36,10 +37,13 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     clip_norm: float = 1.0  # 0 disables clipping
+    state_memory: str = "device"  # device | host (pinned host memory, moved to the device for each update)
 
     def __post_init__(self):
         if self.decay not in ("constant", "cosine", "linear"):
             raise ValueError(f"unknown decay {self.decay!r}; accepted: constant, cosine, linear")
+        if self.state_memory not in ("device", "host"):
+            raise ValueError(f"unknown optimizer state_memory {self.state_memory!r}; accepted: device, host")
         _finite(self, "learning_rate", "final_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm")
         if self.learning_rate < 0 or self.warmup_steps < 0 or self.clip_norm < 0 or self.eps <= 0:
             raise ValueError(f"optimizer learning_rate {self.learning_rate}, warmup_steps {self.warmup_steps}, clip_norm "

@@ -70,6 +70,12 @@ def _optimizers(cfg: DistillConfig):
             make_optimizer(cfg.critic_optimizer, cfg.run.steps))
 
 
+def host_fields(cfg: DistillConfig) -> tuple[str, ...]:
+    """The DMDState fields kept in host memory between steps (`state_memory: host` of their optimizer)."""
+    return tuple(field for field, opt in (("generator_opt", cfg.generator_optimizer), ("critic_opt", cfg.critic_optimizer))
+                 if opt.state_memory == "host")
+
+
 def head_width(cfg: DistillConfig) -> int:
     return cfg.dmd.head_hidden or cfg.model.hidden_size
 

@@ -169,6 +169,11 @@ class TrainState:
     ema: Any = None
 
 
+def host_fields(cfg: TrainConfig) -> tuple[str, ...]:
+    """The TrainState fields kept in host memory between steps (`optimizer.state_memory: host`)."""
+    return ("opt_state",) if cfg.optimizer.state_memory == "host" else ()
+
+
 def init_train_state(cfg: TrainConfig, params) -> TrainState:
     tx, _ = make_optimizer(cfg.optimizer, cfg.run.steps, cfg.sparsity, cfg.model)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), ema_init(params, cfg.ema_decay))

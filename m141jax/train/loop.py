@@ -34,7 +34,7 @@ class NonFiniteLoss(ValueError):
 
 class MetricsLog:
     """Append-only CSV of (step, metric, value); rows after `resume_step` (a previous, unfinished run's
-    tail) are dropped when resuming."""
+    tail) are dropped when resuming, and so is a row a kill cut short."""
 
     def __init__(self, path: str | Path, resume_step: int = 0):
         self.path = Path(path)
@@ -42,7 +42,7 @@ class MetricsLog:
         if self.path.exists():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if int(r[0]) <= resume_step]
+            rows = [r for r in rows if len(r) == 3 and int(r[0]) <= resume_step]
         with open(self.path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["step", "metric", "value"])

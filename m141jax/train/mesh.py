@@ -3,10 +3,12 @@
 The mesh has the four axes of `parallel.make_mesh` (data, fsdp, tensor, sequence). Parameters,
 optimizer moments, EMA and N:M masks take the logical names of the DiT parameters they mirror
 (`parallel.state_shardings`): split along `embed` over fsdp (and sequence), along heads / MLP channels
-over tensor; step counters and arrays below `run.shard_min_size` elements are replicated. Batches are
-split along their leading axis over data × fsdp; the step functions are traced inside the mesh and the
-rule table (`parallel.jit_sharded`), so block activations are split along their tokens over `sequence`
-and the DiT's attention runs Ulysses or ring over it (`dit_config`), forward and backward.
+over tensor; step counters and arrays below `run.shard_min_size` elements are replicated. Optimizer
+states with `state_memory: host` are split the same way in the backend's pinned host memory, where the
+backend has one (`strategy`). Batches are split along their leading axis over data × fsdp; the step
+functions are traced inside the mesh and the rule table (`parallel.jit_sharded`), so block activations
+are split along their tokens over `sequence` and the DiT's attention runs Ulysses or ring over it
+(`dit_config`), forward and backward.
 """
 
 from __future__ import annotations
@@ -36,9 +38,16 @@ def dit_config(model: DiTConfig, mesh: Mesh) -> DiTConfig:
     return dataclasses.replace(model, sequence_parallel=parallel.sequence_parallel_method(model, mesh, requested))
 
 
-def strategy(min_size: int) -> parallel.Strategy:
-    """The run's placement strategy: the rule table, arrays below `min_size` elements replicated."""
-    return parallel.Strategy(min_size=min_size)
+def strategy(mesh: Mesh, min_size: int, host: tuple[str, ...] = ()) -> parallel.Strategy:
+    """The run's placement strategy on `mesh`: the rule table, arrays below `min_size` elements replicated,
+    the state fields named in `host` (optimizer states) in host memory — refused where the backend has none."""
+    if host:
+        device = mesh.devices.flat[0]
+        kinds = sorted(m.kind for m in device.addressable_memories())
+        if parallel.HOST not in kinds:
+            raise ValueError(f"optimizer.state_memory host needs the {parallel.HOST!r} memory kind, which the "
+                             f"{device.platform} backend lacks (it has {', '.join(kinds)}); use device")
+    return parallel.Strategy(min_size=min_size, host=tuple(host))
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:

@@ -1,4 +1,5 @@
-"""Optimizers: AdamW after global-norm clipping, with a warm-up + decay schedule; parameter EMA."""
+"""Optimizers: AdamW after global-norm clipping, with a warm-up + decay schedule, its state on the device or in
+host memory; parameter EMA."""
 
 from __future__ import annotations
 
@@ -32,13 +33,16 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, sparsity: SparsityConfig | None = None,
                    model: DiTConfig | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, its learning-rate schedule) for a run of total_steps updates. With `sparsity` the
-    optimizer keeps the DiT (`model`) N:M sparse (`train.sparsity.sparse_training`: masks in its state)."""
+    optimizer keeps the DiT (`model`) N:M sparse (`train.sparsity.sparse_training`: masks in its state).
+    With cfg.state_memory 'host' its whole state lives in host memory between updates (`in_host_memory`)."""
     schedule = lr_schedule(cfg, total_steps)
     tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     if sparsity is not None:
         tx = sparse_training(tx, sparsity, nm.select_dit(abstract_params(model), model, sparsity))
+    if cfg.state_memory == "host":
+        tx = in_host_memory(tx)
     return tx, schedule
 
 
@@ -52,3 +56,17 @@ def ema_update(ema, params, decay: float):
     if ema is None:
         return None
     return optax.incremental_update(params, ema, 1.0 - decay)
+
+
+def in_host_memory(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """tx with its state in host memory between updates: each update (inside the jitted step) moves the
+    state to the device, updates it and moves the new state back. The state's shardings must carry the
+    host memory kind (`train.mesh.strategy`), so it enters and leaves the step there. The TPU compiler
+    (libtpu 0.0.42) starts these copies early, so they are live at the step's peak: the state leaves the
+    step's device arguments, the peak does not drop (README, "Training on a TPU pod"). Updating on the host instead
+    (`compute_on('device_host')`) did not compile for the DiT step there (an XLA internal error)."""
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, jax.device_put(state, jax.memory.Space.Device), params)
+        return updates, jax.device_put(state, jax.memory.Space.Host)
+
+    return optax.GradientTransformation(tx.init, update)
