@@ -74,13 +74,14 @@ def _bar(n: int, desc: str, progress: bool):
 
 
 def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, seed: int = 0,
-              progress: bool = True) -> tuple[VAEConfig, dict]:
-    """The demo VAE trained on uint8 videos [N, F, H, W, 3] rolled on the torus; its config carries the
-    per-channel mean and std of the posterior means of (up to) 256 videos, which normalise the latents."""
+              progress: bool = True, cfg: VAEConfig = VAE) -> tuple[VAEConfig, dict]:
+    """The demo VAE (`cfg`: another architecture to try) trained on uint8 videos [N, F, H, W, 3] rolled on
+    the torus; its config carries the per-channel mean and std of the posterior means of (up to) 256
+    videos, which normalise the latents."""
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps - 1), steps, 0.05 * lr), b2=0.99))
-    state = vae_train.init_vae_state(vae_lib.init_params(VAE, jax.random.PRNGKey(seed)), tx)
-    step = jax.jit(vae_train.make_vae_step(VAE, tx, KL_WEIGHT, FOREGROUND_WEIGHT), donate_argnums=0)
+    state = vae_train.init_vae_state(vae_lib.init_params(cfg, jax.random.PRNGKey(seed)), tx)
+    step = jax.jit(vae_train.make_vae_step(cfg, tx, KL_WEIGHT, FOREGROUND_WEIGHT), donate_argnums=0)
     rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
     bar = _bar(steps, "vae", progress)
     for i in bar:
@@ -91,8 +92,8 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, 
         if i % 10 == 0:
             bar.set_postfix(l1=f"{float(m['l1']):.4f}")
     sample = media.to_signed(videos[:256])
-    mean, std = vae_train.latent_statistics(state.params, VAE, (sample[i:i + 16] for i in range(0, len(sample), 16)))
-    return dataclasses.replace(VAE, latents_mean=mean, latents_std=std), jax.device_get(state.params)
+    mean, std = vae_train.latent_statistics(state.params, cfg, (sample[i:i + 16] for i in range(0, len(sample), 16)))
+    return dataclasses.replace(cfg, latents_mean=mean, latents_std=std), jax.device_get(state.params)
 
 
 def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch: int = 16, lr: float = 1e-3,

@@ -1,0 +1,68 @@
+"""How sharp can the demo's VAE be? The demo VAE (`m141jax.demo.recipe.train_vae`, optionally with another
+architecture) trained for --steps on the demo's training clips, then scored on its reconstructions of the
+development split's clips (`m141jax.demo.quality`: held-out and training captions) by the demo's targets:
+colour, direction, shape, one object in every frame, temporal consistency and edge sharpness over the true
+clips'. Every generated demo clip is decoded by this VAE, so its reconstructions bound what the DiTs reach.
+
+    python benchmarks/demo_vae.py [--steps 900] [--set block_out_channels=16,32,64] [--set latent_channels=16]
+    RESULT demo_vae_recipe steps=… config=… train_s=… colour=… direction=… shape=… single_all_frames=… …
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+import jax  # noqa: E402
+from common import result  # noqa: E402
+
+from m141jax import media  # noqa: E402
+from m141jax.data import shapes  # noqa: E402
+from m141jax.demo import quality, recipe  # noqa: E402
+from m141jax.models import vae as vae_lib  # noqa: E402
+
+
+def override(cfg, assignments: list[str]):
+    """The VAE config with `name=value` assignments (comma-separated values make a tuple of ints)."""
+    changes = {}
+    for item in assignments:
+        name, _, value = item.partition("=")
+        if not hasattr(cfg, name) or not value:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME a VAEConfig field")
+        changes[name] = tuple(int(v) for v in value.split(",")) if "," in value else type(getattr(cfg, name))(value)
+    return dataclasses.replace(cfg, **changes)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--set", action="append", default=[], help="a VAEConfig field, e.g. latent_channels=16")
+    p.add_argument("--per-combination", type=int, default=3, help="dev clips per caption combination")
+    args = p.parse_args()
+    cfg = override(recipe.VAE, args.set)
+    data = shapes.ShapesDataset(recipe.VIDEOS, "train", seed=0)
+    videos = np.stack([data[i][0] for i in range(len(data))])
+    start = time.perf_counter()
+    cfg, params = recipe.train_vae(videos, args.steps, cfg=cfg)
+    train_s = time.perf_counter() - start
+    clips = [quality.split_clips("dev", kind, args.per_combination) for kind in quality.CAPTION_SETS]
+    truth, captions = np.concatenate([v for v, _ in clips]), [c for _, cs in clips for c in cs]
+    encode = jax.jit(lambda v: vae_lib.encode(params, cfg, v, tiling=False)[0])
+    decode = jax.jit(lambda z: vae_lib.decode(params, cfg, z, tiling=False))
+    recon = np.concatenate([np.asarray(media.to_uint8(decode(encode(media.to_signed(truth[i:i + 16])))))
+                            for i in range(0, len(truth), 16)])
+    scores = quality.metrics(recon, captions, truth)
+    result("demo_vae_recipe", steps=args.steps, config=",".join(args.set) or "recipe", train_s=train_s, n=len(captions),
+           **scores)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
