@@ -30,13 +30,17 @@ from m141jax.models import vae as vae_lib  # noqa: E402
 
 
 def override(cfg, assignments: list[str]):
-    """The VAE config with `name=value` assignments (comma-separated values make a tuple of ints)."""
+    """The VAE config with `name=value` assignments (tuple fields: comma-separated ints)."""
     changes = {}
     for item in assignments:
         name, _, value = item.partition("=")
         if not hasattr(cfg, name) or not value:
             raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME a VAEConfig field")
-        changes[name] = tuple(int(v) for v in value.split(",")) if "," in value else type(getattr(cfg, name))(value)
+        kind = type(getattr(cfg, name))
+        if kind is bool:
+            changes[name] = value.lower() in ("1", "true", "yes")
+        else:
+            changes[name] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
     return dataclasses.replace(cfg, **changes)
 
 
