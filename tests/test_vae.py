@@ -311,3 +311,37 @@ def test_real_config_shapes_without_running():
     out = jax.eval_shape(lambda p, z: vae.decode_tile(p, cfg, z), params,
                          jax.ShapeDtypeStruct((1, 17, 32, 32, 16), jnp.bfloat16))
     assert out.shape == (1, 65, 256, 256, 3)
+
+
+# ------------------------------------------------------------------------------------- training loss
+
+def _edge_video(offset: float = 0.0, blur: bool = False):
+    """[1, 1, 8, 8, 3]: −1 left of column 4, +1 from it on (+ offset); `blur` spreads the step over 3 columns."""
+    x = np.where(np.arange(8) >= 4, 1.0, -1.0)
+    if blur:
+        x = np.convolve(np.pad(x, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    return jnp.asarray(np.broadcast_to((x + offset)[None, None, None, :, None], (1, 1, 8, 8, 3)), jnp.float32)
+
+
+def test_gradient_error_sees_a_blur_and_not_a_shift_of_colour():
+    sharp = _edge_video()
+    assert float(vae_train.gradient_error(sharp, sharp, 1.0)) == 0.0
+    assert float(vae_train.gradient_error(_edge_video(offset=0.3), sharp, 1.0)) == 0.0  # same edges, other colour
+    # the blur's step of 2 as two steps of 2/3: |2/3 − 0| + |2/3 − 0| + |2/3 − 2| = 8/3 per row, over the 7 × 8
+    # width differences and (nothing) over the height ones, mean of the two axes
+    np.testing.assert_allclose(float(vae_train.gradient_error(_edge_video(blur=True), sharp, 1.0)),
+                               (8 / 3 * 8 * 3 / (8 * 7 * 3)) / 2, rtol=1e-6)
+    # a difference weighs the larger weight of its two pixels
+    w = jnp.ones((1, 1, 8, 8, 1)).at[:, :, :, 4].set(5.0)
+    np.testing.assert_allclose(float(vae_train.gradient_error(_edge_video(blur=True), sharp, w)),
+                               ((2 / 3 * 5 + 4 / 3 * 5 + 2 / 3) * 8 * 3 / (8 * 7 * 3)) / 2, rtol=1e-6)
+
+
+def test_vae_loss_adds_the_weighted_gradient_term():
+    cfg = preset("tiny-vae", VAE_PRESETS, sample_size=32, sample_tsize=32)
+    params = vae.init_params(cfg, jax.random.PRNGKey(0))
+    x, key = jnp.asarray(video((1, 5, 16, 16, 3))), jax.random.PRNGKey(1)
+    plain, m0 = vae_train.vae_loss(params, cfg, x, key, 1e-4, 10.0)
+    with_edges, m1 = vae_train.vae_loss(params, cfg, x, key, 1e-4, 10.0, edge_weight=0.5)
+    assert "gradient" not in m0 and float(m1["gradient"]) > 0
+    np.testing.assert_allclose(float(with_edges), float(plain) + 0.5 * float(m1["gradient"]), rtol=1e-5)

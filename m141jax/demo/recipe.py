@@ -54,6 +54,7 @@ VAE = VAEConfig(block_out_channels=(8, 16, 32), spatial_compression_ratio=4, nor
                 param_dtype="fp32", dtype="fp32")
 KL_WEIGHT = 1e-4
 FOREGROUND_WEIGHT = 10.0
+EDGE_WEIGHT = 0.0  # γ of the gradient term (`m141jax.train.vae.gradient_error`)
 _DIT = dict(out_channels=LATENT, hidden_size=64, num_heads=4, double_blocks=2, single_blocks=1, refiner_blocks=1,
             rope_axes=(4, 6, 6), text_dim=64, pooled_dim=32, param_dtype="fp32", dtype="fp32")
 I2V = DiTConfig(in_channels=2 * LATENT + 1, **_DIT)
@@ -74,14 +75,15 @@ def _bar(n: int, desc: str, progress: bool):
 
 
 def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, seed: int = 0,
-              progress: bool = True, cfg: VAEConfig = VAE) -> tuple[VAEConfig, dict]:
-    """The demo VAE (`cfg`: another architecture to try) trained on uint8 videos [N, F, H, W, 3] rolled on
-    the torus; its config carries the per-channel mean and std of the posterior means of (up to) 256
-    videos, which normalise the latents."""
+              progress: bool = True, cfg: VAEConfig = VAE, kl_weight: float = KL_WEIGHT,
+              edge_weight: float = EDGE_WEIGHT) -> tuple[VAEConfig, dict]:
+    """The demo VAE (`cfg` and the loss weights: others to try) trained on uint8 videos [N, F, H, W, 3]
+    rolled on the torus; its config carries the per-channel mean and std of the posterior means of (up
+    to) 256 videos, which normalise the latents."""
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps - 1), steps, 0.05 * lr), b2=0.99))
     state = vae_train.init_vae_state(vae_lib.init_params(cfg, jax.random.PRNGKey(seed)), tx)
-    step = jax.jit(vae_train.make_vae_step(cfg, tx, KL_WEIGHT, FOREGROUND_WEIGHT), donate_argnums=0)
+    step = jax.jit(vae_train.make_vae_step(cfg, tx, kl_weight, FOREGROUND_WEIGHT, edge_weight), donate_argnums=0)
     rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
     bar = _bar(steps, "vae", progress)
     for i in bar:

@@ -1,12 +1,16 @@
 """Training the causal VAE: reconstruction + β·KL to N(0, I) (the demo trains its tiny VAE with it).
 
-    loss = mean w·|x̂ − x| + mean w·(x̂ − x)² + β · mean KL(q(z|x) ‖ N(0, I)),   x̂ = decode(z), z ~ q(z|x)
+    loss = mean w·|x̂ − x| + mean w·(x̂ − x)² + γ · mean w·|∇x̂ − ∇x| + β · mean KL(q(z|x) ‖ N(0, I)),
+    x̂ = decode(z), z ~ q(z|x)
 
 over videos [B, F, H, W, 3] in [−1, 1] (F = 1 or 4k+1), means over every element. L1 keeps edges sharp,
 the squared error punishes colour shifts, and the small KL keeps the posterior narrow and its means
 bounded (it does not centre them: each channel settles on its own offset and spread). The per-pixel
 weight w is 1, or (`foreground_weight`) larger on pixels away from the video's background colour: small
-objects on a plain background are otherwise learned long after the background. After training,
+objects on a plain background are otherwise learned long after the background. The optional gradient
+term (γ = `edge_weight`; ∇ = the differences between neighbouring pixels along height and width) asks
+for the edges themselves: a pixel error spread evenly over an edge (a blur) costs L1 and L2 little, a
+wrong gradient on the edge costs it fully. After training,
 `latent_statistics` measures the per-channel mean and std of the posterior means, which normalise the
 latents for the DiTs (`VAEConfig.latents_mean/std`).
 """
@@ -51,27 +55,48 @@ def foreground_weights(video, weight: float):
     return 1.0 + weight * far
 
 
-def vae_loss(params, cfg: VAEConfig, video, rng, kl_weight: float, foreground_weight: float = 0.0):
+def gradient_error(recon, video, w):
+    """mean w·|∇x̂ − ∇x| over the height and width differences of videos [B, F, H, W, 3] (w: 1 or per-pixel
+    weights [B, F, H, W, 1], each difference weighed by the larger weight of its two pixels)."""
+    total = 0.0
+    for axis in (2, 3):
+        d = jnp.abs(jnp.diff(recon, axis=axis) - jnp.diff(video, axis=axis))
+        if not isinstance(w, float):
+            n = w.shape[axis]
+            first, second = (jax.lax.slice_in_dim(w, s, s + n - 1, axis=axis) for s in (0, 1))
+            d = d * jnp.maximum(first, second)
+        total = total + d.mean()
+    return total / 2
+
+
+def vae_loss(params, cfg: VAEConfig, video, rng, kl_weight: float, foreground_weight: float = 0.0,
+             edge_weight: float = 0.0):
     """(loss, metrics) of a batch of videos in [−1, 1]; with `foreground_weight` the reconstruction terms
-    weigh the pixels away from the background colour 1 + foreground_weight times (`foreground_weights`)."""
+    weigh the pixels away from the background colour 1 + foreground_weight times (`foreground_weights`);
+    with `edge_weight` the gradient term joins them (`gradient_error`)."""
     mean, logvar = posterior(params, cfg, video)
     z = vae_lib.sample_posterior(mean, logvar, rng)
     recon = _apply(params, cfg, vae_lib.CausalVAE.decode, z).astype(jnp.float32)
     w = foreground_weights(video, foreground_weight) if foreground_weight else 1.0
     l1, l2 = (w * jnp.abs(recon - video)).mean(), (w * jnp.square(recon - video)).mean()
     kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).mean()
-    return l1 + l2 + kl_weight * kl, {"l1": l1, "mse": l2, "kl": kl}
+    loss, metrics = l1 + l2 + kl_weight * kl, {"l1": l1, "mse": l2, "kl": kl}
+    if edge_weight:
+        metrics["gradient"] = gradient_error(recon, video, w)
+        loss = loss + edge_weight * metrics["gradient"]
+    return loss, metrics
 
 
 def init_vae_state(params, tx: optax.GradientTransformation) -> VAEState:
     return VAEState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
-def make_vae_step(cfg: VAEConfig, tx: optax.GradientTransformation, kl_weight: float, foreground_weight: float = 0.0):
+def make_vae_step(cfg: VAEConfig, tx: optax.GradientTransformation, kl_weight: float, foreground_weight: float = 0.0,
+                  edge_weight: float = 0.0):
     """vae_step(state, video, rng) -> (state, metrics): one optimizer update (jit it)."""
     def vae_step(state: VAEState, video, rng):
         (loss, metrics), grads = jax.value_and_grad(vae_loss, has_aux=True)(state.params, cfg, video, rng, kl_weight,
-                                                                             foreground_weight)
+                                                                             foreground_weight, edge_weight)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return VAEState(state.step + 1, params, opt_state), {"loss": loss, **metrics}
