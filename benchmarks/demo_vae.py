@@ -5,7 +5,7 @@ colour, direction, shape, one object in every frame, temporal consistency and ed
 clips'. Every generated demo clip is decoded by this VAE, so its reconstructions bound what the DiTs reach.
 
     python benchmarks/demo_vae.py [--steps 900] [--set block_out_channels=16,32,64] [--set latent_channels=16]
-                                  [--batch 2] [--lr 1e-3] [--kl-weight 1e-4] [--edge-weight 0]
+                                  [--batch 2] [--lr 1e-3] [--kl-weight 1e-4] [--edge-weight 0] [--image-batch 0]
     RESULT demo_vae_recipe steps=… config=… train_s=… colour=… direction=… shape=… single_all_frames=… …
 """
 
@@ -53,6 +53,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=recipe.KL_WEIGHT)
     p.add_argument("--edge-weight", type=float, default=recipe.EDGE_WEIGHT, help="γ of the VAE loss' gradient term")
+    p.add_argument("--image-batch", type=int, default=recipe.IMAGE_BATCH,
+                   help="single frames of an image step after each clip step (0: none)")
     p.add_argument("--per-combination", type=int, default=3, help="dev clips per caption combination")
     args = p.parse_args()
     cfg = override(recipe.VAE, args.set)
@@ -60,7 +62,7 @@ def main() -> int:
     videos = np.stack([data[i][0] for i in range(len(data))])
     start = time.perf_counter()
     cfg, params = recipe.train_vae(videos, args.steps, batch=args.batch, lr=args.lr, cfg=cfg,
-                                   kl_weight=args.kl_weight, edge_weight=args.edge_weight)
+                                   kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch)
     train_s = time.perf_counter() - start
     clips = [quality.split_clips("dev", kind, args.per_combination) for kind in quality.CAPTION_SETS]
     truth, captions = np.concatenate([v for v, _ in clips]), [c for _, cs in clips for c in cs]
@@ -70,7 +72,8 @@ def main() -> int:
                             for i in range(0, len(truth), 16)])
     scores = quality.metrics(recon, captions, truth)
     result("demo_vae_recipe", steps=args.steps, config=",".join(args.set) or "recipe", batch=args.batch, lr=args.lr,
-           kl_weight=args.kl_weight, edge_weight=args.edge_weight, train_s=train_s, n=len(captions), **scores)
+           kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch, train_s=train_s,
+           n=len(captions), **scores)
     return 0
 
 

@@ -55,6 +55,7 @@ VAE = VAEConfig(block_out_channels=(8, 16, 32), spatial_compression_ratio=4, nor
 KL_WEIGHT = 1e-4
 FOREGROUND_WEIGHT = 10.0
 EDGE_WEIGHT = 0.0  # γ of the gradient term (`m141jax.train.vae.gradient_error`)
+IMAGE_BATCH = 0  # single frames of the VAE's image steps (0: clips only)
 _DIT = dict(out_channels=LATENT, hidden_size=64, num_heads=4, double_blocks=2, single_blocks=1, refiner_blocks=1,
             rope_axes=(4, 6, 6), text_dim=64, pooled_dim=32, param_dtype="fp32", dtype="fp32")
 I2V = DiTConfig(in_channels=2 * LATENT + 1, **_DIT)
@@ -76,21 +77,30 @@ def _bar(n: int, desc: str, progress: bool):
 
 def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, seed: int = 0,
               progress: bool = True, cfg: VAEConfig = VAE, kl_weight: float = KL_WEIGHT,
-              edge_weight: float = EDGE_WEIGHT) -> tuple[VAEConfig, dict]:
+              edge_weight: float = EDGE_WEIGHT, image_batch: int = IMAGE_BATCH) -> tuple[VAEConfig, dict]:
     """The demo VAE (`cfg` and the loss weights: others to try) trained on uint8 videos [N, F, H, W, 3]
-    rolled on the torus; its config carries the per-channel mean and std of the posterior means of (up
-    to) 256 videos, which normalise the latents."""
+    rolled on the torus; with `image_batch`, each of the `steps` steps on `batch` clips is followed by one
+    on `image_batch` single frames (random frames of random clips), which trains the one-frame path the
+    text-to-image stage's images and the reference latents take, as video VAEs are trained on images and
+    videos together. Its config carries the per-channel mean and std of the posterior means of (up to)
+    256 videos, which normalise the latents."""
+    updates = steps * (2 if image_batch else 1)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps - 1), steps, 0.05 * lr), b2=0.99))
+                     optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, updates - 1), updates, 0.05 * lr),
+                                b2=0.99))
     state = vae_train.init_vae_state(vae_lib.init_params(cfg, jax.random.PRNGKey(seed)), tx)
     step = jax.jit(vae_train.make_vae_step(cfg, tx, kl_weight, FOREGROUND_WEIGHT, edge_weight), donate_argnums=0)
     rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
+
+    def rolled(x):
+        return media.to_signed(np.roll(x, tuple(int(r) for r in rng.integers(0, videos.shape[2], 2)), axis=(2, 3)))
+
     bar = _bar(steps, "vae", progress)
     for i in bar:
-        clips = videos[rng.integers(0, len(videos), batch)]
-        clips = np.roll(clips, tuple(int(r) for r in rng.integers(0, videos.shape[2], 2)), axis=(2, 3))
-        x = media.to_signed(clips)
-        state, m = step(state, x, jax.random.fold_in(base, i))
+        state, m = step(state, rolled(videos[rng.integers(0, len(videos), batch)]), jax.random.fold_in(base, i))
+        if image_batch:
+            frames = videos[rng.integers(0, len(videos), image_batch), rng.integers(0, videos.shape[1], image_batch)]
+            state, _ = step(state, rolled(frames[:, None]), jax.random.fold_in(base, steps + i))
         if i % 10 == 0:
             bar.set_postfix(l1=f"{float(m['l1']):.4f}")
     sample = media.to_signed(videos[:256])
