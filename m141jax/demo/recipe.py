@@ -55,7 +55,7 @@ VAE = VAEConfig(block_out_channels=(8, 16, 32), spatial_compression_ratio=4, nor
 KL_WEIGHT = 1e-4
 FOREGROUND_WEIGHT = 10.0
 EDGE_WEIGHT = 0.0  # γ of the gradient term (`m141jax.train.vae.gradient_error`)
-IMAGE_BATCH = 0  # single frames of the VAE's image steps (0: clips only)
+IMAGE_BATCH = 16  # single frames of the VAE's image step after each clip step (0: clips only)
 _DIT = dict(out_channels=LATENT, hidden_size=64, num_heads=4, double_blocks=2, single_blocks=1, refiner_blocks=1,
             rope_axes=(4, 6, 6), text_dim=64, pooled_dim=32, param_dtype="fp32", dtype="fp32")
 I2V = DiTConfig(in_channels=2 * LATENT + 1, **_DIT)
@@ -63,7 +63,7 @@ T2V = DiTConfig(in_channels=LATENT, guidance_embed=True, **_DIT)
 N_IMAGE_TOKENS = 17  # VLM image tokens ahead of the prompt tokens (the demo encoders keep 17 of 65)
 GUIDANCE = 3.0  # the teacher's CFG scale, distilled into the student
 VIDEOS = 1200  # training clips of tools/train_demo.py
-TEACHER_STEPS = 6000  # flow-matching steps of the image-to-video teacher
+TEACHER_STEPS = 10000  # flow-matching steps of the image-to-video teacher
 T2I_GUIDANCE = 1.0  # the embedded guidance the T2V-form models are trained and run with
 
 
