@@ -1,10 +1,15 @@
 """The shipped demo checkpoints: complete, small, and `m141jax generate --preset demo` makes a clip of the
 right shape from text alone on CPU (text → image → video); the demo's training sources are shaped for
-the demo DiTs; the quality harness' splits, text-only path and target metrics."""
+the demo DiTs; the quality harness' splits, text-only path and target metrics; the README's pictures."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from m141jax import cli, components, demo
@@ -151,3 +156,23 @@ def test_text_to_video_on_the_shipped_checkpoints():
     m = quality.metrics(videos, captions, truth)
     assert set(m) == {"colour", "direction", "shape", "single_all_frames", "consistent", "edge_ratio"}
     assert all(0.0 <= v <= 1.0 for v in m.values()) and m["edge_ratio"] > 0, m
+
+
+@pytest.mark.slow
+def test_demo_media_writes_the_readme_pictures(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("demo_media", Path(__file__).parents[1] / "tools" / "demo_media.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(sys, "argv", ["demo_media.py", "--out", str(tmp_path)])
+    assert tool.main() == 0
+    side = 32 * tool.SCALE
+    for name in ("demo_still.png", "demo_still_image.png"):
+        still = np.asarray(Image.open(tmp_path / name))
+        assert still.shape == (side, 5 * side + 4 * 2, 3) and still.std() > 5, name
+    gif = Image.open(tmp_path / "demo.gif")
+    assert gif.n_frames == 17 and gif.size == (len(tool.PREVIEW) * side, side)
+    frames = []
+    for i in (0, 16):
+        gif.seek(i)
+        frames.append(np.asarray(gif.convert("RGB"), np.float32))
+    assert np.abs(frames[0] - frames[1]).mean() > 1  # the objects move
