@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import jax  # noqa: E402
 from common import result  # noqa: E402
 
-from m141jax import media  # noqa: E402
+from m141jax import pipeline  # noqa: E402
+from m141jax.components import Component  # noqa: E402
 from m141jax.data import shapes  # noqa: E402
+from m141jax.demo import data as demo_data  # noqa: E402
 from m141jax.demo import quality, recipe  # noqa: E402
-from m141jax.models import vae as vae_lib  # noqa: E402
 
 
 def override(cfg, assignments: list[str]):
@@ -66,10 +67,8 @@ def main() -> int:
     train_s = time.perf_counter() - start
     clips = [quality.split_clips("dev", kind, args.per_combination) for kind in quality.CAPTION_SETS]
     truth, captions = np.concatenate([v for v, _ in clips]), [c for _, cs in clips for c in cs]
-    encode = jax.jit(lambda v: vae_lib.encode(params, cfg, v, tiling=False)[0])
-    decode = jax.jit(lambda z: vae_lib.decode(params, cfg, z, tiling=False))
-    recon = np.concatenate([np.asarray(media.to_uint8(decode(encode(media.to_signed(truth[i:i + 16])))))
-                            for i in range(0, len(truth), 16)])
+    vae = Component(cfg, jax.device_put(params))  # reconstructed as demo_quality.py's `demo_vae` lines are
+    recon = np.asarray(pipeline.decode_frames(vae, demo_data.clean_latents(vae, truth, progress=False)))
     scores = quality.metrics(recon, captions, truth)
     result("demo_vae_recipe", steps=args.steps, config=",".join(args.set) or "recipe", batch=args.batch, lr=args.lr,
            kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch, train_s=train_s,

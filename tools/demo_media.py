@@ -15,6 +15,7 @@ Frames are enlarged SCALE× (nearest neighbour), the pixels as generated:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -60,6 +61,16 @@ def strip(video: np.ndarray) -> Image.Image:
     return Image.fromarray(np.concatenate(parts, axis=1))
 
 
+def save(image: Image.Image, path: Path, **kwargs) -> None:
+    """Write a picture atomically: into a hidden sibling, then renamed."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        image.save(tmp, format=path.suffix[1:].upper(), **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="docs", help="folder for the pictures")
@@ -69,15 +80,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        strip(generate(TEXT_PROMPT, work, args.checkpoints)).save(out / "demo_still.png")
+        save(strip(generate(TEXT_PROMPT, work, args.checkpoints)), out / "demo_still.png")
         clips, captions = quality.split_clips("dev", "held_out", 1)
         first = work / "first.png"
         Image.fromarray(clips[captions.index(IMAGE_PROMPT), 0]).save(first)
-        strip(generate(IMAGE_PROMPT, work, args.checkpoints, first)).save(out / "demo_still_image.png")
+        save(strip(generate(IMAGE_PROMPT, work, args.checkpoints, first)), out / "demo_still_image.png")
         videos = [generate(prompt, work, args.checkpoints) for prompt in PREVIEW]
     fps = demo.GENERATE["fps"]
     frames = [Image.fromarray(np.concatenate([enlarge(v[f]) for v in videos], axis=1)) for f in range(len(videos[0]))]
-    frames[0].save(out / "demo.gif", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    save(frames[0], out / "demo.gif", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
     print(f"wrote {out / 'demo_still.png'}, {out / 'demo_still_image.png'}, {out / 'demo.gif'}")
     return 0
 
