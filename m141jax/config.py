@@ -180,10 +180,10 @@ class VAEConfig:
                              f"norm_num_groups {self.norm_num_groups}")
         if self.time_compression_ratio != 4:
             raise ValueError(f"time_compression_ratio {self.time_compression_ratio} is not supported; accepted: 4")
-        if n < 3 or 2 ** (n - 1) != self.spatial_compression_ratio:
-            raise ValueError(f"spatial_compression_ratio {self.spatial_compression_ratio} must be 2**(blocks-1) "
-                             f"with at least 3 blocks (the release derives the latent tile size from the block "
-                             f"count); got {n} blocks")
+        if n < 3 or self.spatial_compression_ratio not in [2 ** k for k in range(1, n)]:
+            raise ValueError(f"spatial_compression_ratio {self.spatial_compression_ratio} must be 2**k with "
+                             f"1 <= k <= blocks-1 (space is downsampled in the first k blocks) and at least 3 "
+                             f"blocks; got {n} blocks")
         stride, tstride = int(self.sample_size * 0.75), int(self.sample_tsize * 0.75)
         if stride % self.spatial_compression_ratio or self.sample_size % self.spatial_compression_ratio:
             raise ValueError(f"sample_size {self.sample_size} and its tile stride {stride} must be multiples of "

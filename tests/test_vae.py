@@ -120,6 +120,23 @@ def test_decode_matches_diffusers(models, shape):
     assert rel_err(got, want) < 5e-5
 
 
+@pytest.mark.parity
+def test_fewer_spatial_downsamples_than_blocks_match_diffusers(tmp_path):
+    """spatial_compression_ratio 4 on 4 blocks (space downsampled in the first 2, as diffusers' and the
+    demo VAE's configs allow): untiled and tiled (latent tiles of sample_size / 4) against diffusers."""
+    torch.manual_seed(2)
+    ref = diffusers.AutoencoderKLHunyuanVideo(**TINY, spatial_compression_ratio=4).eval()
+    ref.save_pretrained(tmp_path)
+    cfg, params = convert_vae.convert(str(tmp_path), None, np.float32, progress=False)
+    assert cfg.spatial_compression_ratio == 4
+    models = ref, dataclasses.replace(cfg, dtype="fp32", **TILES), jax.tree_util.tree_map(jnp.asarray, params)
+    (mean, _), (want, _) = encode_both(models, video((1, 5, 16, 24, 3), seed=4), tiling=False)
+    assert mean.shape == (1, 2, 4, 6, 16) and rel_err(mean, want) < 1e-5
+    got, want = decode_both(models, latents((1, 2, 20, 4, 16), seed=5), tiling=True)  # 16-latent tiles at 12
+    assert got.shape == (1, 5, 80, 16, 3) and rel_err(got, want) < 5e-5
+    assert vae_tiling.decode_rules(models[1]).threshold_space == 16
+
+
 @pytest.mark.slow
 def test_bf16_runtime_stays_close_to_fp32(models):
     """The release runs the VAE in bf16: same weights cast to bf16, output within bf16 rounding
@@ -279,6 +296,8 @@ def test_bad_latents_and_configs_get_clear_errors():
         preset("tiny-vae", VAE_PRESETS, norm_num_groups=32)
     with pytest.raises(ValueError, match="time_compression_ratio 8"):
         preset("tiny-vae", VAE_PRESETS, time_compression_ratio=8)
+    with pytest.raises(ValueError, match="spatial_compression_ratio 16 must be 2"):
+        preset("tiny-vae", VAE_PRESETS, spatial_compression_ratio=16)
     with pytest.raises(ValueError, match="sample_size 48"):
         preset("tiny-vae", VAE_PRESETS, sample_size=48)
 

@@ -67,8 +67,9 @@ def decode_rules(cfg: VAEConfig) -> Rules:
 
 
 def _latent_tiles(cfg: VAEConfig) -> tuple[int, int]:
-    """The release's latent tile sizes: sample_size / 2**(blocks − 1) and sample_tsize / time ratio."""
-    return (int(cfg.sample_size / 2 ** (len(cfg.block_out_channels) - 1)),
+    """The latent tile sizes: sample_size / spatial ratio (the release's sample_size / 2**(blocks − 1): its
+    VAEs downsample space in every block but the last) and sample_tsize / time ratio."""
+    return (cfg.sample_size // cfg.spatial_compression_ratio,
             cfg.sample_tsize // cfg.time_compression_ratio)
 
 
