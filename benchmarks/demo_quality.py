@@ -21,8 +21,10 @@ set and together: videos from the caption alone by `m141jax generate --preset de
 (`demo_image_to_video`, the held-out ones being `student4`'s clips above) and the VAE's reconstructions
 (`demo_vae`): colour, direction, one object in every frame (`single`), shape, temporal consistency, and
 the edge sharpness over that of the true clips (`edge_ratio`; `demo_dataset edge`: the true clips' own,
-uint8 levels per pixel). `--split dev` (default) draws the clips and noise of the development split;
-`--split final` those of the split kept for the verdict, never for tuning.
+uint8 levels per pixel), and the background's noise (`background`: the mean distance of the pixels away
+from the object from the background colour, uint8 levels; `demo_dataset background`: the true clips').
+`--split dev` (default) draws the clips and noise of the development split; `--split final` those of the
+split kept for the verdict, never for tuning.
 
     python benchmarks/demo_quality.py [--checkpoints DIR] [--split dev|final] [--per-combination 12]
                                       [--training-per-combination 3]
@@ -30,9 +32,9 @@ uint8 levels per pixel). `--split dev` (default) draws the clips and noise of th
     RESULT demo_quality_teacher50 colour=… shape=… direction=… consistent=… correct=…   (and so on)
     RESULT demo_quality_gap student4_vs_teacher4=… ci95=…..… student4_vs_teacher50=… ci95=…..…
     RESULT demo_quality_t2i colour=… shape=… single=…   (and demo_quality_t2i_vae: the true first frames)
-    RESULT demo_dataset split=… n=… edge=… held_out=… training=…
+    RESULT demo_dataset split=… n=… edge=… held_out=… training=… background=…
     RESULT demo_text_to_video split=… captions=held_out|training|all n=… colour=… direction=… single=… shape=…
-           edge_ratio=… consistent=…   (and demo_image_to_video, demo_vae)
+           edge_ratio=… consistent=… background=…   (and demo_image_to_video, demo_vae)
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 from m141jax import checkpoint, demo, pipeline
+from m141jax.data import analysis
 from m141jax.demo import data as demo_data
 from m141jax.demo import quality, recipe
 
 KEYS = (("colour", "colour"), ("direction", "direction"), ("single", "single_all_frames"), ("shape", "shape"),
-        ("edge_ratio", "edge_ratio"), ("consistent", "consistent"))
+        ("edge_ratio", "edge_ratio"), ("consistent", "consistent"), ("background", "background"))
 
 
 def targets_line(name: str, split: str, captions: str, videos: np.ndarray, labels: list[str], truth: np.ndarray) -> str:
@@ -111,8 +114,9 @@ def main() -> int:
     }
     edges = {k: quality.edge_sharpness(truth) for k, (_, truth) in sets.items()}
     every = (captions + train_captions, np.concatenate([videos, train_videos]))
+    noise = np.mean([analysis.background_noise(v) for v in every[1]])
     print(f"RESULT demo_dataset split={args.split} n={len(every[0])} edge={quality.edge_sharpness(every[1]):.2f} "
-          + " ".join(f"{k}={v:.2f}" for k, v in edges.items()))
+          + " ".join(f"{k}={v:.2f}" for k, v in edges.items()) + f" background={noise:.2f}")
     for name, clips in made.items():
         for k, (labels, truth) in sets.items():
             print(targets_line(name, args.split, k, clips[k], labels, truth))

@@ -110,6 +110,18 @@ def test_edge_sharpness_is_the_same_across_the_torus_edge():
     assert abs(analysis.edge_sharpness(split) - analysis.edge_sharpness(inside)) < 1e-3
 
 
+def test_background_noise_sees_stripes_and_not_the_object(videos):
+    clips = [v for v, _ in videos[::8]]
+    plain = np.asarray([analysis.background_noise(v) for v in clips])
+    assert np.all(plain < 1.0), plain  # a plain background; the object's anti-aliased rim is excluded
+    striped = [v.astype(np.int16) for v in clips]
+    for v in striped:
+        v[:, ::8] += 25  # a faint horizontal stripe every 8 rows, as a decoder's artefacts
+    noisy = np.asarray([analysis.background_noise(np.clip(v, 0, 255).astype(np.uint8)) for v in striped])
+    assert np.all(noisy > 2.0), noisy
+    assert np.all(np.asarray([analysis.background_noise(_blur(v, 0.7)) for v in clips]) < 1.0)  # blur is not noise
+
+
 def test_one_object_in_every_frame(videos):
     assert all(analysis.one_object_in_every_frame(v) for v, _ in videos[::4])
     video, _ = videos[0]

@@ -24,6 +24,11 @@ the object's boundary pixels (its mask minus the mask's 4-neighbour erosion), av
 frames. Like everything here it treats the frame as a torus (the rolled frame of step 2, wrap-around
 differences and erosion), so an object crossing an edge is measured as one. A blurred copy of a clip
 scores lower; compare a model's clips with the dataset's clips of the same scenes as a ratio.
+
+Background noise (`background_noise`): the mean RGB distance (uint8 levels) from the background colour
+(step 1's median) of the pixels more than `BACKGROUND_MARGIN` px (4-neighbour steps, on the torus) from
+any object-mask pixel: under a level for a dataset clip's plain background; stripes, blotches and noise
+that a decoder paints around the object raise it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ FILL_TRIANGLE, FILL_CIRCLE = 0.65, 0.88  # fill-ratio boundaries triangle | circ
 MIN_SPEED = 0.25  # px per frame
 MIN_PART = 4  # pixels of a mask part that `count_objects` counts as an object
 MAX_AREA_CV = 0.25
+BACKGROUND_MARGIN = 2  # px between the object's mask and the pixels `background_noise` averages
 MIN_FORWARD = 0.75  # fraction of steps that go the mean direction
 ATTRIBUTES = ("colour", "shape", "direction", "consistent")
 _PALETTE = np.asarray(list(COLOURS.values()), np.float32)
@@ -168,6 +174,20 @@ def edge_sharpness(video: np.ndarray) -> float:
         part, _, shift = found
         per_frame.append(_gradient_magnitude(np.roll(x[f], shift, axis=(0, 1)))[_boundary(part)].mean())
     return float(np.mean(per_frame)) if per_frame else float("nan")
+
+
+def background_noise(video: np.ndarray) -> float:
+    """The mean RGB distance from the background colour of the background pixels (those more than
+    BACKGROUND_MARGIN px from the object's mask) of a uint8 video [F, H, W, 3], in uint8 levels."""
+    x, masks = _masks(video)
+    distance = np.linalg.norm(x - np.median(x.reshape(-1, 3), axis=0), axis=-1)
+    near = np.zeros(distance.shape, bool) if masks is None else masks.copy()
+    for _ in range(BACKGROUND_MARGIN):
+        grown = near.copy()
+        for shift, axis in ((1, 1), (-1, 1), (1, 2), (-1, 2)):
+            grown |= np.roll(near, shift, axis=axis)
+        near = grown
+    return float(distance[~near].mean())
 
 
 def analyse(video: np.ndarray) -> Analysis:

@@ -144,7 +144,8 @@ def metrics(videos: np.ndarray, captions: list[str], truth: np.ndarray) -> dict[
     same captions (the same scenes for image-to-video clips, others for text-only ones): the fractions of
     clips whose object has the caption's colour, direction and shape, that hold exactly one object in
     every frame (`single_all_frames`) and are temporally consistent; `edge_ratio`: the clips' mean edge
-    sharpness over the true clips' (clips without an object left out of the mean)."""
+    sharpness over the true clips' (clips without an object left out of the mean); `background`: the
+    clips' mean `analysis.background_noise` (uint8 levels; a true clip's is under 1)."""
     if not len(captions) or len(videos) != len(captions) or len(truth) != len(captions):
         raise ValueError(f"{len(captions)} captions (≥ 1) need as many clips and true clips, got {len(videos)} "
                          f"and {len(truth)}")
@@ -153,6 +154,7 @@ def metrics(videos: np.ndarray, captions: list[str], truth: np.ndarray) -> dict[
     out["single_all_frames"] = float(np.mean([analysis.one_object_in_every_frame(v) for v in videos]))
     out["consistent"] = float(np.mean([j["consistent"] for j in judged]))
     out["edge_ratio"] = edge_ratio(videos, truth)
+    out["background"] = float(np.mean([analysis.background_noise(v) for v in videos]))
     return out
 
 
