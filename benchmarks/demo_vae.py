@@ -7,6 +7,9 @@ clips'. Every generated demo clip is decoded by this VAE, so its reconstructions
     python benchmarks/demo_vae.py [--steps 900] [--set block_out_channels=16,32,64] [--set latent_channels=16]
                                   [--batch 2] [--lr 1e-3] [--kl-weight 1e-4] [--edge-weight 0] [--image-batch 0]
     RESULT demo_vae_recipe steps=… config=… train_s=… colour=… direction=… shape=… single_all_frames=… …
+
+`--checkpoints DIR` scores the VAE of a checkpoint folder instead (e.g. the shipped one,
+m141jax/demo/checkpoints), without training: `RESULT demo_vae_checkpoint n=… colour=… …`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import jax  # noqa: E402
 from common import result  # noqa: E402
 
-from m141jax import pipeline  # noqa: E402
+from m141jax import components, pipeline  # noqa: E402
 from m141jax.components import Component  # noqa: E402
 from m141jax.data import shapes  # noqa: E402
 from m141jax.demo import data as demo_data  # noqa: E402
@@ -46,6 +49,12 @@ def override(cfg, assignments: list[str]):
     return dataclasses.replace(cfg, **changes)
 
 
+def reconstruction_scores(vae: Component, truth: np.ndarray, captions: list[str]) -> dict[str, float]:
+    """The demo's targets on the VAE's reconstructions of clips, made as demo_quality.py's `demo_vae` lines are."""
+    recon = np.asarray(pipeline.decode_frames(vae, demo_data.clean_latents(vae, truth, progress=False)))
+    return quality.metrics(recon, captions, truth)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=900)
@@ -57,7 +66,14 @@ def main() -> int:
     p.add_argument("--image-batch", type=int, default=recipe.IMAGE_BATCH,
                    help="single frames of an image step after each clip step (0: none)")
     p.add_argument("--per-combination", type=int, default=3, help="dev clips per caption combination")
+    p.add_argument("--checkpoints", help="score the VAE of this checkpoint folder (no training)")
     args = p.parse_args()
+    clips = [quality.split_clips("dev", kind, args.per_combination) for kind in quality.CAPTION_SETS]
+    truth, captions = np.concatenate([v for v, _ in clips]), [c for _, cs in clips for c in cs]
+    if args.checkpoints:
+        vae = components.load_component(args.checkpoints, "vae", "fp32")
+        result("demo_vae_checkpoint", n=len(captions), **reconstruction_scores(vae, truth, captions))
+        return 0
     cfg = override(recipe.VAE, args.set)
     data = shapes.ShapesDataset(recipe.VIDEOS, "train", seed=0)
     videos = np.stack([data[i][0] for i in range(len(data))])
@@ -65,11 +81,7 @@ def main() -> int:
     cfg, params = recipe.train_vae(videos, args.steps, batch=args.batch, lr=args.lr, cfg=cfg,
                                    kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch)
     train_s = time.perf_counter() - start
-    clips = [quality.split_clips("dev", kind, args.per_combination) for kind in quality.CAPTION_SETS]
-    truth, captions = np.concatenate([v for v, _ in clips]), [c for _, cs in clips for c in cs]
-    vae = Component(cfg, jax.device_put(params))  # reconstructed as demo_quality.py's `demo_vae` lines are
-    recon = np.asarray(pipeline.decode_frames(vae, demo_data.clean_latents(vae, truth, progress=False)))
-    scores = quality.metrics(recon, captions, truth)
+    scores = reconstruction_scores(Component(cfg, jax.device_put(params)), truth, captions)
     result("demo_vae_recipe", steps=args.steps, config=",".join(args.set) or "recipe", batch=args.batch, lr=args.lr,
            kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch, train_s=train_s,
            n=len(captions), **scores)

@@ -179,3 +179,20 @@ def test_demo_media_writes_the_readme_pictures(tmp_path, monkeypatch):
         gif.seek(i)
         frames.append(np.asarray(gif.convert("RGB"), np.float32))
     assert np.abs(frames[0] - frames[1]).mean() > 1  # the objects move
+
+
+@pytest.mark.slow
+def test_demo_vae_scores_a_checkpoint_folder_without_training(monkeypatch, capsys):
+    """`benchmarks/demo_vae.py --checkpoints` scores the shipped VAE's reconstructions: plain fractions, an
+    edge ratio below 1 (its edges are softer than the dataset's) and a background off the plain colour."""
+    bench = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("demo_vae", bench / "demo_vae.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(sys, "argv", ["demo_vae.py", "--checkpoints", str(demo.CHECKPOINTS), "--per-combination", "1"])
+    assert tool.main() == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT demo_vae_checkpoint"))
+    m = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[2:])}
+    assert m["n"] == 48 and m["colour"] == 1.0 and 0.0 <= m["shape"] <= 1.0, m
+    assert 0.3 < m["edge_ratio"] < 1.0 and m["background"] > 1.0, m
