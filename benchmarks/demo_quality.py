@@ -49,7 +49,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 from m141jax import checkpoint, demo, pipeline
-from m141jax.data import analysis
 from m141jax.demo import data as demo_data
 from m141jax.demo import quality, recipe
 
@@ -114,9 +113,8 @@ def main() -> int:
     }
     edges = {k: quality.edge_sharpness(truth) for k, (_, truth) in sets.items()}
     every = (captions + train_captions, np.concatenate([videos, train_videos]))
-    noise = np.mean([analysis.background_noise(v) for v in every[1]])
     print(f"RESULT demo_dataset split={args.split} n={len(every[0])} edge={quality.edge_sharpness(every[1]):.2f} "
-          + " ".join(f"{k}={v:.2f}" for k, v in edges.items()) + f" background={noise:.2f}")
+          + " ".join(f"{k}={v:.2f}" for k, v in edges.items()) + f" background={quality.background_noise(every[1]):.2f}")
     for name, clips in made.items():
         for k, (labels, truth) in sets.items():
             print(targets_line(name, args.split, k, clips[k], labels, truth))

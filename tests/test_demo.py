@@ -161,11 +161,17 @@ def test_text_to_video_on_the_shipped_checkpoints():
     assert all(0.0 <= v <= 1.0 for v in m.values()) and m["edge_ratio"] > 0, m
 
 
+def load_script(path: Path):
+    """A script of the repository (tools/, benchmarks/) imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_demo_media_writes_the_readme_pictures(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("demo_media", Path(__file__).parents[1] / "tools" / "demo_media.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script(Path(__file__).parents[1] / "tools" / "demo_media.py")
     monkeypatch.setattr(sys, "argv", ["demo_media.py", "--out", str(tmp_path)])
     assert tool.main() == 0
     side = 32 * tool.SCALE
@@ -186,10 +192,8 @@ def test_demo_vae_scores_a_checkpoint_folder_without_training(monkeypatch, capsy
     """`benchmarks/demo_vae.py --checkpoints` scores the shipped VAE's reconstructions: plain fractions, an
     edge ratio below 1 (its edges are softer than the dataset's) and a background off the plain colour."""
     bench = Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("demo_vae", bench / "demo_vae.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    monkeypatch.syspath_prepend(str(bench))  # its `common` module
+    tool = load_script(bench / "demo_vae.py")
     monkeypatch.setattr(sys, "argv", ["demo_vae.py", "--checkpoints", str(demo.CHECKPOINTS), "--per-combination", "1"])
     assert tool.main() == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT demo_vae_checkpoint"))

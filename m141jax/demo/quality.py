@@ -154,8 +154,13 @@ def metrics(videos: np.ndarray, captions: list[str], truth: np.ndarray) -> dict[
     out["single_all_frames"] = float(np.mean([analysis.one_object_in_every_frame(v) for v in videos]))
     out["consistent"] = float(np.mean([j["consistent"] for j in judged]))
     out["edge_ratio"] = edge_ratio(videos, truth)
-    out["background"] = float(np.mean([analysis.background_noise(v) for v in videos]))
+    out["background"] = background_noise(videos)
     return out
+
+
+def background_noise(videos: np.ndarray) -> float:
+    """The mean `analysis.background_noise` of clips [N, F, H, W, 3], in uint8 levels."""
+    return float(np.mean([analysis.background_noise(v) for v in videos]))
 
 
 def edge_sharpness(videos: np.ndarray) -> float:
