@@ -2,7 +2,9 @@
 
 CPU (always): encode and decode of the same random inputs with the same random weights in JAX (converted
 by our converter) and in PyTorch (diffusers' AutoencoderKLHunyuanVideo), fp32, untiled, at a tiny and a
-small size. ratio = jax_s / torch_s, JAX time / PyTorch time (below 1: JAX is faster), in every line
+small size; on a CPU backend, one 3D conv's forward + backward by XLA's native conv and by
+`vae.conv3d`'s CPU path, 2D convs over the time taps (`vae_conv3d_cpu`).
+ratio = jax_s / torch_s, JAX time / PyTorch time (below 1: JAX is faster), in every line
 that has one; `threads` is the fixed CPU thread count of both (`--threads`, default: every core the
 process may use) and `torch_device` where PyTorch ran.
 
@@ -123,6 +125,23 @@ def cpu_section(repeats: int) -> None:
                threads=THREADS, torch_device="cpu")
 
 
+def conv_section(repeats: int) -> None:
+    """Why the CPU backend runs 3D convs frame by frame (`vae.conv3d`): forward + backward of one conv of
+    the demo VAE's first block (2 clips of 17×32×32 frames, causally padded, 8 -> 8 channels) by XLA's
+    native 3D conv and by 2D convs over the time taps, at stride 1 and at the downsamplers' stride 2."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 19, 34, 34, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 8)), jnp.float32)
+    for stride in ((1, 1, 1), (2, 2, 2)):
+        times = {}
+        for name, conv in (("xla", vae._conv3d_xla), ("by_frames", vae._conv3d_by_frames)):
+            grad = jax.jit(jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w, stride, None) ** 2), (0, 1)))
+            times[name] = best_of(lambda grad=grad: grad(x, w), repeats)[1]
+        result("vae_conv3d_cpu", input="2x19x34x34x8", stride="x".join(map(str, stride)),
+               xla_ms=times["xla"] * 1e3, by_frames_ms=times["by_frames"] * 1e3,
+               speedup=times["xla"] / times["by_frames"], threads=THREADS)
+
+
 def aot_section() -> None:
     """Memory analysis of the compiled bf16 tile functions of the released VAE (nothing is run)."""
     cfg = preset("hunyuan-vae", VAE_PRESETS)
@@ -190,6 +209,8 @@ def main() -> None:
     global THREADS
     THREADS = fix_threads(args.threads)
     cpu_section(args.repeats)
+    if jax.default_backend() == "cpu":
+        conv_section(max(args.repeats, 10))
     if not args.skip_aot:
         aot_section()
     if jax.default_backend() in ("gpu", "tpu"):

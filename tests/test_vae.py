@@ -161,6 +161,27 @@ def test_frame_by_frame_attention_equals_dense():
     assert not np.allclose(moved[:, 6:], dense[:, 6:])
 
 
+@pytest.mark.parametrize("shape,stride", [((2, 7, 10, 10, 3), (1, 1, 1)), ((1, 9, 11, 11, 3), (2, 2, 2)),
+                                          ((2, 8, 10, 12, 3), (1, 2, 2)), ((3, 1, 6, 6, 3), (1, 1, 1))])
+def test_conv3d_by_frames_equals_xla_conv_and_is_chosen_on_cpu(shape, stride):
+    """The CPU path (2D convs over the time taps) gives XLA's 3D conv and its gradients, for every stride
+    the VAE uses and a 1-frame input with a 1-tap kernel; lowering for CPU keeps only that path."""
+    k = 1 if shape[1] == 1 else 3
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    w = jax.random.normal(jax.random.PRNGKey(1), (k, 3, 3, 3, 5))
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(jnp.sin(fn(x, w, stride, None)))
+
+    assert rel_err(vae._conv3d_by_frames(x, w, stride, None), vae._conv3d_xla(x, w, stride, None)) < 1e-6
+    for got, want in zip(jax.grad(loss(vae._conv3d_by_frames), (0, 1))(x, w),
+                         jax.grad(loss(vae._conv3d_xla), (0, 1))(x, w)):
+        assert rel_err(got, want) < 1e-5
+    hlo = jax.jit(lambda x, w: vae.conv3d(x, w, stride)).lower(x, w).as_text()
+    convs = [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
+    assert len(convs) == k and all("[b, 0, 1, f]" in line for line in convs)
+
+
 # ------------------------------------------------------------------------------ release tiling parity
 
 @pytest.mark.slow
