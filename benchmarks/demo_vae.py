@@ -4,7 +4,7 @@ development split's clips (`m141jax.demo.quality`: held-out and training caption
 colour, direction, shape, one object in every frame, temporal consistency and edge sharpness over the true
 clips'. Every generated demo clip is decoded by this VAE, so its reconstructions bound what the DiTs reach.
 
-    python benchmarks/demo_vae.py [--steps 900] [--set block_out_channels=16,32,64] [--set latent_channels=16]
+    python benchmarks/demo_vae.py [--steps 5400] [--set block_out_channels=16,32,64] [--set latent_channels=16]
                                   [--batch 2] [--lr 1e-3] [--kl-weight 1e-4] [--edge-weight 0] [--image-batch 0]
     RESULT demo_vae_recipe steps=… config=… train_s=… colour=… direction=… shape=… single_all_frames=… …
 
@@ -57,7 +57,7 @@ def reconstruction_scores(vae: Component, truth: np.ndarray, captions: list[str]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--steps", type=int, default=recipe.VAE_STEPS)
     p.add_argument("--set", action="append", default=[], help="a VAEConfig field, e.g. latent_channels=16")
     p.add_argument("--batch", type=int, default=2, help="clips per step")
     p.add_argument("--lr", type=float, default=1e-3)

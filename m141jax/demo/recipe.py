@@ -52,6 +52,7 @@ LATENT = 8  # latent channels
 VAE = VAEConfig(block_out_channels=(8, 16, 32), spatial_compression_ratio=4, norm_num_groups=4, latent_channels=LATENT,
                 layers_per_block=1, mid_block_add_attention=False, sample_size=32, sample_tsize=32,
                 param_dtype="fp32", dtype="fp32")
+VAE_STEPS = 5400  # clip steps (each followed by an image step) of tools/train_demo.py's VAE stage
 KL_WEIGHT = 1e-4
 FOREGROUND_WEIGHT = 10.0
 EDGE_WEIGHT = 0.0  # γ of the gradient term (`m141jax.train.vae.gradient_error`)
