@@ -64,8 +64,9 @@ def _conv3d_xla(x, kernel, stride, precision):
 
 def _conv3d_by_frames(x, kernel, stride, precision):
     """The valid 3D conv as a sum over the kernel's k time taps of 2D convs on the (strided) frames each
-    tap reads, frames folded into the batch: the same sums in another order. XLA's CPU backend runs 3D
-    convs 3× (stride 1) to 40× (stride 2) slower than this (`tests/test_vae.py::test_conv3d_by_frames`)."""
+    tap reads, frames folded into the batch: the same sums in another order. On the demo VAE's narrow convs
+    XLA's CPU 3D conv is 3.5× (stride 1) to 36× (stride 2) slower than this (`benchmarks/vae.py`,
+    `vae_conv3d_cpu`); on wide convs over large frames (`small-vae`) it is the faster one, forward."""
     st, sh, sw = stride
     b, f, h, w, c = x.shape
     k = kernel.shape[0]
