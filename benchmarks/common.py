@@ -1,7 +1,8 @@
-"""What the benchmark scripts share: `RESULT` lines and wall-clock timing of jitted calls."""
+"""What the benchmark scripts share: `RESULT` lines, wall-clock timing of jitted calls, `--set` config overrides."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -40,3 +41,19 @@ def best_of(fn, repeats: int) -> tuple[float, float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return first, min(times)
+
+
+def override(cfg, assignments: list[str]):
+    """A dataclass config with `name=value` assignments (--set of the demo benchmarks; tuple fields:
+    comma-separated ints, bools: 1/true/yes)."""
+    changes = {}
+    for item in assignments:
+        name, _, value = item.partition("=")
+        if not hasattr(cfg, name) or not value:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME a field of {type(cfg).__name__}")
+        kind = type(getattr(cfg, name))
+        if kind is bool:
+            changes[name] = value.lower() in ("1", "true", "yes")
+        else:
+            changes[name] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+    return dataclasses.replace(cfg, **changes)

@@ -15,7 +15,6 @@ m141jax/demo/checkpoints), without training: `RESULT demo_vae_checkpoint n=… c
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,28 +24,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 import jax  # noqa: E402
-from common import result  # noqa: E402
+from common import override, result  # noqa: E402
 
 from m141jax import components, pipeline  # noqa: E402
 from m141jax.components import Component  # noqa: E402
 from m141jax.data import shapes  # noqa: E402
 from m141jax.demo import data as demo_data  # noqa: E402
 from m141jax.demo import quality, recipe  # noqa: E402
-
-
-def override(cfg, assignments: list[str]):
-    """The VAE config with `name=value` assignments (tuple fields: comma-separated ints)."""
-    changes = {}
-    for item in assignments:
-        name, _, value = item.partition("=")
-        if not hasattr(cfg, name) or not value:
-            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME a VAEConfig field")
-        kind = type(getattr(cfg, name))
-        if kind is bool:
-            changes[name] = value.lower() in ("1", "true", "yes")
-        else:
-            changes[name] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
-    return dataclasses.replace(cfg, **changes)
 
 
 def reconstruction_scores(vae: Component, truth: np.ndarray, captions: list[str]) -> dict[str, float]:

@@ -145,6 +145,20 @@ def test_metrics_of_true_and_degraded_clips():
     assert m["direction"] == 0.0 and m["consistent"] == 0.0 and m["colour"] == 1.0, m
 
 
+def test_shape_by_latent_frame_finds_where_the_shape_changes():
+    videos, captions = quality.split_clips("dev", "held_out", 2)
+    truth = quality.shape_by_latent_frame(videos, captions)
+    assert len(truth) == 5 and min(truth) >= 0.9, truth  # 17 frames: frame 0, then 4 latent frames of 4
+    shape = [shapes.parse_caption(c)[1] for c in captions]
+    other = [next(j for j in range(len(shape)) if shape[j] != shape[i]) for i in range(len(shape))]
+    changed = videos.copy()
+    changed[:, 5:] = videos[other, 5:]  # from latent frame 2 on, another clip's object of another shape
+    by_frame = quality.shape_by_latent_frame(changed, captions)
+    assert by_frame[:2] == truth[:2] and max(by_frame[2:]) <= 0.1, by_frame
+    with pytest.raises(ValueError, match="captions"):
+        quality.shape_by_latent_frame(videos, captions[:1])
+
+
 @pytest.mark.slow
 def test_text_to_video_on_the_shipped_checkpoints():
     """Two captions through `m141jax generate --preset demo`'s text-only path (T2I first frame, 4-step
@@ -200,3 +214,33 @@ def test_demo_vae_scores_a_checkpoint_folder_without_training(monkeypatch, capsy
     m = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[2:])}
     assert m["n"] == 48 and m["colour"] == 1.0 and 0.0 <= m["shape"] <= 1.0, m
     assert 0.3 < m["edge_ratio"] < 1.0 and m["background"] > 1.0, m
+
+
+@pytest.mark.slow
+def test_demo_dit_trains_and_scores_a_stage(monkeypatch, capsys):
+    """`benchmarks/demo_dit.py`: a teacher trained a few steps at width 32 on the shipped VAE's latents is
+    scored on the dev clips, on its own training clips and per latent frame; `--steps 0` scores the shipped
+    text-to-image DiT (its colour: 0.97 over 216 captions)."""
+    bench = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))  # its `common` module
+    tool = load_script(bench / "demo_dit.py")
+
+    def run(*argv) -> dict[str, dict[str, str]]:
+        monkeypatch.setattr(sys, "argv", ["demo_dit.py", "--per-combination", "1", *argv])
+        assert tool.main() == 0
+        lines = [x.split() for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")]
+        return {" ".join([x[1]] + [kv for kv in x[2:] if kv.startswith("clips=")]): dict(kv.split("=", 1) for kv in x[2:])
+                for x in lines}
+
+    out = run("--stage", "teacher", "--steps", "3", "--videos", "16", "--fit-clips", "4", "--set", "hidden_size=32",
+              "--set", "num_heads=2")
+    dev, fit = out["demo_dit"], out["demo_dit_fit"]
+    assert (dev["steps"], dev["config"], dev["n"], fit["n"]) == ("3", "hidden_size=32,num_heads=2", "48", "4"), out
+    assert float(dev["train_s"]) > 0 and 0.0 <= float(dev["shape"]) <= 1.0 and float(dev["edge_ratio"]) > 0, dev
+    for clips in ("dev", "fit"):
+        by_frame = out[f"demo_dit_shape_by_latent_frame clips={clips}"]
+        assert [k for k in by_frame if k.startswith("f")] == ["f0", "f1", "f2", "f3", "f4"], by_frame
+    t2i = run("--stage", "t2i", "--steps", "0")["demo_dit"]
+    assert t2i["n"] == "48" and float(t2i["colour"]) >= 0.9 and float(t2i["single"]) >= 0.8, t2i
+    with pytest.raises(SystemExit, match="needs training"):
+        run("--stage", "t2i", "--steps", "0", "--set", "hidden_size=32")

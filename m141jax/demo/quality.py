@@ -158,6 +158,19 @@ def metrics(videos: np.ndarray, captions: list[str], truth: np.ndarray) -> dict[
     return out
 
 
+def shape_by_latent_frame(videos: np.ndarray, captions: list[str]) -> list[float]:
+    """Where a generator loses the shape: per latent frame of the causal VAE (frame 0 alone, then frames
+    1–4, 5–8, …), the fraction of the clips' video frames [N, F, H, W, 3], each analysed alone, whose
+    object has the caption's shape (a frame without an object counts as wrong)."""
+    if not len(captions) or len(videos) != len(captions):
+        raise ValueError(f"{len(captions)} captions (≥ 1) need as many clips, got {len(videos)}")
+    wanted = [shapes.parse_caption(c)[1] for c in captions]
+    right = np.asarray([[analysis.analyse(frame[None]).shape == shape for frame in video]
+                        for video, shape in zip(videos, wanted)])
+    groups = [[0]] + [list(range(f, min(f + 4, right.shape[1]))) for f in range(1, right.shape[1], 4)]
+    return [float(right[:, g].mean()) for g in groups]
+
+
 def background_noise(videos: np.ndarray) -> float:
     """The mean `analysis.background_noise` of clips [N, F, H, W, 3], in uint8 levels."""
     return float(np.mean([analysis.background_noise(v) for v in videos]))
