@@ -1,6 +1,7 @@
 """How good can the demo's DiTs be on the shipped VAE? One DiT stage of `tools/train_demo.py` trained again
 (optionally at another size, length or learning rate) on the latents of a checkpoint folder's VAE and
-encoders, then scored on the development split (`m141jax.demo.quality`: held-out and training captions).
+encoders, then scored on the development split's clips of `benchmarks/demo_quality.py` (`m141jax.demo.quality`:
+held-out and training captions, the same noise).
 Tuning a DiT this way skips the VAE stage, two thirds of the script's time.
 
 - `--stage t2i`: the text-to-image DiT (the T2V form at one latent frame) on the training clips' first
@@ -13,7 +14,8 @@ Tuning a DiT this way skips the VAE stage, two thirds of the script's time.
   and on the same measures for `--fit-clips` of its own training clips (does it fit what it saw?).
 
     python benchmarks/demo_dit.py --stage t2i|teacher [--steps N] [--set hidden_size=128 --set num_heads=8]
-                                  [--lr 1e-3] [--guidance G] [--per-combination 3] [--fit-clips 96] [--videos 1200]
+                                  [--lr 1e-3] [--guidance G] [--per-combination 12]
+                                  [--training-per-combination 3] [--fit-clips 96] [--videos 1200]
     RESULT demo_dit stage=… steps=… config=… train_s=… ms_per_step=… split=dev n=… colour=… shape=… …
     RESULT demo_dit_shape_by_latent_frame stage=teacher clips=dev|fit f0=… f1=… …
     RESULT demo_dit_fit stage=teacher n=… colour=… shape=… …
@@ -76,7 +78,9 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], help="a DiTConfig field, e.g. hidden_size=128")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--guidance", type=float, help="CFG scale of the scoring (default: t2i 1 = none, teacher 3)")
-    p.add_argument("--per-combination", type=int, default=3, help="dev clips per caption combination")
+    p.add_argument("--per-combination", type=int, default=12, help="dev clips per held-out combination (8 of them)")
+    p.add_argument("--training-per-combination", type=int, default=3,
+                   help="dev clips per training combination (40 of them)")
     p.add_argument("--fit-clips", type=int, default=96, help="training clips the teacher is also scored on")
     p.add_argument("--videos", type=int, default=recipe.VIDEOS, help="training clips (the recipe's: tools/train_demo.py's)")
     args = p.parse_args()
@@ -85,7 +89,8 @@ def main() -> int:
     guidance = default_guidance if args.guidance is None else args.guidance
     root = Path(args.checkpoints)
     models = quality.load_models(root)
-    clips = [quality.split_clips("dev", kind, args.per_combination) for kind in quality.CAPTION_SETS]
+    clips = [quality.split_clips("dev", "held_out", args.per_combination),
+             quality.split_clips("dev", "training", args.training_per_combination)]
     truth, captions = np.concatenate([v for v, _ in clips]), [c for _, cs in clips for c in cs]
     dev = demo_data.prepare(models.vae, models.encoders, truth, captions, progress=False)
     data = shapes.ShapesDataset(args.videos, "train", seed=0)  # tools/train_demo.py's clips (its first N)

@@ -226,7 +226,7 @@ def test_demo_dit_trains_and_scores_a_stage(monkeypatch, capsys):
     tool = load_script(bench / "demo_dit.py")
 
     def run(*argv) -> dict[str, dict[str, str]]:
-        monkeypatch.setattr(sys, "argv", ["demo_dit.py", "--per-combination", "1", *argv])
+        monkeypatch.setattr(sys, "argv", ["demo_dit.py", "--per-combination", "1", "--training-per-combination", "1", *argv])
         assert tool.main() == 0
         lines = [x.split() for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")]
         return {" ".join([x[1]] + [kv for kv in x[2:] if kv.startswith("clips=")]): dict(kv.split("=", 1) for kv in x[2:])
