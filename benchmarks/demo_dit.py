@@ -42,7 +42,7 @@ from m141jax.data import shapes  # noqa: E402
 from m141jax.demo import data as demo_data  # noqa: E402
 from m141jax.demo import quality, recipe  # noqa: E402
 
-STAGES = {"t2i": (recipe.T2V, 16000, 1.0), "teacher": (recipe.I2V, recipe.TEACHER_STEPS, recipe.GUIDANCE)}
+STAGES = {"t2i": (recipe.T2V, recipe.T2I_STEPS, 1.0), "teacher": (recipe.I2V, recipe.TEACHER_STEPS, recipe.GUIDANCE)}
 
 
 def subset(p: demo_data.Prepared, n: int) -> demo_data.Prepared:
@@ -63,8 +63,7 @@ def scores(stage: str, cfg, params, vae, prepared: demo_data.Prepared, truth: np
            guidance: float) -> tuple[dict[str, float], list[float]]:
     """(the stage's scores, the shape per latent frame: teacher only) of a DiT on prepared clips."""
     if stage == "t2i":
-        one_frame = dataclasses.replace(prepared, latents=prepared.ref_latents)
-        images = quality.generate(cfg, params, vae, one_frame, demo.GENERATE["t2i_steps"], guidance)[:, 0]
+        images = quality.text_to_image(cfg, params, vae, prepared, guidance=guidance)
         return quality.image_accuracies(images, captions), []
     clips = quality.generate(cfg, params, vae, prepared, 50, guidance)
     return quality.metrics(clips, captions, truth), quality.shape_by_latent_frame(clips, captions)

@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(demo.CHECKPOINTS), help="the checkpoint folder to write (replaced if present)")
     p.add_argument("--videos", type=int, default=recipe.VIDEOS, help="training clips")
     p.add_argument("--vae-steps", type=int, default=recipe.VAE_STEPS)
-    p.add_argument("--t2i-steps", type=int, default=16000)
+    p.add_argument("--t2i-steps", type=int, default=recipe.T2I_STEPS)
     p.add_argument("--teacher-steps", type=int, default=recipe.TEACHER_STEPS)
     p.add_argument("--distill-steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)

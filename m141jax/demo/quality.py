@@ -79,11 +79,12 @@ def generate(model, params, vae: Component, prepared: Prepared, steps: int, guid
     return np.concatenate(out)
 
 
-def text_to_image(model, params, vae: Component, prepared: Prepared, seed: int = 0) -> np.ndarray:
+def text_to_image(model, params, vae: Component, prepared: Prepared, seed: int = 0, guidance: float = 1.0) -> np.ndarray:
     """uint8 images [N, H, W, 3] of the text-to-image DiT for the prepared captions, with the text-to-image
-    settings of `m141jax generate --preset demo` (steps, shift, embedded guidance)."""
+    settings of `m141jax generate --preset demo` (steps, shift, embedded guidance); `guidance`: a CFG scale
+    against the empty prompt on top (1: none, as generate runs it)."""
     one_frame = dataclasses.replace(prepared, latents=prepared.ref_latents)
-    return generate(model, params, vae, one_frame, demo.GENERATE["t2i_steps"], seed=seed)[:, 0]
+    return generate(model, params, vae, one_frame, demo.GENERATE["t2i_steps"], guidance, seed)[:, 0]
 
 
 def image_accuracies(images: np.ndarray, captions: list[str]) -> dict[str, float]:

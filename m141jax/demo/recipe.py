@@ -64,6 +64,7 @@ T2V = DiTConfig(in_channels=LATENT, guidance_embed=True, **_DIT)
 N_IMAGE_TOKENS = 17  # VLM image tokens ahead of the prompt tokens (the demo encoders keep 17 of 65)
 GUIDANCE = 3.0  # the teacher's CFG scale, distilled into the student
 VIDEOS = 1200  # training clips of tools/train_demo.py
+T2I_STEPS = 16000  # flow-matching steps of the text-to-image DiT
 TEACHER_STEPS = 10000  # flow-matching steps of the image-to-video teacher
 T2I_GUIDANCE = 1.0  # the embedded guidance the T2V-form models are trained and run with
 
