@@ -6,7 +6,7 @@ the demo benchmarks reuse.
   clip): its GroupNorms normalise over every frame, so a VAE trained on shorter crops degrades on the
   later latent frames of a whole clip. The pixels of the moving object weigh 1 + FOREGROUND_WEIGHT in
   the reconstruction loss (it covers a few percent of the frame and is otherwise learned last);
-- the DiTs: HunyuanVideo-style MMDiTs of width 64 (2 double-stream, 1 single-stream block) reading the
+- the DiTs: HunyuanVideo-style MMDiTs of width 96 (6 heads; 2 double-stream, 1 single-stream block) reading the
   demo encoders' 64-wide text states and 32-wide CLIP vector. `I2V` has the release's 2C+1-channel
   input (noise ‖ reference ‖ mask); `T2V` is the text-to-video form with the guidance embedding, used
   at one latent frame as the text-to-image stage and, in `benchmarks/t2v_vs_i2v.py`, on whole clips;
@@ -57,7 +57,7 @@ KL_WEIGHT = 1e-4
 FOREGROUND_WEIGHT = 10.0
 EDGE_WEIGHT = 0.0  # γ of the gradient term (`m141jax.train.vae.gradient_error`)
 IMAGE_BATCH = 16  # single frames of the VAE's image step after each clip step (0: clips only)
-_DIT = dict(out_channels=LATENT, hidden_size=64, num_heads=4, double_blocks=2, single_blocks=1, refiner_blocks=1,
+_DIT = dict(out_channels=LATENT, hidden_size=96, num_heads=6, double_blocks=2, single_blocks=1, refiner_blocks=1,
             rope_axes=(4, 6, 6), text_dim=64, pooled_dim=32, param_dtype="fp32", dtype="fp32")
 I2V = DiTConfig(in_channels=2 * LATENT + 1, **_DIT)
 T2V = DiTConfig(in_channels=LATENT, guidance_embed=True, **_DIT)
