@@ -3,6 +3,7 @@ right shape from text alone on CPU (text → image → video); the demo's traini
 the demo DiTs; the quality harness' splits, text-only path and target metrics; the README's pictures."""
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from m141jax import cli, components, demo
+from m141jax import checkpoint, cli, components, demo
 from m141jax.cli import generate as generate_cli
 from m141jax.data import shapes
 from m141jax.demo import data as demo_data
@@ -199,6 +200,27 @@ def test_demo_media_writes_the_readme_pictures(tmp_path, monkeypatch):
         gif.seek(i)
         frames.append(np.asarray(gif.convert("RGB"), np.float32))
     assert np.abs(frames[0] - frames[1]).mean() > 1  # the objects move
+
+
+def test_compare_checkpoints_tells_same_models_from_different_ones(tmp_path, capsys):
+    """tools/compare_checkpoints.py: a fresh save of the same arrays (other Orbax files) is identical, another
+    model of the same architecture in its place is not, a tokenizer file changed by one byte is not."""
+    tool = load_script(Path(__file__).parents[1] / "tools" / "compare_checkpoints.py")
+    copy = tmp_path / "copy"
+    student = demo.CHECKPOINTS / "dit"
+    for name in ("dit", "teacher"):  # the student saved again under teacher/: same architecture, other values
+        checkpoint.save(copy / name, "dit", checkpoint.read_meta(student)["config"], checkpoint.load_params(student))
+    shutil.copytree(demo.CHECKPOINTS / "tokenizer", copy / "tokenizer")
+    assert tool.main([str(demo.CHECKPOINTS), str(copy), "dit", "tokenizer"]) == 0
+    assert tool.main([str(demo.CHECKPOINTS), str(copy), "teacher"]) == 1
+    vocab = copy / "tokenizer" / "tokenizer.json"
+    vocab.write_bytes(vocab.read_bytes() + b" ")
+    assert tool.main([str(demo.CHECKPOINTS), str(copy)]) == 1
+    out = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")]
+    assert out == ["RESULT compare_checkpoints dit=identical tokenizer=identical",
+                   "RESULT compare_checkpoints teacher=different",
+                   "RESULT compare_checkpoints dit=identical teacher=different tokenizer=different"]
+    assert tool.main([str(demo.CHECKPOINTS), str(copy), "vae"]) == 2  # not in both
 
 
 @pytest.mark.slow
