@@ -52,11 +52,12 @@ def subset(p: demo_data.Prepared, n: int) -> demo_data.Prepared:
                                text=rows(p.text))
 
 
-def train(stage: str, cfg, prepared: demo_data.Prepared, steps: int, lr: float) -> dict:
+def train(stage: str, cfg, prepared: demo_data.Prepared, steps: int, lr: float, sigma_sampling: str) -> dict:
     if stage == "t2i":
         source = demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE, image=True)
-        return recipe.train_flow(cfg, source, steps, 0, lr=lr, desc="t2i")
-    return recipe.train_flow(cfg, demo_data.i2v_source(prepared), steps, recipe.N_IMAGE_TOKENS, lr=lr, desc="teacher")
+        return recipe.train_flow(cfg, source, steps, 0, lr=lr, desc="t2i", sigma_sampling=sigma_sampling)
+    return recipe.train_flow(cfg, demo_data.i2v_source(prepared), steps, recipe.N_IMAGE_TOKENS, lr=lr, desc="teacher",
+                             sigma_sampling=sigma_sampling)
 
 
 def scores(stage: str, cfg, params, vae, prepared: demo_data.Prepared, truth: np.ndarray, captions: list[str],
@@ -76,6 +77,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's; 0: score the folder's DiT)")
     p.add_argument("--set", action="append", default=[], help="a DiTConfig field, e.g. hidden_size=128")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--sigma-sampling", choices=("logit_normal", "uniform", "mode"), default=recipe.SIGMA_SAMPLING,
+                   help="the density of the training σ's, shifted by the demo's shift (default: the recipe's)")
     p.add_argument("--guidance", type=float, help="CFG scale of the scoring (default: t2i 1 = none, teacher 3)")
     p.add_argument("--per-combination", type=int, default=12, help="dev clips per held-out combination (8 of them)")
     p.add_argument("--training-per-combination", type=int, default=3,
@@ -99,7 +102,7 @@ def main() -> int:
         cfg = override(base, args.set)
         prepared = demo_data.prepare(models.vae, models.encoders, videos, train_captions, progress=False)
         start = time.perf_counter()
-        params = train(args.stage, cfg, prepared, steps, args.lr)
+        params = train(args.stage, cfg, prepared, steps, args.lr, args.sigma_sampling)
         train_s = time.perf_counter() - start
     else:
         if args.set:
@@ -108,6 +111,7 @@ def main() -> int:
         prepared, train_s = None, 0.0
     dev_scores, by_frame = scores(args.stage, cfg, params, models.vae, dev, truth, captions, guidance)
     result("demo_dit", stage=args.stage, steps=steps, config=",".join(args.set) or "recipe", lr=args.lr,
+           sigma_sampling=args.sigma_sampling,
            guidance=guidance, train_s=train_s, ms_per_step=1000 * train_s / max(steps, 1), split="dev",
            n=len(captions), **dev_scores)
     lines = {"dev": by_frame}

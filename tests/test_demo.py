@@ -255,9 +255,10 @@ def test_demo_dit_trains_and_scores_a_stage(monkeypatch, capsys):
                 for x in lines}
 
     out = run("--stage", "teacher", "--steps", "3", "--videos", "16", "--fit-clips", "4", "--set", "hidden_size=32",
-              "--set", "num_heads=2")
+              "--set", "num_heads=2", "--sigma-sampling", "uniform")
     dev, fit = out["demo_dit"], out["demo_dit_fit"]
-    assert (dev["steps"], dev["config"], dev["n"], fit["n"]) == ("3", "hidden_size=32,num_heads=2", "48", "4"), out
+    assert (dev["steps"], dev["config"], dev["sigma_sampling"], dev["n"], fit["n"]) == (
+        "3", "hidden_size=32,num_heads=2", "uniform", "48", "4"), out
     assert float(dev["train_s"]) > 0 and 0.0 <= float(dev["shape"]) <= 1.0 and float(dev["edge_ratio"]) > 0, dev
     for clips in ("dev", "fit"):
         by_frame = out[f"demo_dit_shape_by_latent_frame clips={clips}"]
@@ -266,3 +267,28 @@ def test_demo_dit_trains_and_scores_a_stage(monkeypatch, capsys):
     assert t2i["n"] == "48" and float(t2i["colour"]) >= 0.9 and float(t2i["single"]) >= 0.8, t2i
     with pytest.raises(SystemExit, match="needs training"):
         run("--stage", "t2i", "--steps", "0", "--set", "hidden_size=32")
+
+
+@pytest.mark.slow
+def test_train_demo_reuses_an_earlier_vae(tmp_path, monkeypatch, capsys):
+    """`tools/train_demo.py --vae-from DIR`: the later stages train (a few steps here) on DIR's VAE, which
+    lands in the new folder unchanged, as do the deterministic encoders; a folder without a VAE is refused
+    in one line before anything is written."""
+    root = Path(__file__).parents[1] / "tools"
+    tool, compare = load_script(root / "train_demo.py"), load_script(root / "compare_checkpoints.py")
+    out = tmp_path / "checkpoints"
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["train_demo.py", "--out", str(out), "--videos", "16", "--t2i-steps", "2",
+                                          "--teacher-steps", "2", "--distill-steps", "2", "--quiet", *argv])
+        return tool.main()
+
+    assert run("--vae-from", str(demo.CHECKPOINTS)) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT train_demo"))
+    assert float(dict(kv.split("=") for kv in line.split()[2:])["vae_s"]) < 60, line
+    components.load_models(out, with_t2i=True)  # a complete folder
+    assert compare.main([str(demo.CHECKPOINTS), str(out), "vae", "vlm", "clip", "tokenizer", "clip_tokenizer"]) == 0
+    assert compare.main([str(demo.CHECKPOINTS), str(out), "teacher"]) == 1
+    with pytest.raises(SystemExit, match=f"--vae-from {tmp_path}: .* is not an m141jax checkpoint"):
+        run("--vae-from", str(tmp_path), "--out", str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()

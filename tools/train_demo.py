@@ -14,15 +14,18 @@ deterministic from --seed:
 The teacher is kept in teacher/ for the quality harness (`benchmarks/demo_quality.py`).
 
 The folder is written under a temporary name and renamed when complete (each checkpoint is also
-written atomically). Prints the seconds of each stage and the folder's size:
+written atomically). Prints the seconds of each stage and the folder's size. `--vae-from DIR` takes
+the VAE stage's result from an earlier run's folder (DIR may be --out: it is replaced only at the end),
+for work on the later stages: the VAE stage is two thirds of the time and gives the same VAE on every run.
 
-    python tools/train_demo.py [--out DIR]
+    python tools/train_demo.py [--out DIR] [--vae-from DIR]
     RESULT train_demo encoders_s=… data_s=… vae_s=… latents_s=… t2i_s=… teacher_s=… student_s=… total_s=… mb=…
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -45,8 +48,21 @@ def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
 
 
-def train(root: Path, args, seconds: dict[str, float]) -> None:
-    """Every stage, writing into root (a fresh folder)."""
+def reused_vae(folder: Path):
+    """(config, params) of the VAE of an earlier run's checkpoint folder, which must have the recipe's
+    architecture (its latent statistics come with it)."""
+    try:
+        _, cfg, params = checkpoint.load(folder / "vae", ("vae",), "fp32")
+    except (checkpoint.CheckpointError, OSError) as e:
+        raise SystemExit(f"--vae-from {folder}: {e}") from None
+    statistics = {k: getattr(recipe.VAE, k) for k in ("latents_mean", "latents_std")}
+    if dataclasses.replace(cfg, **statistics) != recipe.VAE:
+        raise SystemExit(f"{folder}/vae is not the recipe's VAE (another architecture); train it instead")
+    return cfg, params
+
+
+def train(root: Path, args, seconds: dict[str, float], vae=None) -> None:
+    """Every stage, writing into root (a fresh folder); `vae`: (config, params) to use instead of the VAE stage."""
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -69,7 +85,10 @@ def train(root: Path, args, seconds: dict[str, float]) -> None:
     videos, captions = np.stack([v for v, _ in items]), [c for _, c in items]
     lap("data")
 
-    vae_cfg, vae_params = recipe.train_vae(videos, args.vae_steps, seed=args.seed, progress=progress)
+    if vae is not None:
+        vae_cfg, vae_params = vae
+    else:
+        vae_cfg, vae_params = recipe.train_vae(videos, args.vae_steps, seed=args.seed, progress=progress)
     checkpoint.save(root / "vae", "vae", to_json_dict(vae_cfg), vae_params)
     print(f"vae latent means {np.round(vae_cfg.latents_mean, 2)}, stds {np.round(vae_cfg.latents_std, 2)}", flush=True)
     lap("vae")
@@ -99,9 +118,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(demo.CHECKPOINTS), help="the checkpoint folder to write (replaced if present)")
     p.add_argument("--videos", type=int, default=recipe.VIDEOS, help="training clips")
     p.add_argument("--vae-steps", type=int, default=recipe.VAE_STEPS)
+    p.add_argument("--vae-from", metavar="DIR",
+                   help="reuse the VAE of an earlier run's checkpoint folder instead of the VAE stage (which is "
+                        "deterministic: a rerun gives the same VAE bit for bit); the other stages run as usual")
     p.add_argument("--t2i-steps", type=int, default=recipe.T2I_STEPS)
     p.add_argument("--teacher-steps", type=int, default=recipe.TEACHER_STEPS)
-    p.add_argument("--distill-steps", type=int, default=1200)
+    p.add_argument("--distill-steps", type=int, default=recipe.DISTILL_STEPS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -111,7 +133,8 @@ def main() -> int:
     args = parser().parse_args()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    out = checkpoint.atomic_dir(args.out, lambda root: train(root, args, seconds), overwrite=True)
+    vae = reused_vae(Path(args.vae_from)) if args.vae_from else None  # read before anything is replaced
+    out = checkpoint.atomic_dir(args.out, lambda root: train(root, args, seconds, vae), overwrite=True)
     seconds["total"] = time.perf_counter() - start
     print("RESULT train_demo " + " ".join(f"{k}_s={v:.1f}" for k, v in seconds.items()) + f" mb={folder_mb(out):.2f}")
     return 0
