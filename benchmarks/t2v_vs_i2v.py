@@ -4,8 +4,8 @@ image-to-video than for text-to-video, because the first frame already fixes mos
 With the demo's VAE and encoders (from the shipped checkpoints), on the same training clips as
 `tools/train_demo.py`:
 1. the image-to-video teacher is the shipped one (`teacher/`, trained by `tools/train_demo.py`); a
-   text-to-video teacher (the T2V architecture on whole clips, prompt only) is trained here by flow
-   matching with the same recipe, clips and number of steps (`recipe.VIDEOS`, `recipe.TEACHER_STEPS`);
+   text-to-video teacher (the T2V architecture at the I2V's depth on whole clips, prompt only) is trained
+   here by flow matching with the same recipe, clips and number of steps (`recipe.VIDEOS`, `recipe.TEACHER_STEPS`);
 2. each is distilled into a 4-step student by DMD2 with the same settings and budget;
 3. every --every distillation steps the student's 4-step clips for the held-out captions are scored by
    the analyser (`m141jax.demo.quality.score`: the mean of the colour, shape, direction and
@@ -62,10 +62,11 @@ def main() -> int:
 
     t2v_source = demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE)
     _, i2v_model, i2v_teacher = checkpoint.load(root / "teacher", ("dit",), "fp32")
-    t2v_teacher = recipe.train_flow(recipe.T2V, t2v_source, recipe.TEACHER_STEPS, 0, desc="t2v teacher",
+    t2v_model = recipe.T2V_CLIPS
+    t2v_teacher = recipe.train_flow(t2v_model, t2v_source, recipe.TEACHER_STEPS, 0, desc="t2v teacher",
                                     progress=progress)
     kinds = {"i2v": (i2v_model, i2v_teacher, demo_data.i2v_source(prepared), recipe.N_IMAGE_TOKENS),
-             "t2v": (recipe.T2V, t2v_teacher, t2v_source, 0)}
+             "t2v": (t2v_model, t2v_teacher, t2v_source, 0)}
     curves, teachers = {}, {}
     for kind, (model, teacher, source, n_image) in kinds.items():
         for steps in (50, 4):

@@ -184,9 +184,11 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
     # the DiTs
     dit = {k: tuple(v) if isinstance(v, list) else v for k, v in r["dit"].items()}
     latent = recipe.LATENT
-    assert recipe.I2V == DiTConfig(in_channels=2 * latent + 1, out_channels=latent, param_dtype="fp32", dtype="fp32",
-                                   **dit)
-    assert recipe.T2V == dataclasses.replace(recipe.I2V, in_channels=latent, guidance_embed=True)
+    assert recipe.T2V == DiTConfig(in_channels=latent, guidance_embed=True, out_channels=latent, param_dtype="fp32",
+                                   dtype="fp32", **dit)
+    assert recipe.I2V == dataclasses.replace(recipe.T2V, in_channels=2 * latent + 1, guidance_embed=False,
+                                             **r["teacher"]["blocks"])
+    assert recipe.T2V_CLIPS == dataclasses.replace(recipe.T2V, **r["teacher"]["blocks"])
     # the configs recipe.train_flow / recipe.distill build, caught before any training
     class Built(Exception):
         pass
@@ -202,6 +204,8 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
             fn(*args, progress=False)
         return e.value.args[0]
     flow_cfg = built(recipe.train_flow, recipe.I2V, None, 1, recipe.N_IMAGE_TOKENS)
+    other = built(lambda *a, **k: recipe.train_flow(*a, sigma_sampling="uniform", **k), recipe.I2V, None, 1, 0)
+    assert other.flow.sigma_sampling == "uniform"  # benchmarks/demo_dit.py --sigma-sampling reaches the loss
     for stage, steps in (("t2i", script["t2i_steps"]), ("teacher", script["teacher_steps"])):
         s = r[stage]
         assert s["steps"] == steps, stage
@@ -209,11 +213,11 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
             flow_cfg.data.batch_size, flow_cfg.optimizer.learning_rate, flow_cfg.optimizer.warmup_steps,
             flow_cfg.flow.cfg_dropout), stage
         assert {k: getattr(flow_cfg.optimizer, k) for k in r["optimizer"]} == r["optimizer"]
-        assert flow_cfg.flow.shift == r["shift"]
+        assert (flow_cfg.flow.shift, flow_cfg.flow.sigma_sampling) == (r["shift"], r["sigma_sampling"])
     assert script["teacher_steps"] == recipe.TEACHER_STEPS and r["t2i"]["guidance"] == recipe.T2I_GUIDANCE
     dcfg = built(recipe.distill, recipe.I2V, None, None, 1, recipe.N_IMAGE_TOKENS)
     s = r["student"]
-    assert s["steps"] == script["distill_steps"]
+    assert s["steps"] == script["distill_steps"] == recipe.DISTILL_STEPS
     assert (s["batch"], s["lr"], s["real_guidance"], s["critic_steps"], s["gan_sigma_max"], r["shift"]) == (
         dcfg.data.batch_size, dcfg.generator_optimizer.learning_rate, dcfg.dmd.real_guidance, dcfg.dmd.critic_steps,
         dcfg.dmd.gan_sigma_max, dcfg.dmd.shift)

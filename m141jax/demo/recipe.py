@@ -6,10 +6,11 @@ the demo benchmarks reuse.
   clip): its GroupNorms normalise over every frame, so a VAE trained on shorter crops degrades on the
   later latent frames of a whole clip. The pixels of the moving object weigh 1 + FOREGROUND_WEIGHT in
   the reconstruction loss (it covers a few percent of the frame and is otherwise learned last);
-- the DiTs: HunyuanVideo-style MMDiTs of width 96 (6 heads; 2 double-stream, 1 single-stream block) reading the
-  demo encoders' 64-wide text states and 32-wide CLIP vector. `I2V` has the release's 2C+1-channel
-  input (noise ‖ reference ‖ mask); `T2V` is the text-to-video form with the guidance embedding, used
-  at one latent frame as the text-to-image stage and, in `benchmarks/t2v_vs_i2v.py`, on whole clips;
+- the DiTs: HunyuanVideo-style MMDiTs of width 96 (6 heads) reading the demo encoders' 64-wide text
+  states and 32-wide CLIP vector. `I2V` (3 double-stream, 2 single-stream blocks) has the release's
+  2C+1-channel input (noise ‖ reference ‖ mask); `T2V` (2 double-stream, 1 single-stream block) is the
+  text-to-video form with the guidance embedding, used at one latent frame as the text-to-image stage
+  and, at the I2V's depth (`T2V_CLIPS`), in `benchmarks/t2v_vs_i2v.py` on whole clips;
 - `train_flow`: flow matching (`m141jax.train.flow`) with CFG dropout to the empty prompt, σ drawn
   logit-normal with the time shift SHIFT the models are sampled with (the direction of motion, like all
   coarse structure, is decided at high σ, which a plain logit-normal rarely draws);
@@ -59,14 +60,22 @@ EDGE_WEIGHT = 0.0  # γ of the gradient term (`m141jax.train.vae.gradient_error`
 IMAGE_BATCH = 16  # single frames of the VAE's image step after each clip step (0: clips only)
 _DIT = dict(out_channels=LATENT, hidden_size=96, num_heads=6, double_blocks=2, single_blocks=1, refiner_blocks=1,
             rope_axes=(4, 6, 6), text_dim=64, pooled_dim=32, param_dtype="fp32", dtype="fp32")
-I2V = DiTConfig(in_channels=2 * LATENT + 1, **_DIT)
 T2V = DiTConfig(in_channels=LATENT, guidance_embed=True, **_DIT)
+# the image-to-video DiTs are deeper (3 double-stream, 2 single-stream blocks): at equal training time a
+# deeper teacher keeps the object's shape and oneness better; 3 + 2 keeps the folder under 20 MB
+I2V = DiTConfig(in_channels=2 * LATENT + 1, **{**_DIT, "double_blocks": 3, "single_blocks": 2})
+
+# the T2V form at the I2V's depth: a text-to-video teacher of whole clips comparable to the I2V one
+T2V_CLIPS = dataclasses.replace(T2V, double_blocks=I2V.double_blocks, single_blocks=I2V.single_blocks)
+
 N_IMAGE_TOKENS = 17  # VLM image tokens ahead of the prompt tokens (the demo encoders keep 17 of 65)
 GUIDANCE = 3.0  # the teacher's CFG scale, distilled into the student
 VIDEOS = 1200  # training clips of tools/train_demo.py
+DISTILL_STEPS = 900  # DMD2 steps of the 4-step student
 T2I_STEPS = 16000  # flow-matching steps of the text-to-image DiT
-TEACHER_STEPS = 10000  # flow-matching steps of the image-to-video teacher
+TEACHER_STEPS = 6000  # flow-matching steps of the image-to-video teacher
 T2I_GUIDANCE = 1.0  # the embedded guidance the T2V-form models are trained and run with
+SIGMA_SAMPLING = "logit_normal"  # the density of the DiTs' training σ's (`FlowConfig.sigma_sampling`), then shift SHIFT
 
 
 def _optimizer(lr: float, warmup: int = 0) -> OptimizerConfig:
@@ -111,10 +120,12 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, 
 
 
 def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch: int = 16, lr: float = 1e-3,
-               seed: int = 0, desc: str = "flow", progress: bool = True) -> dict:
+               seed: int = 0, desc: str = "flow", progress: bool = True,
+               sigma_sampling: str = SIGMA_SAMPLING) -> dict:
     """A DiT trained from scratch by flow matching on a source of latents + conditioning (CFG dropout 0.1,
-    σ at shift SHIFT)."""
-    cfg = TrainConfig(model=model, flow=FlowConfig(n_image_tokens=n_image_tokens, cfg_dropout=0.1, shift=SHIFT),
+    σ drawn from `sigma_sampling`'s density at shift SHIFT)."""
+    cfg = TrainConfig(model=model, flow=FlowConfig(sigma_sampling=sigma_sampling, n_image_tokens=n_image_tokens,
+                                                   cfg_dropout=0.1, shift=SHIFT),
                       optimizer=_optimizer(lr, warmup=100), data=DataConfig(batch_size=batch, seed=seed),
                       run=RunConfig(steps=steps))
     state = flow.init_train_state(cfg, dit_lib.init_params(model, jax.random.PRNGKey(seed)))
