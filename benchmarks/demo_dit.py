@@ -41,6 +41,7 @@ from m141jax import checkpoint, demo  # noqa: E402
 from m141jax.data import shapes  # noqa: E402
 from m141jax.demo import data as demo_data  # noqa: E402
 from m141jax.demo import quality, recipe  # noqa: E402
+from m141jax.train.config import SIGMA_SAMPLINGS  # noqa: E402
 
 STAGES = {"t2i": (recipe.T2V, recipe.T2I_STEPS, 1.0), "teacher": (recipe.I2V, recipe.TEACHER_STEPS, recipe.GUIDANCE)}
 
@@ -77,7 +78,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's; 0: score the folder's DiT)")
     p.add_argument("--set", action="append", default=[], help="a DiTConfig field, e.g. hidden_size=128")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--sigma-sampling", choices=("logit_normal", "uniform", "mode"), default=recipe.SIGMA_SAMPLING,
+    p.add_argument("--sigma-sampling", choices=SIGMA_SAMPLINGS, default=recipe.SIGMA_SAMPLING,
                    help="the density of the training σ's, shifted by the demo's shift (default: the recipe's)")
     p.add_argument("--guidance", type=float, help="CFG scale of the scoring (default: t2i 1 = none, teacher 3)")
     p.add_argument("--per-combination", type=int, default=12, help="dev clips per held-out combination (8 of them)")

@@ -120,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=recipe.VAE_STEPS)
     p.add_argument("--vae-from", metavar="DIR",
                    help="reuse the VAE of an earlier run's checkpoint folder instead of the VAE stage (which is "
-                        "deterministic: a rerun gives the same VAE bit for bit); the other stages run as usual")
+                        "deterministic: a rerun gives the same VAE bit for bit; --vae-steps is then unused); the other "
+                        "stages run as usual")
     p.add_argument("--t2i-steps", type=int, default=recipe.T2I_STEPS)
     p.add_argument("--teacher-steps", type=int, default=recipe.TEACHER_STEPS)
     p.add_argument("--distill-steps", type=int, default=recipe.DISTILL_STEPS)

@@ -52,6 +52,9 @@ class OptimizerConfig:
             raise ValueError(f"optimizer b1 {self.b1} and b2 {self.b2} must lie in [0, 1)")
 
 
+SIGMA_SAMPLINGS = ("logit_normal", "uniform", "mode")  # the densities `FlowConfig.sigma_sampling` accepts
+
+
 @dataclasses.dataclass(frozen=True)
 class FlowConfig:
     """The flow-matching objective: x_σ = (1−σ)x₀ + σε, target ε − x₀ (release.md C.2), σ sampling and loss
@@ -68,8 +71,8 @@ class FlowConfig:
     ref_frame_loss: bool = True  # include the conditioned frame 0 in the loss (unknown for the release)
 
     def __post_init__(self):
-        if self.sigma_sampling not in ("logit_normal", "uniform", "mode"):
-            raise ValueError(f"unknown sigma_sampling {self.sigma_sampling!r}; accepted: logit_normal, uniform, mode")
+        if self.sigma_sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(f"unknown sigma_sampling {self.sigma_sampling!r}; accepted: {', '.join(SIGMA_SAMPLINGS)}")
         if self.weighting not in ("none", "sigma_sqrt", "cosmap"):
             raise ValueError(f"unknown weighting {self.weighting!r}; accepted: none, sigma_sqrt, cosmap")
         if not 0.0 <= self.cfg_dropout <= 1.0:
