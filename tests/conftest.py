@@ -25,6 +25,40 @@ from m141jax import cli  # noqa: E402
 from m141jax.cli.convert import main as convert_main  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """The tiny random checkpoint folder (`fixtures.write_tiny_checkpoints`), one per test module."""
+    from fixtures import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """A gradient PNG first frame (`fixtures.write_gradient_image`), one per test module."""
+    from fixtures import write_gradient_image
+
+    return write_gradient_image(tmp_path_factory.mktemp("img") / "first.png")
+
+
+@pytest.fixture(scope="module")
+def release_sd():
+    """The state dict of a tiny random release DiT (`dit_reference`), under the release's key names."""
+    from dit_reference import make_model, to_release_names
+
+    return to_release_names(make_model(seed=0).state_dict())
+
+
+@pytest.fixture(scope="module")
+def release_pt(release_sd, tmp_path_factory):
+    """`release_sd` saved by torch.save, as the release ships its .pt checkpoints."""
+    import torch
+
+    path = tmp_path_factory.mktemp("src") / "model.pt"
+    torch.save(release_sd, path)
+    return path
+
+
 @pytest.fixture
 def run_convert():
     """Run the converter in-process; returns its exit status."""

@@ -10,25 +10,12 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from dit_reference import make_model, to_release_names  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from m141jax import checkpoint  # noqa: E402
 from m141jax.convert.sources import open_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def release_sd():
-    return to_release_names(make_model(seed=0).state_dict())
-
-
-@pytest.fixture(scope="module")
-def release_pt(release_sd, tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "model.pt"
-    torch.save(release_sd, path)
-    return path
 
 
 def _convert(run_convert, src, dst, *extra):

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dit_reference import make_model, to_release_names
 from safetensors.torch import save_file
 
 from m141jax import checkpoint, config
@@ -23,18 +22,6 @@ from m141jax.convert.configs import config_type_problems
 from m141jax.convert.destination import clean_stale_partials, partial_pattern
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def release_sd():
-    return to_release_names(make_model(seed=0).state_dict())
-
-
-@pytest.fixture(scope="module")
-def release_pt(release_sd, tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "model.pt"
-    torch.save(release_sd, path)
-    return path
 
 
 def _convert(run_convert, src, dst, *extra, config="tiny-i2v"):

@@ -7,7 +7,7 @@ import imageio.v2 as imageio
 import jax
 import numpy as np
 import pytest
-from fixtures import TINY_I2V, save_random, write_gradient_image, write_tiny_checkpoints
+from fixtures import TINY_I2V, save_random, write_gradient_image
 from PIL import Image
 
 from m141jax import checkpoint, components, encoders, media, pipeline
@@ -23,11 +23,6 @@ SIZE = (64, 64)
 def read_video(path):
     with imageio.get_reader(path, format="FFMPEG") as r:
         return np.stack([f for f in r.iter_data()]), r.get_meta_data()["fps"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import write_gradient_image, write_tiny_checkpoints
 
 from m141jax import compile_cache
 
@@ -17,16 +16,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:os.fork")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--dtype", "fp32", "--size", "64x64", "--frames", "5", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    return write_gradient_image(tmp_path_factory.mktemp("img") / "first.png")
 
 
 def _command(*argv, stdin=None):

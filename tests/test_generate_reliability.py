@@ -14,7 +14,7 @@ import imageio.v2 as imageio
 import jax
 import numpy as np
 import pytest
-from fixtures import TINY_I2V, dit_inputs, tiny_dit_params, write_gradient_image, write_tiny_checkpoints
+from fixtures import TINY_I2V, dit_inputs, tiny_dit_params
 
 from m141jax import checkpoint, components, demo, encoders
 from m141jax.cli import main
@@ -22,16 +22,6 @@ from m141jax.config import to_json_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    return write_gradient_image(tmp_path_factory.mktemp("img") / "first.png")
 
 
 def _one_line_error(capsys, argv, code=2):
