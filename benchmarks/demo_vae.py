@@ -5,7 +5,8 @@ colour, direction, shape, one object in every frame, temporal consistency and ed
 clips'. Every generated demo clip is decoded by this VAE, so its reconstructions bound what the DiTs reach.
 
     python benchmarks/demo_vae.py [--steps 5400] [--set block_out_channels=16,32,64] [--set latent_channels=16]
-                                  [--batch 2] [--lr 1e-3] [--kl-weight 1e-4] [--edge-weight 0] [--image-batch 0]
+                                  [--batch 2] [--lr 1e-3] [--kl-weight 1e-4] [--edge-weight 0] [--latent-noise 0]
+                                  [--image-batch 0]
     RESULT demo_vae_recipe steps=… config=… train_s=… colour=… direction=… shape=… single_all_frames=… …
 
 `--checkpoints DIR` scores the VAE of a checkpoint folder instead (e.g. the shipped one,
@@ -47,6 +48,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=recipe.KL_WEIGHT)
     p.add_argument("--edge-weight", type=float, default=recipe.EDGE_WEIGHT, help="γ of the VAE loss' gradient term")
+    p.add_argument("--latent-noise", type=float, default=recipe.LATENT_NOISE,
+                   help="α of the decoder's latent noise (m141jax.train.vae.noised_latents; 0: none)")
     p.add_argument("--image-batch", type=int, default=recipe.IMAGE_BATCH,
                    help="single frames of an image step after each clip step (0: none)")
     p.add_argument("--per-combination", type=int, default=3, help="dev clips per caption combination")
@@ -63,11 +66,13 @@ def main() -> int:
     videos = np.stack([data[i][0] for i in range(len(data))])
     start = time.perf_counter()
     cfg, params = recipe.train_vae(videos, args.steps, batch=args.batch, lr=args.lr, cfg=cfg,
-                                   kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch)
+                                   kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch,
+                                   latent_noise=args.latent_noise)
     train_s = time.perf_counter() - start
     scores = reconstruction_scores(Component(cfg, jax.device_put(params)), truth, captions)
     result("demo_vae_recipe", steps=args.steps, config=",".join(args.set) or "recipe", batch=args.batch, lr=args.lr,
-           kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch, train_s=train_s,
+           kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch,
+           latent_noise=args.latent_noise, train_s=train_s,
            n=len(captions), **scores)
     return 0
 

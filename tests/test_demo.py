@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from m141jax import checkpoint, cli, components, demo
+from m141jax import checkpoint, cli, components, demo, media
 from m141jax.cli import generate as generate_cli
 from m141jax.data import shapes
 from m141jax.demo import data as demo_data
 from m141jax.demo import encoders as demo_encoders
 from m141jax.demo import quality, recipe
+from m141jax.train import vae as vae_train
 
 MAX_MB = 20
 
@@ -59,6 +60,16 @@ def test_sources_fit_the_demo_models():
     assert t2i[0]["latents"].shape == (1, 8, 8, c) and t2i[0]["text_states"].shape == (text, 64)
     assert float(t2i[0]["guidance"]) == 1000.0
     assert i2v.null()["text_states"].shape == (text, 64)
+
+
+def test_shipped_vae_posterior_noise_is_a_few_percent_of_the_latents_spread():
+    """Why the decoder meets a DiT's latent errors unprepared (`m141jax.train.vae.noised_latents`): the
+    small KL leaves the posterior's std at under 5 % of the latents' per-channel std."""
+    vae = components.load_component(demo.CHECKPOINTS, "vae", "fp32")
+    videos, _ = quality.eval_clips(1)
+    _, logvar = vae_train.posterior(vae.params, vae.cfg, media.to_signed(videos[:4]))
+    ratio = np.exp(0.5 * np.asarray(logvar)).reshape(-1, recipe.LATENT).mean(0) / np.asarray(vae.cfg.latents_std)
+    assert 0 < ratio.max() < 0.05, ratio
 
 
 @pytest.mark.slow

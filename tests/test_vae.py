@@ -385,3 +385,30 @@ def test_vae_loss_adds_the_weighted_gradient_term():
     with_edges, m1 = vae_train.vae_loss(params, cfg, x, key, 1e-4, 10.0, edge_weight=0.5)
     assert "gradient" not in m0 and float(m1["gradient"]) > 0
     np.testing.assert_allclose(float(with_edges), float(plain) + 0.5 * float(m1["gradient"]), rtol=1e-5)
+
+
+def test_noised_latents_scale_with_the_batch_spread_and_pass_the_gradient():
+    z = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2, 4, 4, 2)) * np.asarray([0.5, 3.0]), jnp.float32)
+    key = jax.random.PRNGKey(2)
+    np.testing.assert_array_equal(np.asarray(vae_train.noised_latents(z, key, 0.0)), np.asarray(z))
+    noise = np.asarray(vae_train.noised_latents(z, key, 0.6) - z).reshape(-1, 2)
+    # ε·u·α·s with u ~ U(0, 1) per video: std α·s·√E[u²] = α·s/√3 per channel
+    np.testing.assert_allclose(noise.std(0), 0.6 * np.asarray(z).reshape(-1, 2).std(0) / np.sqrt(3), rtol=0.1)
+    # the levels differ between videos, including some near 0
+    per_video = np.abs(noise.reshape(64, -1)).mean(1)
+    assert per_video.min() < 0.2 * per_video.max()
+    # latents scaled up meet noise scaled up as much: no escape by scale
+    np.testing.assert_allclose(np.asarray(vae_train.noised_latents(10 * z, key, 0.6) - 10 * z), 10 * noise.reshape(z.shape),
+                               rtol=1e-4, atol=1e-4)
+    # the spread carries no gradient: d(noised)/dz is the identity
+    grad = jax.grad(lambda v: vae_train.noised_latents(v, key, 0.6).sum())(z)
+    np.testing.assert_allclose(np.asarray(grad), 1.0, rtol=1e-6)
+
+
+def test_vae_loss_decodes_noised_latents_with_latent_noise():
+    cfg = preset("tiny-vae", VAE_PRESETS, sample_size=32, sample_tsize=32)
+    params = vae.init_params(cfg, jax.random.PRNGKey(0))
+    x, key = jnp.asarray(video((2, 5, 16, 16, 3))), jax.random.PRNGKey(1)
+    plain, _ = vae_train.vae_loss(params, cfg, x, key, 1e-4, 10.0)
+    noised, _ = vae_train.vae_loss(params, cfg, x, key, 1e-4, 10.0, latent_noise=0.5)
+    assert float(noised) != float(plain)

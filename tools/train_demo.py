@@ -88,7 +88,8 @@ def train(root: Path, args, seconds: dict[str, float], vae=None) -> None:
     if vae is not None:
         vae_cfg, vae_params = vae
     else:
-        vae_cfg, vae_params = recipe.train_vae(videos, args.vae_steps, seed=args.seed, progress=progress)
+        vae_cfg, vae_params = recipe.train_vae(videos, args.vae_steps, seed=args.seed, progress=progress,
+                                               latent_noise=args.latent_noise)
     checkpoint.save(root / "vae", "vae", to_json_dict(vae_cfg), vae_params)
     print(f"vae latent means {np.round(vae_cfg.latents_mean, 2)}, stds {np.round(vae_cfg.latents_std, 2)}", flush=True)
     lap("vae")
@@ -120,8 +121,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=recipe.VAE_STEPS)
     p.add_argument("--vae-from", metavar="DIR",
                    help="reuse the VAE of an earlier run's checkpoint folder instead of the VAE stage (which is "
-                        "deterministic: a rerun gives the same VAE bit for bit; --vae-steps is then unused); the other "
-                        "stages run as usual")
+                        "deterministic: a rerun gives the same VAE bit for bit; --vae-steps and --latent-noise are then "
+                        "unused); the other stages run as usual")
+    p.add_argument("--latent-noise", type=float, default=recipe.LATENT_NOISE,
+                   help="α of the VAE decoder's latent noise (m141jax.train.vae.noised_latents; 0: none)")
     p.add_argument("--t2i-steps", type=int, default=recipe.T2I_STEPS)
     p.add_argument("--teacher-steps", type=int, default=recipe.TEACHER_STEPS)
     p.add_argument("--distill-steps", type=int, default=recipe.DISTILL_STEPS)

@@ -57,6 +57,9 @@ VAE_STEPS = 5400  # clip steps (each followed by an image step) of tools/train_d
 KL_WEIGHT = 1e-4
 FOREGROUND_WEIGHT = 10.0
 EDGE_WEIGHT = 0.0  # γ of the gradient term (`m141jax.train.vae.gradient_error`)
+# α of the decoder's latent noise (`m141jax.train.vae.noised_latents`); 0.5 made the decoder robust to noise
+# but the DiTs' clips no better, and the VAE's own reconstructions worse (README)
+LATENT_NOISE = 0.0
 IMAGE_BATCH = 16  # single frames of the VAE's image step after each clip step (0: clips only)
 _DIT = dict(out_channels=LATENT, hidden_size=96, num_heads=6, double_blocks=2, single_blocks=1, refiner_blocks=1,
             rope_axes=(4, 6, 6), text_dim=64, pooled_dim=32, param_dtype="fp32", dtype="fp32")
@@ -88,7 +91,8 @@ def _bar(n: int, desc: str, progress: bool):
 
 def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, seed: int = 0,
               progress: bool = True, cfg: VAEConfig = VAE, kl_weight: float = KL_WEIGHT,
-              edge_weight: float = EDGE_WEIGHT, image_batch: int = IMAGE_BATCH) -> tuple[VAEConfig, dict]:
+              edge_weight: float = EDGE_WEIGHT, image_batch: int = IMAGE_BATCH,
+              latent_noise: float = LATENT_NOISE) -> tuple[VAEConfig, dict]:
     """The demo VAE (`cfg` and the loss weights: others to try) trained on uint8 videos [N, F, H, W, 3]
     rolled on the torus; with `image_batch`, each of the `steps` steps on `batch` clips is followed by one
     on `image_batch` single frames (random frames of random clips), which trains the one-frame path the
@@ -100,7 +104,8 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, 
                      optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, updates - 1), updates, 0.05 * lr),
                                 b2=0.99))
     state = vae_train.init_vae_state(vae_lib.init_params(cfg, jax.random.PRNGKey(seed)), tx)
-    step = jax.jit(vae_train.make_vae_step(cfg, tx, kl_weight, FOREGROUND_WEIGHT, edge_weight), donate_argnums=0)
+    step = jax.jit(vae_train.make_vae_step(cfg, tx, kl_weight, FOREGROUND_WEIGHT, edge_weight, latent_noise),
+                   donate_argnums=0)
     rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
 
     def rolled(x):

@@ -1,7 +1,7 @@
 """Training the causal VAE: reconstruction + β·KL to N(0, I) (the demo trains its tiny VAE with it).
 
     loss = mean w·|x̂ − x| + mean w·(x̂ − x)² + γ · mean w·|∇x̂ − ∇x| + β · mean KL(q(z|x) ‖ N(0, I)),
-    x̂ = decode(z), z ~ q(z|x)
+    x̂ = decode(z + u·α·s·ε), z ~ q(z|x)
 
 over videos [B, F, H, W, 3] in [−1, 1] (F = 1 or 4k+1), means over every element. L1 keeps edges sharp,
 the squared error punishes colour shifts, and the small KL keeps the posterior narrow and its means
@@ -10,7 +10,11 @@ weight w is 1, or (`foreground_weight`) larger on pixels away from the video's b
 objects on a plain background are otherwise learned long after the background. The optional gradient
 term (γ = `edge_weight`; ∇ = the differences between neighbouring pixels along height and width) asks
 for the edges themselves: a pixel error spread evenly over an edge (a blur) costs L1 and L2 little, a
-wrong gradient on the edge costs it fully. After training,
+wrong gradient on the edge costs it fully. The optional latent noise (α = `latent_noise`; s = the batch's
+per-channel std of z, u ~ U(0, 1) per video, ε ~ N(0, I)) makes the decoder robust to latent errors the
+size of a DiT's: the small KL leaves the posterior's own noise at a few percent of the latents' spread,
+so a decoder trained on it alone turns the errors of generated latents into blurred, misshapen objects;
+s is measured from z itself, so scaling the latents up does not escape the noise. After training,
 `latent_statistics` measures the per-channel mean and std of the posterior means, which normalise the
 latents for the DiTs (`VAEConfig.latents_mean/std`).
 """
@@ -69,13 +73,25 @@ def gradient_error(recon, video, w):
     return total / 2
 
 
+def noised_latents(z, rng, latent_noise: float):
+    """z + u·latent_noise·s·ε (see the module docstring) for latents [B, f, h, w, C]: s the per-channel std
+    of the batch's z (no gradient flows through it), u ~ U(0, 1) per video, ε ~ N(0, I)."""
+    spread = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]).std(0))
+    level, noise = jax.random.split(rng)
+    u = jax.random.uniform(level, (z.shape[0],) + (1,) * (z.ndim - 1))
+    return z + u * latent_noise * spread * jax.random.normal(noise, z.shape)
+
+
 def vae_loss(params, cfg: VAEConfig, video, rng, kl_weight: float, foreground_weight: float = 0.0,
-             edge_weight: float = 0.0):
+             edge_weight: float = 0.0, latent_noise: float = 0.0):
     """(loss, metrics) of a batch of videos in [−1, 1]; with `foreground_weight` the reconstruction terms
     weigh the pixels away from the background colour 1 + foreground_weight times (`foreground_weights`);
-    with `edge_weight` the gradient term joins them (`gradient_error`)."""
+    with `edge_weight` the gradient term joins them (`gradient_error`); with `latent_noise` the decoder
+    reads noised latents (`noised_latents`)."""
     mean, logvar = posterior(params, cfg, video)
     z = vae_lib.sample_posterior(mean, logvar, rng)
+    if latent_noise:
+        z = noised_latents(z, jax.random.fold_in(rng, 1), latent_noise)
     recon = _apply(params, cfg, vae_lib.CausalVAE.decode, z).astype(jnp.float32)
     w = foreground_weights(video, foreground_weight) if foreground_weight else 1.0
     l1, l2 = (w * jnp.abs(recon - video)).mean(), (w * jnp.square(recon - video)).mean()
@@ -92,11 +108,12 @@ def init_vae_state(params, tx: optax.GradientTransformation) -> VAEState:
 
 
 def make_vae_step(cfg: VAEConfig, tx: optax.GradientTransformation, kl_weight: float, foreground_weight: float = 0.0,
-                  edge_weight: float = 0.0):
+                  edge_weight: float = 0.0, latent_noise: float = 0.0):
     """vae_step(state, video, rng) -> (state, metrics): one optimizer update (jit it)."""
     def vae_step(state: VAEState, video, rng):
         (loss, metrics), grads = jax.value_and_grad(vae_loss, has_aux=True)(state.params, cfg, video, rng, kl_weight,
-                                                                             foreground_weight, edge_weight)
+                                                                             foreground_weight, edge_weight,
+                                                                             latent_noise)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return VAEState(state.step + 1, params, opt_state), {"loss": loss, **metrics}
