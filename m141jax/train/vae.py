@@ -11,10 +11,9 @@ objects on a plain background are otherwise learned long after the background. T
 term (γ = `edge_weight`; ∇ = the differences between neighbouring pixels along height and width) asks
 for the edges themselves: a pixel error spread evenly over an edge (a blur) costs L1 and L2 little, a
 wrong gradient on the edge costs it fully. The optional latent noise (α = `latent_noise`; s = the batch's
-per-channel std of z, u ~ U(0, 1) per video, ε ~ N(0, I)) makes the decoder robust to latent errors the
-size of a DiT's: the small KL leaves the posterior's own noise at a few percent of the latents' spread,
-so a decoder trained on it alone turns the errors of generated latents into blurred, misshapen objects;
-s is measured from z itself, so scaling the latents up does not escape the noise. After training,
+per-channel std of z, u ~ U(0, 1) per video, ε ~ N(0, I)) trains the decoder on latents as far off as a
+DiT's, where the small KL leaves the posterior's own noise at a few percent of the latents' spread; s is
+measured from z itself, so scaling the latents up does not escape the noise. After training,
 `latent_statistics` measures the per-channel mean and std of the posterior means, which normalise the
 latents for the DiTs (`VAEConfig.latents_mean/std`).
 """
