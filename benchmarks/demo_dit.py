@@ -14,7 +14,7 @@ Tuning a DiT this way skips the VAE stage, two thirds of the script's time.
   and on the same measures for `--fit-clips` of its own training clips (does it fit what it saw?).
 
     python benchmarks/demo_dit.py --stage t2i|teacher [--steps N] [--set hidden_size=128 --set num_heads=8]
-                                  [--lr 1e-3] [--guidance G] [--per-combination 12]
+                                  [--lr 1e-3] [--ema-decay D] [--guidance G] [--per-combination 12]
                                   [--training-per-combination 3] [--fit-clips 96] [--videos 1200]
     RESULT demo_dit stage=… steps=… config=… train_s=… ms_per_step=… split=dev n=… colour=… shape=… …
     RESULT demo_dit_shape_by_latent_frame stage=teacher clips=dev|fit f0=… f1=… …
@@ -53,12 +53,14 @@ def subset(p: demo_data.Prepared, n: int) -> demo_data.Prepared:
                                text=rows(p.text))
 
 
-def train(stage: str, cfg, prepared: demo_data.Prepared, steps: int, lr: float, sigma_sampling: str) -> dict:
+def train(stage: str, cfg, prepared: demo_data.Prepared, steps: int, lr: float, sigma_sampling: str,
+          ema_decay: float) -> dict:
     if stage == "t2i":
         source = demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE, image=True)
-        return recipe.train_flow(cfg, source, steps, 0, lr=lr, desc="t2i", sigma_sampling=sigma_sampling)
+        return recipe.train_flow(cfg, source, steps, 0, lr=lr, desc="t2i", sigma_sampling=sigma_sampling,
+                                 ema_decay=ema_decay)
     return recipe.train_flow(cfg, demo_data.i2v_source(prepared), steps, recipe.N_IMAGE_TOKENS, lr=lr, desc="teacher",
-                             sigma_sampling=sigma_sampling)
+                             sigma_sampling=sigma_sampling, ema_decay=ema_decay)
 
 
 def scores(stage: str, cfg, params, vae, prepared: demo_data.Prepared, truth: np.ndarray, captions: list[str],
@@ -80,6 +82,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sigma-sampling", choices=SIGMA_SAMPLINGS, default=recipe.SIGMA_SAMPLING,
                    help="the density of the training σ's, shifted by the demo's shift (default: the recipe's)")
+    p.add_argument("--ema-decay", type=float, default=recipe.EMA_DECAY,
+                   help="score the EMA of the parameters at this decay (default: the recipe's; 0: the parameters)")
     p.add_argument("--guidance", type=float, help="CFG scale of the scoring (default: t2i 1 = none, teacher 3)")
     p.add_argument("--per-combination", type=int, default=12, help="dev clips per held-out combination (8 of them)")
     p.add_argument("--training-per-combination", type=int, default=3,
@@ -103,7 +107,7 @@ def main() -> int:
         cfg = override(base, args.set)
         prepared = demo_data.prepare(models.vae, models.encoders, videos, train_captions, progress=False)
         start = time.perf_counter()
-        params = train(args.stage, cfg, prepared, steps, args.lr, args.sigma_sampling)
+        params = train(args.stage, cfg, prepared, steps, args.lr, args.sigma_sampling, args.ema_decay)
         train_s = time.perf_counter() - start
     else:
         if args.set:
@@ -112,7 +116,7 @@ def main() -> int:
         prepared, train_s = None, 0.0
     dev_scores, by_frame = scores(args.stage, cfg, params, models.vae, dev, truth, captions, guidance)
     result("demo_dit", stage=args.stage, steps=steps, config=",".join(args.set) or "recipe", lr=args.lr,
-           sigma_sampling=args.sigma_sampling,
+           sigma_sampling=args.sigma_sampling, ema_decay=args.ema_decay,
            guidance=guidance, train_s=train_s, ms_per_step=1000 * train_s / max(steps, 1), split="dev",
            n=len(captions), **dev_scores)
     lines = {"dev": by_frame}

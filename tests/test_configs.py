@@ -207,6 +207,8 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
     flow_cfg = built(recipe.train_flow, recipe.I2V, None, 1, recipe.N_IMAGE_TOKENS)
     other = built(lambda *a, **k: recipe.train_flow(*a, sigma_sampling="uniform", **k), recipe.I2V, None, 1, 0)
     assert other.flow.sigma_sampling == "uniform"  # benchmarks/demo_dit.py --sigma-sampling reaches the loss
+    other = built(lambda *a, **k: recipe.train_flow(*a, ema_decay=0.99, **k), recipe.I2V, None, 1, 0)
+    assert other.ema_decay == 0.99  # tools/train_demo.py / benchmarks/demo_dit.py --ema-decay reach the training
     for stage, steps in (("t2i", script["t2i_steps"]), ("teacher", script["teacher_steps"])):
         s = r[stage]
         assert s["steps"] == steps, stage
@@ -215,6 +217,7 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
             flow_cfg.flow.cfg_dropout), stage
         assert {k: getattr(flow_cfg.optimizer, k) for k in r["optimizer"]} == r["optimizer"]
         assert (flow_cfg.flow.shift, flow_cfg.flow.sigma_sampling) == (r["shift"], r["sigma_sampling"])
+        assert flow_cfg.ema_decay == r["ema_decay"] == script["ema_decay"]
     assert script["teacher_steps"] == recipe.TEACHER_STEPS and r["t2i"]["guidance"] == recipe.T2I_GUIDANCE
     dcfg = built(recipe.distill, recipe.I2V, None, None, 1, recipe.N_IMAGE_TOKENS)
     s = r["student"]

@@ -2,12 +2,14 @@
 right shape from text alone on CPU (text → image → video); the demo's training sources are shaped for
 the demo DiTs; the quality harness' splits, text-only path and target metrics; the README's pictures."""
 
+import dataclasses
 import importlib.util
 import shutil
 import sys
 from pathlib import Path
 
 import imageio.v3 as iio
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -105,6 +107,27 @@ def test_shipped_text_to_image_draws_the_caption():
     prepared = demo_data.prepare(vae, demo_encoders.load(demo.CHECKPOINTS), videos, captions, progress=False)
     acc = quality.image_accuracies(quality.text_to_image(t2i.cfg, t2i.params, vae, prepared), captions)
     assert acc["colour"] >= 0.8 and acc["single"] >= 0.85, acc
+
+
+def test_train_flow_returns_the_parameters_ema():
+    """`recipe.train_flow(ema_decay=d)` returns the EMA, not the last parameters: after two steps (the first at
+    the warm-up's learning rate 0, so it leaves the initialisation p₀ unchanged) d·p₀ + (1 − d)·p₂."""
+    model = dataclasses.replace(recipe.T2V, hidden_size=16, num_heads=2, double_blocks=1, single_blocks=1,
+                                rope_axes=(2, 2, 4))
+    rng, n, length = np.random.default_rng(0), 4, 3
+    text = {"text_states": rng.normal(size=(n, length, model.text_dim)).astype(np.float32),
+            "text_mask": np.ones((n, length), np.int32),
+            "text_states_2": rng.normal(size=(n, model.pooled_dim)).astype(np.float32)}
+    source = demo_data.ArraySource({"latents": rng.normal(size=(n, 1, 4, 4, recipe.LATENT)).astype(np.float32),
+                                    "guidance": np.full((n,), 1000.0, np.float32), **text},
+                                   {k: v[0] for k, v in text.items()})
+    train = lambda d: recipe.train_flow(model, source, 2, 0, batch=2, progress=False, ema_decay=d)  # noqa: E731
+    last, ema, d = train(0.0), train(0.9), 0.9
+    start = recipe.dit_lib.init_params(model, jax.random.PRNGKey(0))
+    moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(start))]
+    assert max(moved) > 1e-6  # the second step moved the parameters
+    for e, p0, p2 in zip(jax.tree.leaves(ema), jax.tree.leaves(start), jax.tree.leaves(last)):
+        np.testing.assert_allclose(e, d * np.asarray(p0) + (1 - d) * np.asarray(p2), rtol=1e-5, atol=1e-6)
 
 
 def test_paired_gap_is_clear_only_for_a_real_difference():

@@ -98,13 +98,14 @@ def train(root: Path, args, seconds: dict[str, float], vae=None) -> None:
     lap("latents")
 
     t2i = recipe.train_flow(recipe.T2V, demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE, image=True),
-                            args.t2i_steps, n_image_tokens=0, seed=args.seed, desc="t2i", progress=progress)
+                            args.t2i_steps, n_image_tokens=0, seed=args.seed, desc="t2i", progress=progress,
+                            ema_decay=args.ema_decay)
     checkpoint.save(root / "t2i", "dit", to_json_dict(recipe.T2V), t2i)
     lap("t2i")
 
     source = demo_data.i2v_source(prepared)
     teacher = recipe.train_flow(recipe.I2V, source, args.teacher_steps, recipe.N_IMAGE_TOKENS, seed=args.seed,
-                                desc="teacher", progress=progress)
+                                desc="teacher", progress=progress, ema_decay=args.ema_decay)
     checkpoint.save(root / "teacher", "dit", to_json_dict(recipe.I2V), teacher)
     lap("teacher")
 
@@ -125,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
                         "unused); the other stages run as usual")
     p.add_argument("--latent-noise", type=float, default=recipe.LATENT_NOISE,
                    help="α of the VAE decoder's latent noise (m141jax.train.vae.noised_latents; 0: none)")
+    p.add_argument("--ema-decay", type=float, default=recipe.EMA_DECAY,
+                   help="the text-to-image DiT and the teacher are the EMA of their parameters at this decay (0: none)")
     p.add_argument("--t2i-steps", type=int, default=recipe.T2I_STEPS)
     p.add_argument("--teacher-steps", type=int, default=recipe.TEACHER_STEPS)
     p.add_argument("--distill-steps", type=int, default=recipe.DISTILL_STEPS)

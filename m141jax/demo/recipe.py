@@ -79,6 +79,7 @@ T2I_STEPS = 16000  # flow-matching steps of the text-to-image DiT
 TEACHER_STEPS = 6000  # flow-matching steps of the image-to-video teacher
 T2I_GUIDANCE = 1.0  # the embedded guidance the T2V-form models are trained and run with
 SIGMA_SAMPLING = "logit_normal"  # the density of the DiTs' training σ's (`FlowConfig.sigma_sampling`), then shift SHIFT
+EMA_DECAY = 0.0  # decay of the parameter EMA the flow-matching stages return (`TrainConfig.ema_decay`; 0: none)
 
 
 def _optimizer(lr: float, warmup: int = 0) -> OptimizerConfig:
@@ -126,13 +127,13 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, 
 
 def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch: int = 16, lr: float = 1e-3,
                seed: int = 0, desc: str = "flow", progress: bool = True,
-               sigma_sampling: str = SIGMA_SAMPLING) -> dict:
+               sigma_sampling: str = SIGMA_SAMPLING, ema_decay: float = EMA_DECAY) -> dict:
     """A DiT trained from scratch by flow matching on a source of latents + conditioning (CFG dropout 0.1,
-    σ drawn from `sigma_sampling`'s density at shift SHIFT)."""
+    σ drawn from `sigma_sampling`'s density at shift SHIFT); with `ema_decay` > 0, the EMA of its parameters."""
     cfg = TrainConfig(model=model, flow=FlowConfig(sigma_sampling=sigma_sampling, n_image_tokens=n_image_tokens,
                                                    cfg_dropout=0.1, shift=SHIFT),
                       optimizer=_optimizer(lr, warmup=100), data=DataConfig(batch_size=batch, seed=seed),
-                      run=RunConfig(steps=steps))
+                      run=RunConfig(steps=steps), ema_decay=ema_decay)
     state = flow.init_train_state(cfg, dit_lib.init_params(model, jax.random.PRNGKey(seed)))
     step = jax.jit(flow.make_train_step(cfg), donate_argnums=0)
     batches, base = make_iterator(source, cfg.data), jax.random.PRNGKey(seed + 1)
@@ -141,7 +142,7 @@ def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch:
         state, m = step(state, next(batches), jax.random.fold_in(base, i))
         if i % 20 == 0:
             bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-    return jax.device_get(state.params)
+    return jax.device_get(state.params if state.ema is None else state.ema)
 
 
 def distill(model: DiTConfig, teacher: dict, source, steps: int, n_image_tokens: int, batch: int = 16,
