@@ -2,8 +2,10 @@
 
 CPU (always): encode and decode of the same random inputs with the same random weights in JAX (converted
 by our converter) and in PyTorch (diffusers' AutoencoderKLHunyuanVideo), fp32, untiled, at a tiny and a
-small size; on a CPU backend, one 3D conv's forward + backward by XLA's native conv and by
-`vae.conv3d`'s CPU path, 2D convs over the time taps (`vae_conv3d_cpu`).
+small size, of 9-frame videos and of batches of 4 single images (`_image`); on a CPU backend, one 3D conv's
+forward + backward by XLA's native conv and by `vae.conv3d`'s CPU path, 2D convs over the time taps
+(`vae_conv3d_cpu`), and the demo VAE's training steps (`vae_demo_train_step`: one on 2 whole 17-frame
+clips, one on 16 single frames, as `m141jax.demo.recipe.train_vae` alternates them).
 ratio = jax_s / torch_s, JAX time / PyTorch time (below 1: JAX is faster), in every line
 that has one; `threads` is the fixed CPU thread count of both (`--threads`, default: every core the
 process may use) and `torch_device` where PyTorch ran.
@@ -44,7 +46,9 @@ from m141jax.models import vae  # noqa: E402
 
 # name -> (preset, video [B, F, H, W, 3] to encode, latents [B, f, h, w, C] to decode)
 CPU_SIZES = {"tiny": ("tiny-vae", (1, 9, 64, 64, 3), (1, 3, 8, 8, 16)),
-             "small": ("small-vae", (1, 9, 96, 96, 3), (1, 3, 12, 12, 16))}
+             "small": ("small-vae", (1, 9, 96, 96, 3), (1, 3, 12, 12, 16)),
+             "tiny_image": ("tiny-vae", (4, 1, 64, 64, 3), (4, 1, 8, 8, 16)),
+             "small_image": ("small-vae", (4, 1, 96, 96, 3), (4, 1, 12, 12, 16))}
 THREADS = None  # set by main: the CPU thread count both frameworks use
 REAL_LATENTS = (1, 21, 68, 120, 16)  # 544×960×81
 REAL_IMAGE = (1, 1, 544, 960, 3)
@@ -142,6 +146,24 @@ def conv_section(repeats: int) -> None:
                speedup=times["xla"] / times["by_frames"], threads=THREADS)
 
 
+def demo_train_section(repeats: int) -> None:
+    """Milliseconds of the demo VAE's two training steps (`recipe.train_vae`'s loss and optimizer)."""
+    import optax
+
+    from m141jax.demo import recipe
+    from m141jax.train import vae as vae_train
+
+    cfg, tx = recipe.VAE, optax.adam(1e-3)
+    step = jax.jit(vae_train.make_vae_step(cfg, tx, recipe.KL_WEIGHT, recipe.FOREGROUND_WEIGHT))
+    state = vae_train.init_vae_state(vae.init_params(cfg, jax.random.PRNGKey(0)), tx)
+    rng, times = np.random.default_rng(0), {}
+    for name, shape in (("clip", (2, 17, 32, 32, 3)), ("image", (recipe.IMAGE_BATCH, 1, 32, 32, 3))):
+        x = jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32)
+        times[name] = best_of(lambda x=x: step(state, x, jax.random.PRNGKey(1))[1], repeats)[1]
+    result("vae_demo_train_step", clip_ms=times["clip"] * 1e3, image_ms=times["image"] * 1e3,
+           pair_ms=(times["clip"] + times["image"]) * 1e3, threads=THREADS)
+
+
 def aot_section() -> None:
     """Memory analysis of the compiled bf16 tile functions of the released VAE (nothing is run)."""
     cfg = preset("hunyuan-vae", VAE_PRESETS)
@@ -211,6 +233,7 @@ def main() -> None:
     cpu_section(args.repeats)
     if jax.default_backend() == "cpu":
         conv_section(max(args.repeats, 10))
+        demo_train_section(max(args.repeats, 10))
     if not args.skip_aot:
         aot_section()
     if jax.default_backend() in ("gpu", "tpu"):

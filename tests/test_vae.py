@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -180,6 +181,28 @@ def test_conv3d_by_frames_equals_xla_conv_and_is_chosen_on_cpu(shape, stride):
     hlo = jax.jit(lambda x, w: vae.conv3d(x, w, stride)).lower(x, w).as_text()
     convs = [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
     assert len(convs) == k and all("[b, 0, 1, f]" in line for line in convs)
+
+
+@pytest.mark.parametrize("stride", [(1, 1, 1), (2, 2, 2)])
+def test_causal_conv_of_one_frame_is_one_2d_conv(stride):
+    """A single frame's causal pad repeats it k − 1 times, so `CausalConv3d` runs one 2D conv by the time taps'
+    kernels summed: the padded 3D conv's output and gradients, with one convolution instead of k."""
+    cfg = dataclasses.replace(VAE_PRESETS["tiny-vae"], param_dtype="fp32", dtype="fp32")
+    module = vae.CausalConv3d(cfg, 5, stride=stride)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 10, 10, 3))
+    params = nn.unbox(module.init(jax.random.PRNGKey(1), x))
+
+    def padded(p, x):  # the release's rule written out: pad T by k − 1 in front, H and W by 1, valid 3D conv
+        conv = p["params"]["conv"]
+        return vae.conv3d(vae.replicate_pad(x, 2, 1), conv["kernel"], stride) + conv["bias"]
+
+    assert rel_err(module.apply(params, x), padded(params, x)) < 1e-6
+    loss = lambda fn: lambda p, x: jnp.sum(jnp.sin(fn(p, x)))  # noqa: E731
+    for got, want in zip(jax.tree.leaves(jax.grad(loss(module.apply), (0, 1))(params, x)),
+                         jax.tree.leaves(jax.grad(loss(padded), (0, 1))(params, x))):
+        assert rel_err(got, want) < 1e-5
+    hlo = jax.jit(module.apply).lower(params, x).as_text()
+    assert sum("stablehlo.convolution" in line for line in hlo.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------ release tiling parity

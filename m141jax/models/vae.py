@@ -99,12 +99,19 @@ class Conv3d(nn.Module):
     precision: jax.lax.Precision | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, frames_repeated: bool = False):
+        """`frames_repeated`: x is one frame standing for k equal ones (a causal pad of a single frame), so
+        every time tap reads it: one 2D conv by the taps' kernels summed, a k-th of the work."""
         kernel_init, bias_init = _conv_init((None, None, None, "conv_in", "conv_out"))
         k = self.kernel
         kernel = self.param("kernel", kernel_init, (k, k, k, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
-        y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.precision)
+        if frames_repeated:
+            y = jax.lax.conv_general_dilated(x[:, 0].astype(self.dtype), kernel.sum(0).astype(self.dtype),
+                                             self.stride[1:], "VALID", precision=self.precision,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))[:, None]
+        else:
+            y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.precision)
         return y + bias.astype(self.dtype)
 
 
@@ -119,9 +126,10 @@ class CausalConv3d(nn.Module):
     @nn.compact
     def __call__(self, x):
         k = self.kernel
-        if k > 1:
-            x = replicate_pad(x, k - 1, k // 2)
-        return Conv3d(self.features, k, self.stride, name="conv", **_kw(self.cfg))(x)
+        conv = Conv3d(self.features, k, self.stride, name="conv", **_kw(self.cfg))
+        if k > 1 and x.shape[1] == 1:  # a single frame: its k − 1 padding frames are copies of it
+            return conv(replicate_pad(x, 0, k // 2), frames_repeated=True)
+        return conv(replicate_pad(x, k - 1, k // 2) if k > 1 else x)
 
 
 class GroupNorm(nn.Module):
