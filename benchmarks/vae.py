@@ -11,7 +11,8 @@ that has one; `threads` is the fixed CPU thread count of both (`--threads`, defa
 process may use) and `torch_device` where PyTorch ran.
 
 AOT (always, unless --skip-aot): XLA's memory analysis of the compiled tile functions of the released
-VAE in bf16: the 17×32×32-latent decode tile (-> 65×256×256 frames) and the 65×256×256 encode tile. A
+VAE in bf16: the 17×32×32-latent decode tile (-> 65×256×256 frames) and the 65×256×256 encode tile; and
+XLA's FLOP count of one 544×960 image's encode and decode, untiled (`vae_*_image_flops_aot`). A
 tiled 544×960×81 decode runs one such tile at a time, so its peak is about this plus the parameters and
 the finished tiles. On a CPU backend XLA upcasts bf16 convolutions to fp32 (extra fp32 copies of the
 largest activations), so there the figure overstates what a GPU/TPU needs.
@@ -52,6 +53,7 @@ CPU_SIZES = {"tiny": ("tiny-vae", (1, 9, 64, 64, 3), (1, 3, 8, 8, 16)),
 THREADS = None  # set by main: the CPU thread count both frameworks use
 REAL_LATENTS = (1, 21, 68, 120, 16)  # 544×960×81
 REAL_IMAGE = (1, 1, 544, 960, 3)
+REAL_IMAGE_LATENTS = (1, 1, 68, 120, 16)
 DECODE_TILE, ENCODE_TILE = (1, 17, 32, 32, 16), (1, 65, 256, 256, 3)
 
 
@@ -178,6 +180,11 @@ def aot_section() -> None:
                temp_gb=m.temp_size_in_bytes / 1e9, args_gb=m.argument_size_in_bytes / 1e9,
                output_gb=m.output_size_in_bytes / 1e9, total_gb=total, params_gb=param_gb,
                compile_s=time.perf_counter() - start)
+    for name, fn, shape in (("encode", vae.encode_tile, REAL_IMAGE), ("decode", vae.decode_tile, REAL_IMAGE_LATENTS)):
+        cost = fn.lower(params, cfg, jax.ShapeDtypeStruct(shape, jnp.bfloat16)).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        result(f"vae_{name}_image_flops_aot", backend=jax.default_backend(), shape="x".join(map(str, shape[1:4])),
+               tflop=cost["flops"] / 1e12)
 
 
 def accelerator_section(repeats: int) -> None:
