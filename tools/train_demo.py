@@ -16,7 +16,7 @@ The teacher is kept in teacher/ for the quality harness (`benchmarks/demo_qualit
 The folder is written under a temporary name and renamed when complete (each checkpoint is also
 written atomically). Prints the seconds of each stage and the folder's size. `--vae-from DIR` takes
 the VAE stage's result from an earlier run's folder (DIR may be --out: it is replaced only at the end),
-for work on the later stages: the VAE stage is two thirds of the time and gives the same VAE on every run.
+for work on the later stages: the VAE stage is two thirds of the time and gives the same VAE on every run of the same code.
 
     python tools/train_demo.py [--out DIR] [--vae-from DIR]
     RESULT train_demo encoders_s=… data_s=… vae_s=… latents_s=… t2i_s=… teacher_s=… student_s=… total_s=… mb=…
@@ -122,8 +122,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=recipe.VAE_STEPS)
     p.add_argument("--vae-from", metavar="DIR",
                    help="reuse the VAE of an earlier run's checkpoint folder instead of the VAE stage (which is "
-                        "deterministic: a rerun gives the same VAE bit for bit; --vae-steps and --latent-noise are then "
-                        "unused); the other stages run as usual")
+                        "deterministic: a rerun of the same code gives the same VAE bit for bit; --vae-steps and "
+                        "--latent-noise are then unused); the other stages run as usual")
     p.add_argument("--latent-noise", type=float, default=recipe.LATENT_NOISE,
                    help="α of the VAE decoder's latent noise (m141jax.train.vae.noised_latents; 0: none)")
     p.add_argument("--ema-decay", type=float, default=recipe.EMA_DECAY,

@@ -107,7 +107,8 @@ class Conv3d(nn.Module):
         kernel = self.param("kernel", kernel_init, (k, k, k, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
         if frames_repeated:
-            y = jax.lax.conv_general_dilated(x[:, 0].astype(self.dtype), kernel.sum(0).astype(self.dtype),
+            summed = kernel.astype(jnp.float32).sum(0).astype(self.dtype)  # one rounding to a bf16 runtime
+            y = jax.lax.conv_general_dilated(x[:, 0].astype(self.dtype), summed,
                                              self.stride[1:], "VALID", precision=self.precision,
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))[:, None]
         else:
