@@ -8,7 +8,8 @@ the 4-step student (no CFG), all with the release's sampler at the demo's shift,
 and scored by the analyser (`m141jax.data.analysis`: colour, shape, direction, temporal consistency):
 the mean of the four attribute accuracies (`m141jax.demo.quality.score`), then each accuracy and
 `correct` (all four at once) per model, and the shape's accuracy per latent frame of the clips
-(`quality.shape_by_latent_frame`: frame 0, then frames 1–4, 5–8, …, each frame analysed alone). `vae`
+(`quality.shape_by_latent_frame`: frame 0, then frames 1–4, 5–8, …, each frame analysed alone) and per
+captioned shape with the fill ratio it is read from (`quality.shape_by_caption`). `vae`
 scores the VAE's reconstructions of the true clips: the ceiling of any generator here. The gaps are the
 student's score minus each teacher's with a 95 % paired-bootstrap interval over the clips
 (`quality.paired_gap`): a gap is clear when it excludes 0.
@@ -34,6 +35,8 @@ split kept for the verdict, never for tuning.
     RESULT demo_quality_teacher50 colour=… shape=… direction=… consistent=… correct=…   (and so on)
     RESULT demo_quality_gap student4_vs_teacher4=… ci95=…..… student4_vs_teacher50=… ci95=…..…
     RESULT demo_shape_by_latent_frame model=… f0=… f1=… f2=… f3=… f4=…   (per model: where the shape is lost)
+    RESULT demo_shape_by_caption model=… circle=… square=… triangle=… fill_circle=… fill_square=… fill_triangle=…
+           (per model and the true clips: which shapes are lost, and their fill ratio)
     RESULT demo_quality_t2i colour=… shape=… single=…   (and demo_quality_t2i_vae: the true first frames)
     RESULT demo_dataset split=… n=… edge=… held_out=… training=… background=…
     RESULT demo_text_to_video split=… captions=held_out|training|all n=… colour=… direction=… single=… shape=…
@@ -95,6 +98,9 @@ def main() -> int:
         print(f"RESULT demo_quality_{name} " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
         by_frame = quality.shape_by_latent_frame(clips, captions)
         print(f"RESULT demo_shape_by_latent_frame model={name} " + " ".join(f"f{i}={v:.3f}" for i, v in enumerate(by_frame)))
+    for name, clips in {**results, "truth": videos}.items():
+        by_shape = quality.shape_by_caption(clips, captions)
+        print(f"RESULT demo_shape_by_caption model={name} " + " ".join(f"{k}={v:.3f}" for k, v in by_shape.items()))
     gaps = {f"student4_vs_{t}": quality.paired_gap(per_clip["student4"], per_clip[t]) for t in ("teacher4", "teacher50")}
     print("RESULT demo_quality_gap "
           + " ".join(f"{k}={g:+.3f} ci95={lo:+.3f}..{hi:+.3f}" for k, (g, lo, hi) in gaps.items()))

@@ -6,8 +6,10 @@ clips'. Every generated demo clip is decoded by this VAE, so its reconstructions
 
     python benchmarks/demo_vae.py [--steps 5400] [--set block_out_channels=16,32,64] [--set latent_channels=16]
                                   [--batch 2] [--lr 1e-3] [--kl-weight 1e-4] [--edge-weight 0] [--latent-noise 0]
+                                  [--foreground-margin 0]
                                   [--image-batch 0]
     RESULT demo_vae_recipe steps=… config=… train_s=… colour=… direction=… shape=… single_all_frames=… …
+           bleed_outside=… bleed_inside=… circle=… square=… triangle=… fill_circle=… …
 
 `--checkpoints DIR` scores the VAE of a checkpoint folder instead (e.g. the shipped one,
 m141jax/demo/checkpoints), without training: `RESULT demo_vae_checkpoint n=… colour=… …`.
@@ -35,9 +37,13 @@ from m141jax.demo import quality, recipe  # noqa: E402
 
 
 def reconstruction_scores(vae: Component, truth: np.ndarray, captions: list[str]) -> dict[str, float]:
-    """The demo's targets on the VAE's reconstructions of clips, made as demo_quality.py's `demo_vae` lines are."""
+    """The demo's targets on the VAE's reconstructions of clips, made as demo_quality.py's `demo_vae` lines are,
+    the edge bleed (`quality.edge_bleed`: the true clips' own about 0.14 outside, 0.87 inside) and the shape per
+    captioned shape (`quality.shape_by_caption`)."""
     recon = np.asarray(pipeline.decode_frames(vae, demo_data.clean_latents(vae, truth, progress=False)))
-    return quality.metrics(recon, captions, truth)
+    outside, inside = quality.edge_bleed(recon, truth)
+    return {**quality.metrics(recon, captions, truth), "bleed_outside": outside, "bleed_inside": inside,
+            **quality.shape_by_caption(recon, captions)}
 
 
 def main() -> int:
@@ -50,6 +56,8 @@ def main() -> int:
     p.add_argument("--edge-weight", type=float, default=recipe.EDGE_WEIGHT, help="γ of the VAE loss' gradient term")
     p.add_argument("--latent-noise", type=float, default=recipe.LATENT_NOISE,
                    help="α of the decoder's latent noise (m141jax.train.vae.noised_latents; 0: none)")
+    p.add_argument("--foreground-margin", type=int, default=recipe.FOREGROUND_MARGIN,
+                   help="px around the object that weigh as much as it (0: the object alone)")
     p.add_argument("--image-batch", type=int, default=recipe.IMAGE_BATCH,
                    help="single frames of an image step after each clip step (0: none)")
     p.add_argument("--per-combination", type=int, default=3, help="dev clips per caption combination")
@@ -67,12 +75,12 @@ def main() -> int:
     start = time.perf_counter()
     cfg, params = recipe.train_vae(videos, args.steps, batch=args.batch, lr=args.lr, cfg=cfg,
                                    kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch,
-                                   latent_noise=args.latent_noise)
+                                   latent_noise=args.latent_noise, foreground_margin=args.foreground_margin)
     train_s = time.perf_counter() - start
     scores = reconstruction_scores(Component(cfg, jax.device_put(params)), truth, captions)
     result("demo_vae_recipe", steps=args.steps, config=",".join(args.set) or "recipe", batch=args.batch, lr=args.lr,
            kl_weight=args.kl_weight, edge_weight=args.edge_weight, image_batch=args.image_batch,
-           latent_noise=args.latent_noise, train_s=train_s,
+           latent_noise=args.latent_noise, foreground_margin=args.foreground_margin, train_s=train_s,
            n=len(captions), **scores)
     return 0
 

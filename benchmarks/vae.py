@@ -158,7 +158,7 @@ def demo_train_section(repeats: int) -> None:
 
     cfg, tx = recipe.VAE, optax.adam(1e-3)
     step = jax.jit(vae_train.make_vae_step(cfg, tx, recipe.KL_WEIGHT, recipe.FOREGROUND_WEIGHT, recipe.EDGE_WEIGHT,
-                                           recipe.LATENT_NOISE))
+                                           recipe.LATENT_NOISE, recipe.FOREGROUND_MARGIN))
     state = vae_train.init_vae_state(vae.init_params(cfg, jax.random.PRNGKey(0)), tx)
     rng, times = np.random.default_rng(0), {}
     for name, shape in (("clip", (2, 17, 32, 32, 3)), ("image", (recipe.IMAGE_BATCH, 1, 32, 32, 3))):

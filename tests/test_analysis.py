@@ -18,6 +18,10 @@ def videos():
 def test_ground_truth_scores_perfectly(videos):
     acc = analysis.accuracy(*zip(*videos))
     assert all(v >= 0.98 for v in acc.values()), acc
+    fills = {s: [analysis.analyse(v).fill for v, c in videos if shapes.parse_caption(c)[1] == s] for s in shapes.SHAPES}
+    # the fill ratios the shape is read from: π/4 for a disc, 1 for a square, about 0.55 for a triangle
+    assert abs(np.mean(fills["circle"]) - np.pi / 4) < 0.03 and np.mean(fills["square"]) > 0.97
+    assert 0.5 < np.mean(fills["triangle"]) < 0.6, fills
 
 
 def test_track_follows_the_scene(videos):
@@ -108,6 +112,29 @@ def test_edge_sharpness_is_the_same_across_the_torus_edge():
     inside = shapes.render(dataclasses.replace(scene, start=(16.0, 16.0), speed=0.0), frames=2)
     split = np.roll(inside, (16, 16), axis=(1, 2))  # the same frames with the object over the four corners
     assert abs(analysis.edge_sharpness(split) - analysis.edge_sharpness(inside)) < 1e-3
+
+
+def _widened(video):
+    """Each pixel takes the colour of its 3×3 neighbour (on the torus) farthest from the background."""
+    x = video.astype(np.float32)
+    background = np.median(x.reshape(-1, 3), axis=0)
+    moved = np.stack([np.roll(x, (dy, dx), axis=(1, 2)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    pick = np.linalg.norm(moved - background, axis=-1).argmax(0)
+    return np.take_along_axis(moved, pick[None, ..., None], 0)[0].astype(np.uint8)
+
+
+def test_edge_bleed_tells_an_outward_bleed_from_a_blur(videos):
+    clips = [v for v, _ in videos[::8]]
+    own = np.asarray([analysis.edge_bleed(v, v) for v in clips])
+    assert np.all((own[:, 0] < 0.25) & (own[:, 1] > 0.75)), own  # the anti-aliased rim alone
+    blurred = np.asarray([analysis.edge_bleed(_blur(v, 1.0), v) for v in clips])
+    assert np.all((blurred[:, 0] > own[:, 0] + 0.1) & (blurred[:, 1] < own[:, 1] - 0.05)), blurred
+    # the object painted one pixel wider: outside up to about the object's contrast, boundary kept
+    grown = [_widened(v) for v in clips]
+    wide = np.asarray([analysis.edge_bleed(g, v) for g, v in zip(grown, clips)])
+    assert np.all((wide[:, 0] > 0.6) & (wide[:, 1] > own[:, 1] - 0.02)), wide
+    with pytest.raises(ValueError, match="one shape"):
+        analysis.edge_bleed(clips[0][:2], clips[0])
 
 
 def test_background_noise_sees_stripes_and_not_the_object(videos):

@@ -179,9 +179,9 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
                                param_dtype="fp32", dtype="fp32") == recipe.VAE
     assert (vae["steps"], vae["kl_weight"], vae["foreground_weight"]) == (script["vae_steps"], recipe.KL_WEIGHT,
                                                                          recipe.FOREGROUND_WEIGHT)
-    keys = ("batch", "lr", "image_batch", "latent_noise")
+    keys = ("batch", "lr", "image_batch", "latent_noise", "foreground_margin")
     assert {k: vae[k] for k in keys} == {k: _defaults(recipe.train_vae)[k] for k in keys}
-    assert vae["latent_noise"] == script["latent_noise"]
+    assert (vae["latent_noise"], vae["foreground_margin"]) == (script["latent_noise"], script["foreground_margin"])
     # the DiTs
     dit = {k: tuple(v) if isinstance(v, list) else v for k, v in r["dit"].items()}
     latent = recipe.LATENT

@@ -257,6 +257,28 @@ def test_compare_checkpoints_tells_same_models_from_different_ones(tmp_path, cap
     assert tool.main([str(demo.CHECKPOINTS), str(copy), "vae"]) == 2  # not in both
 
 
+def test_shape_by_caption_reads_the_fill_ratio_per_shape():
+    videos, captions = quality.split_clips("dev", "held_out", 2)
+    truth = quality.shape_by_caption(videos, captions)
+    assert (truth["circle"], truth["square"], truth["triangle"]) == (1.0, 1.0, 1.0), truth
+    assert truth["fill_triangle"] < 0.65 <= truth["fill_circle"] < 0.88 <= truth["fill_square"], truth
+    disc = {"square": "circle", "triangle": "circle", "circle": "square"}  # every caption names another shape
+    wrong = [c.replace(s, disc[s]) for c in captions for s in [shapes.parse_caption(c)[1]]]
+    swapped = quality.shape_by_caption(videos, wrong)
+    assert swapped["circle"] == swapped["square"] == 0.0 and np.isnan(swapped["triangle"]), swapped  # no triangles
+    # a blur rounds the square's corners and blunts the triangle's: their fill ratios move towards the circle's
+    blurred = np.clip(np.round(ndimage.gaussian_filter(videos.astype(np.float32), (0, 0, 1.5, 1.5, 0), mode="wrap")),
+                      0, 255).astype(np.uint8)
+    soft = quality.shape_by_caption(blurred, captions)
+    assert soft["fill_square"] < truth["fill_square"] - 0.03 and soft["fill_triangle"] > truth["fill_triangle"] + 0.03
+
+
+def test_edge_bleed_of_clips():
+    videos, _ = quality.split_clips("dev", "held_out", 1)
+    outside, inside = quality.edge_bleed(videos, videos)
+    assert outside < 0.25 and inside > 0.75, (outside, inside)
+
+
 @pytest.mark.slow
 def test_demo_vae_scores_a_checkpoint_folder_without_training(monkeypatch, capsys):
     """`benchmarks/demo_vae.py --checkpoints` scores the shipped VAE's reconstructions: plain fractions, an
@@ -270,6 +292,7 @@ def test_demo_vae_scores_a_checkpoint_folder_without_training(monkeypatch, capsy
     m = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[2:])}
     assert m["n"] == 48 and m["colour"] == 1.0 and 0.0 <= m["shape"] <= 1.0, m
     assert 0.3 < m["edge_ratio"] < 1.0 and m["background"] > 1.0, m
+    assert m["bleed_outside"] > 0.25 and m["bleed_inside"] < 0.85 and m["circle"] == 1.0, m  # softer than the truth
 
 
 @pytest.mark.slow

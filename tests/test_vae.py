@@ -400,6 +400,26 @@ def test_gradient_error_sees_a_blur_and_not_a_shift_of_colour():
                                ((2 / 3 * 5 + 4 / 3 * 5 + 2 / 3) * 8 * 3 / (8 * 7 * 3)) / 2, rtol=1e-6)
 
 
+def test_foreground_weights_cover_a_margin_around_the_object():
+    x = np.full((2, 3, 12, 12, 3), -0.6, np.float32)
+    x[0, :, 5:7, 4:6] = 0.8  # a 2×2 object in every frame of clip 0; clip 1 is plain
+    x[0, 1] = -0.6  # frame 1 of clip 0 without it
+    plain = np.asarray(vae_train.foreground_weights(jnp.asarray(x), 10.0))[..., 0]
+    wide = np.asarray(vae_train.foreground_weights(jnp.asarray(x), 10.0, margin=2))[..., 0]
+    np.testing.assert_array_equal(plain[0, 0] == 11.0, x[0, 0, :, :, 0] > 0)
+    box = np.zeros((12, 12), bool)
+    box[3:9, 2:8] = True  # the object's rows 5–6 and columns 4–5, 2 px on each side
+    for f in (0, 2):
+        np.testing.assert_array_equal(wide[0, f], np.where(box, 11.0, 1.0))
+    assert np.all(wide[0, 1] == 1.0) and np.all(wide[1] == 1.0)  # per frame, per clip
+    key = jax.random.PRNGKey(1)
+    cfg = preset("tiny-vae", VAE_PRESETS, sample_size=32, sample_tsize=32)
+    params = vae.init_params(cfg, jax.random.PRNGKey(0))
+    clip = jnp.asarray(x[:1, :1, :8, :8])
+    (near, _), (far, _) = (vae_train.vae_loss(params, cfg, clip, key, 1e-4, 10.0, foreground_margin=m) for m in (1, 0))
+    assert float(near) > float(far)  # the margin's pixels weigh more
+
+
 def test_vae_loss_adds_the_weighted_gradient_term_and_noises_the_decoders_latents():
     cfg = preset("tiny-vae", VAE_PRESETS, sample_size=32, sample_tsize=32)
     params = vae.init_params(cfg, jax.random.PRNGKey(0))

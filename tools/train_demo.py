@@ -89,7 +89,8 @@ def train(root: Path, args, seconds: dict[str, float], vae=None) -> None:
         vae_cfg, vae_params = vae
     else:
         vae_cfg, vae_params = recipe.train_vae(videos, args.vae_steps, seed=args.seed, progress=progress,
-                                               latent_noise=args.latent_noise)
+                                               latent_noise=args.latent_noise,
+                                               foreground_margin=args.foreground_margin)
     checkpoint.save(root / "vae", "vae", to_json_dict(vae_cfg), vae_params)
     print(f"vae latent means {np.round(vae_cfg.latents_mean, 2)}, stds {np.round(vae_cfg.latents_std, 2)}", flush=True)
     lap("vae")
@@ -122,10 +123,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=recipe.VAE_STEPS)
     p.add_argument("--vae-from", metavar="DIR",
                    help="reuse the VAE of an earlier run's checkpoint folder instead of the VAE stage (which is "
-                        "deterministic: a rerun of the same code gives the same VAE bit for bit; --vae-steps and "
-                        "--latent-noise are then unused); the other stages run as usual")
+                        "deterministic: a rerun of the same code gives the same VAE bit for bit; --vae-steps, "
+                        "--latent-noise and --foreground-margin are then unused); the other stages run as usual")
     p.add_argument("--latent-noise", type=float, default=recipe.LATENT_NOISE,
                    help="α of the VAE decoder's latent noise (m141jax.train.vae.noised_latents; 0: none)")
+    p.add_argument("--foreground-margin", type=int, default=recipe.FOREGROUND_MARGIN,
+                   help="px around the moving object that weigh as much as it in the VAE's loss (0: the object alone)")
     p.add_argument("--ema-decay", type=float, default=recipe.EMA_DECAY,
                    help="the text-to-image DiT and the teacher are the EMA of their parameters at this decay (0: none)")
     p.add_argument("--t2i-steps", type=int, default=recipe.T2I_STEPS)

@@ -25,6 +25,13 @@ frames. Like everything here it treats the frame as a torus (the rolled frame of
 differences and erosion), so an object crossing an edge is measured as one. A blurred copy of a clip
 scores lower; compare a model's clips with the dataset's clips of the same scenes as a ratio.
 
+Edge bleed (`edge_bleed`): a reconstruction of a clip against the true clip, on the true object's 1-px ring
+just outside its mask and on its boundary just inside (4-neighbour steps, on the torus), per frame: the
+mean distance from the background colour there over that of the object's interior, averaged over frames.
+A true clip's anti-aliasing gives about 0.14 outside and 0.87 inside; a blur symmetric about the edge
+moves both towards 0.5 by as much, a decoder that bleeds the object's colour outwards raises the first
+more than it lowers the second.
+
 Background noise (`background_noise`): the mean RGB distance (uint8 levels) from the background colour
 (step 1's median) of the pixels more than `BACKGROUND_MARGIN` px (4-neighbour steps, on the torus) from
 any object-mask pixel: under a level for a dataset clip's plain background; stripes, blotches and noise
@@ -61,6 +68,7 @@ class Analysis:
     direction: str | None
     consistent: bool
     track: np.ndarray  # [F, 2] centroid (y, x) per frame, NaN where no object
+    fill: float | None = None  # the median fill ratio the shape is read from
 
 
 def _circular_mean(coords, weights, size: int) -> float:
@@ -176,6 +184,39 @@ def edge_sharpness(video: np.ndarray) -> float:
     return float(np.mean(per_frame)) if per_frame else float("nan")
 
 
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """A mask [..., H, W] and its 4-neighbours on the torus."""
+    out = mask.copy()
+    for shift, axis in ((1, -2), (-1, -2), (1, -1), (-1, -1)):
+        out |= np.roll(mask, shift, axis=axis)
+    return out
+
+
+def edge_bleed(video: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(outside, inside): the contrast of a uint8 video [F, H, W, 3] on the 1-px ring outside and on the
+    boundary of the true clip's object masks (`truth`, the same scene), relative to the true object's
+    interior (see the module docstring); NaN when the true clip has no object."""
+    video, truth = np.asarray(video), np.asarray(truth)
+    if video.shape != truth.shape:
+        raise ValueError(f"video {video.shape} and true clip {truth.shape} must have one shape")
+    t, masks = _masks(truth)
+    if masks is None:
+        return float("nan"), float("nan")
+    background = np.median(t.reshape(-1, 3), axis=0)
+    true_distance = np.linalg.norm(t - background, axis=-1)
+    distance = np.linalg.norm(video.astype(np.float32) - background, axis=-1)
+    outside, inside = [], []
+    for f, mask in enumerate(masks):
+        boundary = _boundary(mask)
+        interior = mask & ~boundary
+        if not interior.any():
+            continue
+        contrast = true_distance[f][interior].mean()
+        outside.append(distance[f][_grow(mask) & ~mask].mean() / contrast)
+        inside.append(distance[f][boundary].mean() / contrast)
+    return (float(np.mean(outside)), float(np.mean(inside))) if outside else (float("nan"), float("nan"))
+
+
 def background_noise(video: np.ndarray) -> float:
     """The mean RGB distance from the background colour of the background pixels (those more than
     BACKGROUND_MARGIN px from the object's mask) of a uint8 video [F, H, W, 3], in uint8 levels."""
@@ -227,7 +268,7 @@ def analyse(video: np.ndarray) -> Analysis:
             forward = float(np.mean(steps @ unit > 0))
     consistent = (len(areas) == frames and np.std(areas) <= MAX_AREA_CV * np.mean(areas)
                   and len(set(colours)) == 1 and forward >= MIN_FORWARD)
-    return Analysis(colour, shape, direction, bool(consistent), track)
+    return Analysis(colour, shape, direction, bool(consistent), track, fill)
 
 
 def judge(video: np.ndarray, caption: str) -> dict[str, bool]:

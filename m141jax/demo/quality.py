@@ -172,6 +172,28 @@ def shape_by_latent_frame(videos: np.ndarray, captions: list[str]) -> list[float
     return [float(right[:, g].mean()) for g in groups]
 
 
+def shape_by_caption(videos: np.ndarray, captions: list[str]) -> dict[str, float]:
+    """Which shapes a generator loses: per captioned shape, the fraction of its clips [N, F, H, W, 3] whose
+    object has it, and (`fill_<shape>`) their mean fill ratio, the quantity the analyser reads the shape
+    from (triangle < 0.65 ≤ circle < 0.88 ≤ square; clips without an object left out)."""
+    if not len(captions) or len(videos) != len(captions):
+        raise ValueError(f"{len(captions)} captions (≥ 1) need as many clips, got {len(videos)}")
+    wanted = [shapes.parse_caption(c)[1] for c in captions]
+    read = [analysis.analyse(v) for v in videos]
+    out = {}
+    for shape in shapes.SHAPES:
+        mine = [a for a, w in zip(read, wanted) if w == shape]
+        fills = [a.fill for a in mine if a.fill is not None]
+        out[shape] = float(np.mean([a.shape == shape for a in mine])) if mine else float("nan")
+        out[f"fill_{shape}"] = float(np.mean(fills)) if fills else float("nan")
+    return out
+
+
+def edge_bleed(videos: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """The mean `analysis.edge_bleed` (outside, inside) of clips [N, F, H, W, 3] against their true clips."""
+    return tuple(float(v) for v in np.nanmean([analysis.edge_bleed(v, t) for v, t in zip(videos, truth)], axis=0))
+
+
 def background_noise(videos: np.ndarray) -> float:
     """The mean `analysis.background_noise` of clips [N, F, H, W, 3], in uint8 levels."""
     return float(np.mean([analysis.background_noise(v) for v in videos]))

@@ -5,7 +5,8 @@ the demo benchmarks reuse.
   trained on whole 17-frame clips (each rolled on the torus by a random offset, which keeps it a valid
   clip): its GroupNorms normalise over every frame, so a VAE trained on shorter crops degrades on the
   later latent frames of a whole clip. The pixels of the moving object weigh 1 + FOREGROUND_WEIGHT in
-  the reconstruction loss (it covers a few percent of the frame and is otherwise learned last);
+  the reconstruction loss (it covers a few percent of the frame and is otherwise learned last), and so do
+  the background pixels within FOREGROUND_MARGIN px of it;
 - the DiTs: HunyuanVideo-style MMDiTs of width 96 (6 heads) reading the demo encoders' 64-wide text
   states and 32-wide CLIP vector. `I2V` (3 double-stream, 2 single-stream blocks) has the release's
   2C+1-channel input (noise ‖ reference ‖ mask); `T2V` (2 double-stream, 1 single-stream block) is the
@@ -56,6 +57,9 @@ VAE = VAEConfig(block_out_channels=(8, 16, 32), spatial_compression_ratio=4, nor
 VAE_STEPS = 5400  # clip steps (each followed by an image step) of tools/train_demo.py's VAE stage
 KL_WEIGHT = 1e-4
 FOREGROUND_WEIGHT = 10.0
+# px around the object that weigh as much (`m141jax.train.vae.foreground_weights`); without them the decoder
+# bleeds the object's colour outwards (README)
+FOREGROUND_MARGIN = 0
 EDGE_WEIGHT = 0.0  # γ of the gradient term (`m141jax.train.vae.gradient_error`)
 # α of the decoder's latent noise (`m141jax.train.vae.noised_latents`); 0.5 made the decoder robust to noise
 # but the DiTs' clips no better, and the VAE's own reconstructions worse (README)
@@ -93,7 +97,8 @@ def _bar(n: int, desc: str, progress: bool):
 def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, seed: int = 0,
               progress: bool = True, cfg: VAEConfig = VAE, kl_weight: float = KL_WEIGHT,
               edge_weight: float = EDGE_WEIGHT, image_batch: int = IMAGE_BATCH,
-              latent_noise: float = LATENT_NOISE) -> tuple[VAEConfig, dict]:
+              latent_noise: float = LATENT_NOISE,
+              foreground_margin: int = FOREGROUND_MARGIN) -> tuple[VAEConfig, dict]:
     """The demo VAE (`cfg` and the loss weights: others to try) trained on uint8 videos [N, F, H, W, 3]
     rolled on the torus; with `image_batch`, each of the `steps` steps on `batch` clips is followed by one
     on `image_batch` single frames (random frames of random clips), which trains the one-frame path the
@@ -105,7 +110,8 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, 
                      optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, updates - 1), updates, 0.05 * lr),
                                 b2=0.99))
     state = vae_train.init_vae_state(vae_lib.init_params(cfg, jax.random.PRNGKey(seed)), tx)
-    step = jax.jit(vae_train.make_vae_step(cfg, tx, kl_weight, FOREGROUND_WEIGHT, edge_weight, latent_noise),
+    step = jax.jit(vae_train.make_vae_step(cfg, tx, kl_weight, FOREGROUND_WEIGHT, edge_weight, latent_noise,
+                                           foreground_margin),
                    donate_argnums=0)
     rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
 

@@ -7,7 +7,10 @@ over videos [B, F, H, W, 3] in [−1, 1] (F = 1 or 4k+1), means over every eleme
 the squared error punishes colour shifts, and the small KL keeps the posterior narrow and its means
 bounded (it does not centre them: each channel settles on its own offset and spread). The per-pixel
 weight w is 1, or (`foreground_weight`) larger on pixels away from the video's background colour: small
-objects on a plain background are otherwise learned long after the background. The optional gradient
+objects on a plain background are otherwise learned long after the background. With `foreground_margin`
+m, the background pixels within m px of the object (a (2m+1)² window on each frame) weigh as much: weighed
+on the object alone, a blur costs little outside it and much inside, so the decoder learns to bleed the
+object's colour outwards, which blunts its corners. The optional gradient
 term (γ = `edge_weight`; ∇ = the differences between neighbouring pixels along height and width) asks
 for the edges themselves: a pixel error spread evenly over an edge (a blur) costs L1 and L2 little, a
 wrong gradient on the edge costs it fully. The optional latent noise (α = `latent_noise`; s = the batch's
@@ -49,12 +52,16 @@ def posterior(params, cfg: VAEConfig, video):
     return mean, jnp.clip(logvar, *vae_lib.LOGVAR_RANGE)
 
 
-def foreground_weights(video, weight: float):
+def foreground_weights(video, weight: float, margin: int = 0):
     """Per-pixel weights [B, F, H, W, 1]: 1 + weight where a pixel's colour is farther than 0.1 from its
-    video's median colour (the objects on a plain background), else 1."""
+    video's median colour (the objects on a plain background) or, with `margin`, within `margin` px of such
+    a pixel on its frame (Chebyshev distance, not wrapping at the frame's edges), else 1."""
     b = video.shape[0]
     background = jnp.median(video.reshape(b, -1, video.shape[-1]), axis=1)
-    far = jnp.linalg.norm(video - background[:, None, None, None], axis=-1, keepdims=True) > 0.1
+    far = (jnp.linalg.norm(video - background[:, None, None, None], axis=-1, keepdims=True) > 0.1).astype(video.dtype)
+    if margin:
+        window = (1, 1, 2 * margin + 1, 2 * margin + 1, 1)
+        far = jax.lax.reduce_window(far, 0.0, jax.lax.max, window, (1,) * 5, "SAME")
     return 1.0 + weight * far
 
 
@@ -82,9 +89,10 @@ def noised_latents(z, rng, latent_noise: float):
 
 
 def vae_loss(params, cfg: VAEConfig, video, rng, kl_weight: float, foreground_weight: float = 0.0,
-             edge_weight: float = 0.0, latent_noise: float = 0.0):
+             edge_weight: float = 0.0, latent_noise: float = 0.0, foreground_margin: int = 0):
     """(loss, metrics) of a batch of videos in [−1, 1]; with `foreground_weight` the reconstruction terms
-    weigh the pixels away from the background colour 1 + foreground_weight times (`foreground_weights`);
+    weigh the pixels away from the background colour, and those within `foreground_margin` px of them,
+    1 + foreground_weight times (`foreground_weights`);
     with `edge_weight` the gradient term joins them (`gradient_error`); with `latent_noise` the decoder
     reads noised latents (`noised_latents`)."""
     mean, logvar = posterior(params, cfg, video)
@@ -92,7 +100,7 @@ def vae_loss(params, cfg: VAEConfig, video, rng, kl_weight: float, foreground_we
     if latent_noise:
         z = noised_latents(z, jax.random.fold_in(rng, 1), latent_noise)
     recon = _apply(params, cfg, vae_lib.CausalVAE.decode, z).astype(jnp.float32)
-    w = foreground_weights(video, foreground_weight) if foreground_weight else 1.0
+    w = foreground_weights(video, foreground_weight, foreground_margin) if foreground_weight else 1.0
     l1, l2 = (w * jnp.abs(recon - video)).mean(), (w * jnp.square(recon - video)).mean()
     kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar).mean()
     loss, metrics = l1 + l2 + kl_weight * kl, {"l1": l1, "mse": l2, "kl": kl}
@@ -107,12 +115,12 @@ def init_vae_state(params, tx: optax.GradientTransformation) -> VAEState:
 
 
 def make_vae_step(cfg: VAEConfig, tx: optax.GradientTransformation, kl_weight: float, foreground_weight: float = 0.0,
-                  edge_weight: float = 0.0, latent_noise: float = 0.0):
+                  edge_weight: float = 0.0, latent_noise: float = 0.0, foreground_margin: int = 0):
     """vae_step(state, video, rng) -> (state, metrics): one optimizer update (jit it)."""
     def vae_step(state: VAEState, video, rng):
         (loss, metrics), grads = jax.value_and_grad(vae_loss, has_aux=True)(state.params, cfg, video, rng, kl_weight,
                                                                              foreground_weight, edge_weight,
-                                                                             latent_noise)
+                                                                             latent_noise, foreground_margin)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return VAEState(state.step + 1, params, opt_state), {"loss": loss, **metrics}
