@@ -10,7 +10,7 @@ weight w is 1, or (`foreground_weight`) larger on pixels away from the video's b
 objects on a plain background are otherwise learned long after the background. With `foreground_margin`
 m, the background pixels within m px of the object (a (2m+1)² window on each frame) weigh as much: weighed
 on the object alone, a blur costs little outside it and much inside, so the decoder learns to bleed the
-object's colour outwards, which blunts its corners. The optional gradient
+object's colour outwards. The optional gradient
 term (γ = `edge_weight`; ∇ = the differences between neighbouring pixels along height and width) asks
 for the edges themselves: a pixel error spread evenly over an edge (a blur) costs L1 and L2 little, a
 wrong gradient on the edge costs it fully. The optional latent noise (α = `latent_noise`; s = the batch's
