@@ -29,7 +29,7 @@ Edge bleed (`edge_bleed`): a reconstruction of a clip against the true clip, on 
 just outside its mask and on its boundary just inside (4-neighbour steps, on the torus), per frame: the
 mean distance from the background colour there over that of the object's interior, averaged over frames.
 A true clip's anti-aliasing gives about 0.14 outside and 0.87 inside; a blur symmetric about the edge
-moves both towards 0.5 by as much, a decoder that bleeds the object's colour outwards raises the first
+moves both towards 0.5 by about as much, a decoder that bleeds the object's colour outwards raises the first
 more than it lowers the second.
 
 Background noise (`background_noise`): the mean RGB distance (uint8 levels) from the background colour
@@ -224,10 +224,7 @@ def background_noise(video: np.ndarray) -> float:
     distance = np.linalg.norm(x - np.median(x.reshape(-1, 3), axis=0), axis=-1)
     near = np.zeros(distance.shape, bool) if masks is None else masks.copy()
     for _ in range(BACKGROUND_MARGIN):
-        grown = near.copy()
-        for shift, axis in ((1, 1), (-1, 1), (1, 2), (-1, 2)):
-            grown |= np.roll(near, shift, axis=axis)
-        near = grown
+        near = _grow(near)
     return float(distance[~near].mean())
 
 
