@@ -153,12 +153,17 @@ def one_object_in_every_frame(video: np.ndarray) -> bool:
     return all(count_objects(frame) == 1 for frame in video)
 
 
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """A mask [..., H, W] and its 4-neighbours on the torus."""
+    out = mask.copy()
+    for shift, axis in ((1, -2), (-1, -2), (1, -1), (-1, -1)):
+        out |= np.roll(mask, shift, axis=axis)
+    return out
+
+
 def _boundary(part: np.ndarray) -> np.ndarray:
     """The pixels of a mask with a 4-neighbour outside it (the mask minus its erosion, on the torus)."""
-    inner = part.copy()
-    for shift, axis in ((1, 0), (-1, 0), (1, 1), (-1, 1)):
-        inner &= np.roll(part, shift, axis=axis)
-    return part & ~inner
+    return part & _grow(~part)
 
 
 def _gradient_magnitude(frame: np.ndarray) -> np.ndarray:
@@ -182,14 +187,6 @@ def edge_sharpness(video: np.ndarray) -> float:
         part, _, shift = found
         per_frame.append(_gradient_magnitude(np.roll(x[f], shift, axis=(0, 1)))[_boundary(part)].mean())
     return float(np.mean(per_frame)) if per_frame else float("nan")
-
-
-def _grow(mask: np.ndarray) -> np.ndarray:
-    """A mask [..., H, W] and its 4-neighbours on the torus."""
-    out = mask.copy()
-    for shift, axis in ((1, -2), (-1, -2), (1, -1), (-1, -1)):
-        out |= np.roll(mask, shift, axis=axis)
-    return out
 
 
 def edge_bleed(video: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
