@@ -43,7 +43,8 @@ from m141jax.demo import data as demo_data  # noqa: E402
 from m141jax.demo import quality, recipe  # noqa: E402
 from m141jax.train.config import SIGMA_SAMPLINGS  # noqa: E402
 
-STAGES = {"t2i": (recipe.T2V, recipe.T2I_STEPS, 1.0), "teacher": (recipe.I2V, recipe.TEACHER_STEPS, recipe.GUIDANCE)}
+STAGES = {"t2i": (recipe.T2V, recipe.T2I_STEPS, recipe.T2I_LR, 1.0),
+          "teacher": (recipe.I2V, recipe.TEACHER_STEPS, recipe.TEACHER_LR, recipe.GUIDANCE)}
 
 
 def subset(p: demo_data.Prepared, n: int) -> demo_data.Prepared:
@@ -79,7 +80,7 @@ def main() -> int:
     p.add_argument("--checkpoints", default=str(demo.CHECKPOINTS), help="the folder whose VAE and encoders to use")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's; 0: score the folder's DiT)")
     p.add_argument("--set", action="append", default=[], help="a DiTConfig field, e.g. hidden_size=128")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's for the stage)")
     p.add_argument("--sigma-sampling", choices=SIGMA_SAMPLINGS, default=recipe.SIGMA_SAMPLING,
                    help="the density of the training σ's, shifted by the demo's shift (default: the recipe's)")
     p.add_argument("--ema-decay", type=float, default=recipe.EMA_DECAY,
@@ -91,7 +92,8 @@ def main() -> int:
     p.add_argument("--fit-clips", type=int, default=96, help="training clips the teacher is also scored on")
     p.add_argument("--videos", type=int, default=recipe.VIDEOS, help="training clips (the recipe's: tools/train_demo.py's)")
     args = p.parse_args()
-    base, default_steps, default_guidance = STAGES[args.stage]
+    base, default_steps, default_lr, default_guidance = STAGES[args.stage]
+    lr = default_lr if args.lr is None else args.lr
     steps = default_steps if args.steps is None else args.steps
     guidance = default_guidance if args.guidance is None else args.guidance
     root = Path(args.checkpoints)
@@ -107,7 +109,7 @@ def main() -> int:
         cfg = override(base, args.set)
         prepared = demo_data.prepare(models.vae, models.encoders, videos, train_captions, progress=False)
         start = time.perf_counter()
-        params = train(args.stage, cfg, prepared, steps, args.lr, args.sigma_sampling, args.ema_decay)
+        params = train(args.stage, cfg, prepared, steps, lr, args.sigma_sampling, args.ema_decay)
         train_s = time.perf_counter() - start
     else:
         if args.set:
@@ -115,7 +117,7 @@ def main() -> int:
         _, cfg, params = checkpoint.load(root / args.stage, ("dit",), "fp32")
         prepared, train_s = None, 0.0
     dev_scores, by_frame = scores(args.stage, cfg, params, models.vae, dev, truth, captions, guidance)
-    result("demo_dit", stage=args.stage, steps=steps, config=",".join(args.set) or "recipe", lr=args.lr,
+    result("demo_dit", stage=args.stage, steps=steps, config=",".join(args.set) or "recipe", lr=lr,
            sigma_sampling=args.sigma_sampling, ema_decay=args.ema_decay,
            guidance=guidance, train_s=train_s, ms_per_step=1000 * train_s / max(steps, 1), split="dev",
            n=len(captions), **dev_scores)

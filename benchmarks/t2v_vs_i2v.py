@@ -5,7 +5,8 @@ With the demo's VAE and encoders (from the shipped checkpoints), on the same tra
 `tools/train_demo.py`:
 1. the image-to-video teacher is the shipped one (`teacher/`, trained by `tools/train_demo.py`); a
    text-to-video teacher (the T2V architecture at the I2V's depth on whole clips, prompt only) is trained
-   here by flow matching with the same recipe, clips and number of steps (`recipe.VIDEOS`, `recipe.TEACHER_STEPS`);
+   here by flow matching with the same recipe, clips, number of steps and learning rate (`recipe.VIDEOS`,
+   `recipe.TEACHER_STEPS`, `recipe.TEACHER_LR`);
 2. each is distilled into a 4-step student by DMD2 with the same settings and budget;
 3. every --every distillation steps the student's 4-step clips for the held-out captions are scored by
    the analyser (`m141jax.demo.quality.score`: the mean of the colour, shape, direction and
@@ -63,8 +64,8 @@ def main() -> int:
     t2v_source = demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE)
     _, i2v_model, i2v_teacher = checkpoint.load(root / "teacher", ("dit",), "fp32")
     t2v_model = recipe.T2V_CLIPS
-    t2v_teacher = recipe.train_flow(t2v_model, t2v_source, recipe.TEACHER_STEPS, 0, desc="t2v teacher",
-                                    progress=progress)
+    t2v_teacher = recipe.train_flow(t2v_model, t2v_source, recipe.TEACHER_STEPS, 0, lr=recipe.TEACHER_LR,
+                                    desc="t2v teacher", progress=progress)
     kinds = {"i2v": (i2v_model, i2v_teacher, demo_data.i2v_source(prepared), recipe.N_IMAGE_TOKENS),
              "t2v": (t2v_model, t2v_teacher, t2v_source, 0)}
     curves, teachers = {}, {}

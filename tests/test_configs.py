@@ -209,12 +209,15 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
     assert other.flow.sigma_sampling == "uniform"  # benchmarks/demo_dit.py --sigma-sampling reaches the loss
     other = built(lambda *a, **k: recipe.train_flow(*a, ema_decay=0.99, **k), recipe.I2V, None, 1, 0)
     assert other.ema_decay == 0.99  # tools/train_demo.py / benchmarks/demo_dit.py --ema-decay reach the training
-    for stage, steps in (("t2i", script["t2i_steps"]), ("teacher", script["teacher_steps"])):
+    assert script["teacher_lr"] == recipe.TEACHER_LR
+    for stage, steps, lr in (("t2i", script["t2i_steps"], recipe.T2I_LR),
+                             ("teacher", script["teacher_steps"], recipe.TEACHER_LR)):
         s = r[stage]
         assert s["steps"] == steps, stage
+        assert built(lambda *a, **k: recipe.train_flow(*a, lr=lr, **k), recipe.I2V, None, 1, 0).optimizer == \
+            dataclasses.replace(flow_cfg.optimizer, learning_rate=s["lr"]), stage
         assert (s["batch"], s["lr"], s["warmup"], s["cfg_dropout"]) == (
-            flow_cfg.data.batch_size, flow_cfg.optimizer.learning_rate, flow_cfg.optimizer.warmup_steps,
-            flow_cfg.flow.cfg_dropout), stage
+            flow_cfg.data.batch_size, lr, flow_cfg.optimizer.warmup_steps, flow_cfg.flow.cfg_dropout), stage
         assert {k: getattr(flow_cfg.optimizer, k) for k in r["optimizer"]} == r["optimizer"]
         assert (flow_cfg.flow.shift, flow_cfg.flow.sigma_sampling) == (r["shift"], r["sigma_sampling"])
         assert flow_cfg.ema_decay == r["ema_decay"] == script["ema_decay"]

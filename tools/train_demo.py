@@ -99,14 +99,14 @@ def train(root: Path, args, seconds: dict[str, float], vae=None) -> None:
     lap("latents")
 
     t2i = recipe.train_flow(recipe.T2V, demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE, image=True),
-                            args.t2i_steps, n_image_tokens=0, seed=args.seed, desc="t2i", progress=progress,
-                            ema_decay=args.ema_decay)
+                            args.t2i_steps, n_image_tokens=0, lr=recipe.T2I_LR, seed=args.seed, desc="t2i",
+                            progress=progress, ema_decay=args.ema_decay)
     checkpoint.save(root / "t2i", "dit", to_json_dict(recipe.T2V), t2i)
     lap("t2i")
 
     source = demo_data.i2v_source(prepared)
-    teacher = recipe.train_flow(recipe.I2V, source, args.teacher_steps, recipe.N_IMAGE_TOKENS, seed=args.seed,
-                                desc="teacher", progress=progress, ema_decay=args.ema_decay)
+    teacher = recipe.train_flow(recipe.I2V, source, args.teacher_steps, recipe.N_IMAGE_TOKENS, lr=args.teacher_lr,
+                                seed=args.seed, desc="teacher", progress=progress, ema_decay=args.ema_decay)
     checkpoint.save(root / "teacher", "dit", to_json_dict(recipe.I2V), teacher)
     lap("teacher")
 
@@ -133,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
                    help="the text-to-image DiT and the teacher are the EMA of their parameters at this decay (0: none)")
     p.add_argument("--t2i-steps", type=int, default=recipe.T2I_STEPS)
     p.add_argument("--teacher-steps", type=int, default=recipe.TEACHER_STEPS)
+    p.add_argument("--teacher-lr", type=float, default=recipe.TEACHER_LR, help="the teacher's peak learning rate")
     p.add_argument("--distill-steps", type=int, default=recipe.DISTILL_STEPS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
