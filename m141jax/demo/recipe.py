@@ -135,7 +135,7 @@ def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, 
     return dataclasses.replace(cfg, latents_mean=mean, latents_std=std), jax.device_get(state.params)
 
 
-def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch: int = 16, lr: float = 1e-3,
+def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch: int = 16, lr: float = T2I_LR,
                seed: int = 0, desc: str = "flow", progress: bool = True,
                sigma_sampling: str = SIGMA_SAMPLING, ema_decay: float = EMA_DECAY) -> dict:
     """A DiT trained from scratch by flow matching on a source of latents + conditioning (CFG dropout 0.1,
