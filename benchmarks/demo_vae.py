@@ -51,7 +51,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=recipe.VAE_STEPS)
     p.add_argument("--set", action="append", default=[], help="a VAEConfig field, e.g. latent_channels=16")
     p.add_argument("--batch", type=int, default=2, help="clips per step")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=recipe.VAE_LR)
     p.add_argument("--kl-weight", type=float, default=recipe.KL_WEIGHT)
     p.add_argument("--edge-weight", type=float, default=recipe.EDGE_WEIGHT, help="γ of the VAE loss' gradient term")
     p.add_argument("--latent-noise", type=float, default=recipe.LATENT_NOISE,

@@ -181,7 +181,8 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
                                                                          recipe.FOREGROUND_WEIGHT)
     keys = ("batch", "lr", "image_batch", "latent_noise", "foreground_margin")
     assert {k: vae[k] for k in keys} == {k: _defaults(recipe.train_vae)[k] for k in keys}
-    assert (vae["latent_noise"], vae["foreground_margin"]) == (script["latent_noise"], script["foreground_margin"])
+    assert (vae["lr"], vae["latent_noise"], vae["foreground_margin"]) == (script["vae_lr"], script["latent_noise"],
+                                                                         script["foreground_margin"])
     # the DiTs
     dit = {k: tuple(v) if isinstance(v, list) else v for k, v in r["dit"].items()}
     latent = recipe.LATENT

@@ -299,7 +299,8 @@ def test_demo_vae_scores_a_checkpoint_folder_without_training(monkeypatch, capsy
 def test_demo_dit_trains_and_scores_a_stage(monkeypatch, capsys):
     """`benchmarks/demo_dit.py`: a teacher trained a few steps at width 32 on the shipped VAE's latents is
     scored on the dev clips, on its own training clips and per latent frame; `--steps 0` scores the shipped
-    text-to-image DiT (its colour: 0.97 over 216 captions)."""
+    text-to-image DiT (its colour: 0.97 over 216 captions) and the shipped student; a student is distilled a
+    few steps from the shipped teacher."""
     bench = Path(__file__).parents[1] / "benchmarks"
     monkeypatch.syspath_prepend(str(bench))  # its `common` module
     tool = load_script(bench / "demo_dit.py")
@@ -324,6 +325,15 @@ def test_demo_dit_trains_and_scores_a_stage(monkeypatch, capsys):
     assert t2i["n"] == "48" and float(t2i["colour"]) >= 0.9 and float(t2i["single"]) >= 0.8, t2i
     with pytest.raises(SystemExit, match="needs training"):
         run("--stage", "t2i", "--steps", "0", "--set", "hidden_size=32")
+    # the student: the shipped one (`dit/`) in 4 steps without CFG, then one distilled a few DMD2 steps
+    student = run("--stage", "student", "--steps", "0", "--fit-clips", "4")
+    shipped = student["demo_dit"]
+    assert (shipped["guidance"], shipped["n"], student["demo_dit_fit"]["n"]) == ("1", "48", "4"), student
+    assert float(shipped["colour"]) >= 0.9 and float(shipped["consistent"]) >= 0.9, shipped
+    distilled = run("--stage", "student", "--steps", "2", "--videos", "16", "--fit-clips", "4", "--lr", "2e-4")["demo_dit"]
+    assert (distilled["steps"], distilled["lr"]) == ("2", "0.0002") and float(distilled["train_s"]) > 0, distilled
+    with pytest.raises(SystemExit, match="flow-matching stages"):
+        run("--stage", "student", "--steps", "2", "--set", "hidden_size=32")
 
 
 @pytest.mark.slow

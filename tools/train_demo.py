@@ -88,7 +88,7 @@ def train(root: Path, args, seconds: dict[str, float], vae=None) -> None:
     if vae is not None:
         vae_cfg, vae_params = vae
     else:
-        vae_cfg, vae_params = recipe.train_vae(videos, args.vae_steps, seed=args.seed, progress=progress,
+        vae_cfg, vae_params = recipe.train_vae(videos, args.vae_steps, lr=args.vae_lr, seed=args.seed, progress=progress,
                                                latent_noise=args.latent_noise,
                                                foreground_margin=args.foreground_margin)
     checkpoint.save(root / "vae", "vae", to_json_dict(vae_cfg), vae_params)
@@ -121,10 +121,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(demo.CHECKPOINTS), help="the checkpoint folder to write (replaced if present)")
     p.add_argument("--videos", type=int, default=recipe.VIDEOS, help="training clips")
     p.add_argument("--vae-steps", type=int, default=recipe.VAE_STEPS)
+    p.add_argument("--vae-lr", type=float, default=recipe.VAE_LR, help="the VAE's peak learning rate")
     p.add_argument("--vae-from", metavar="DIR",
                    help="reuse the VAE of an earlier run's checkpoint folder instead of the VAE stage (which is "
                         "deterministic: a rerun of the same code gives the same VAE bit for bit; --vae-steps, "
-                        "--latent-noise and --foreground-margin are then unused); the other stages run as usual")
+                        "--vae-lr, --latent-noise and --foreground-margin are then unused); the other stages run as usual")
     p.add_argument("--latent-noise", type=float, default=recipe.LATENT_NOISE,
                    help="α of the VAE decoder's latent noise (m141jax.train.vae.noised_latents; 0: none)")
     p.add_argument("--foreground-margin", type=int, default=recipe.FOREGROUND_MARGIN,

@@ -55,6 +55,7 @@ VAE = VAEConfig(block_out_channels=(8, 16, 32), spatial_compression_ratio=4, nor
                 layers_per_block=1, mid_block_add_attention=False, sample_size=32, sample_tsize=32,
                 param_dtype="fp32", dtype="fp32")
 VAE_STEPS = 5400  # clip steps (each followed by an image step) of tools/train_demo.py's VAE stage
+VAE_LR = 1e-3  # the VAE's peak learning rate (Adam, warm-up, then cosine to 5 %)
 KL_WEIGHT = 1e-4
 FOREGROUND_WEIGHT = 10.0
 # px around the object that weigh as much (`m141jax.train.vae.foreground_weights`): 2 halved the decoder's
@@ -79,11 +80,13 @@ N_IMAGE_TOKENS = 17  # VLM image tokens ahead of the prompt tokens (the demo enc
 GUIDANCE = 3.0  # the teacher's CFG scale, distilled into the student
 VIDEOS = 1200  # training clips of tools/train_demo.py
 DISTILL_STEPS = 900  # DMD2 steps of the 4-step student
+STUDENT_LR = 1e-4  # peak learning rate of the student and its critic (cosine to a tenth)
 T2I_STEPS = 16000  # flow-matching steps of the text-to-image DiT
 TEACHER_STEPS = 6000  # flow-matching steps of the image-to-video teacher
-T2I_LR = 1e-3  # peak learning rates of the two flow-matching stages (warm-up, then cosine to a tenth)
-# 2e-3 instead of 1e-3: the teacher underfits (shape 0.50 on its own training clips), and twice the rate
-# raised its shape on the development clips from 0.44 to 0.60 in the same steps (README)
+# peak learning rates of the two flow-matching stages (warm-up, then cosine to a tenth). The teacher underfit
+# at 1e-3: twice the rate raised its shape on the development clips from 0.44 to 0.60 in the same steps. The
+# text-to-image images gained shape at 2e-3 too (0.57 -> 0.67), but the videos made from them did not (README)
+T2I_LR = 1e-3
 TEACHER_LR = 2e-3
 T2I_GUIDANCE = 1.0  # the embedded guidance the T2V-form models are trained and run with
 SIGMA_SAMPLING = "logit_normal"  # the density of the DiTs' training σ's (`FlowConfig.sigma_sampling`), then shift SHIFT
@@ -98,7 +101,7 @@ def _bar(n: int, desc: str, progress: bool):
     return tqdm(range(n), desc=desc, disable=not progress, dynamic_ncols=True)
 
 
-def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = 1e-3, seed: int = 0,
+def train_vae(videos: np.ndarray, steps: int, batch: int = 2, lr: float = VAE_LR, seed: int = 0,
               progress: bool = True, cfg: VAEConfig = VAE, kl_weight: float = KL_WEIGHT,
               edge_weight: float = EDGE_WEIGHT, image_batch: int = IMAGE_BATCH,
               latent_noise: float = LATENT_NOISE,
@@ -156,7 +159,7 @@ def train_flow(model: DiTConfig, source, steps: int, n_image_tokens: int, batch:
 
 
 def distill(model: DiTConfig, teacher: dict, source, steps: int, n_image_tokens: int, batch: int = 16,
-            lr: float = 1e-4, seed: int = 0, desc: str = "dmd2", progress: bool = True,
+            lr: float = STUDENT_LR, seed: int = 0, desc: str = "dmd2", progress: bool = True,
             every: int = 0, callback: Callable[[int, dict], None] | None = None) -> dict:
     """The 4-step DMD2 generator of `teacher` (CFG scale GUIDANCE distilled, shift SHIFT); with `every`,
     callback(step, generator params) runs before the first step and every `every` steps after it."""
