@@ -61,9 +61,8 @@ def subset(p: demo_data.Prepared, n: int) -> demo_data.Prepared:
 
 
 def train(stage: str, cfg, prepared: demo_data.Prepared, steps: int, lr: float, sigma_sampling: str,
-          ema_decay: float, root: Path) -> dict:
+          ema_decay: float, teacher: dict | None) -> dict:
     if stage == "student":
-        _, _, teacher = checkpoint.load(root / "teacher", ("dit",), "fp32")
         return recipe.distill(cfg, teacher, demo_data.i2v_source(prepared), steps, recipe.N_IMAGE_TOKENS, lr=lr,
                               desc="student")
     if stage == "t2i":
@@ -118,10 +117,13 @@ def main() -> int:
     items = [data[i] for i in range(len(data))]
     videos, train_captions = np.stack([v for v, _ in items]), [c for _, c in items]
     if steps:
-        cfg = override(base, args.set)
+        if args.stage == "student":  # the generator starts as a copy of the folder's teacher: its architecture
+            _, cfg, teacher = checkpoint.load(root / "teacher", ("dit",), "fp32")
+        else:
+            cfg, teacher = override(base, args.set), None
         prepared = demo_data.prepare(models.vae, models.encoders, videos, train_captions, progress=False)
         start = time.perf_counter()
-        params = train(args.stage, cfg, prepared, steps, lr, args.sigma_sampling, args.ema_decay, root)
+        params = train(args.stage, cfg, prepared, steps, lr, args.sigma_sampling, args.ema_decay, teacher)
         train_s = time.perf_counter() - start
     else:
         if args.set:
