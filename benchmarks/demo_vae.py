@@ -12,7 +12,9 @@ clips'. Every generated demo clip is decoded by this VAE, so its reconstructions
            bleed_outside=… bleed_inside=… circle=… square=… triangle=… fill_circle=… …
 
 `--checkpoints DIR` scores the VAE of a checkpoint folder instead (e.g. the shipped one,
-m141jax/demo/checkpoints), without training: `RESULT demo_vae_checkpoint n=… colour=… …`.
+m141jax/demo/checkpoints), without training: `RESULT demo_vae_checkpoint n=… colour=… …`; with
+`--radius LOW,HIGH` on clips whose objects' half-extent is drawn from another range than the dataset's
+(`shapes.RADIUS`), e.g. an older VAE on today's clips.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ def reconstruction_scores(vae: Component, truth: np.ndarray, captions: list[str]
             **quality.shape_by_caption(recon, captions)}
 
 
+def _radius(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH in px, e.g. 7,9") from None
+    return low, high
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=recipe.VAE_STEPS)
@@ -62,12 +72,17 @@ def main() -> int:
                    help="single frames of an image step after each clip step (0: none)")
     p.add_argument("--per-combination", type=int, default=3, help="dev clips per caption combination")
     p.add_argument("--checkpoints", help="score the VAE of this checkpoint folder (no training)")
+    p.add_argument("--radius", type=_radius, default=shapes.RADIUS,
+                   help="LOW,HIGH: the scored clips' range of object half-extents in px (default: the dataset's)")
     args = p.parse_args()
-    clips = [quality.split_clips("dev", kind, args.per_combination) for kind in quality.CAPTION_SETS]
+    if args.radius != shapes.RADIUS and not args.checkpoints:
+        p.error("--radius scores a checkpoint folder's VAE (--checkpoints): the trained VAE learns the dataset's")
+    clips = [quality.split_clips("dev", kind, args.per_combination, args.radius) for kind in quality.CAPTION_SETS]
     truth, captions = np.concatenate([v for v, _ in clips]), [c for _, cs in clips for c in cs]
     if args.checkpoints:
         vae = components.load_component(args.checkpoints, "vae", "fp32")
-        result("demo_vae_checkpoint", n=len(captions), **reconstruction_scores(vae, truth, captions))
+        result("demo_vae_checkpoint", n=len(captions), radius_low=args.radius[0], radius_high=args.radius[1],
+               **reconstruction_scores(vae, truth, captions))
         return 0
     cfg = override(recipe.VAE, args.set)
     data = shapes.ShapesDataset(recipe.VIDEOS, "train", seed=0)

@@ -15,6 +15,7 @@ from m141jax import presets
 from m141jax.cli import build_parser, generate, main
 from m141jax.cli import train as train_cli
 from m141jax.config import DiTConfig, VAEConfig
+from m141jax.data import shapes
 from m141jax.demo import SHIFT, recipe
 from m141jax.parallel import parse_mesh
 from m141jax.presets import GENERATE_KEYS, load_generate_config
@@ -171,7 +172,7 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
     script = _train_demo_defaults()
     assert (r["seed"], r["videos"], r["shift"], r["n_image_tokens"]) == (script["seed"], recipe.VIDEOS, SHIFT,
                                                                           recipe.N_IMAGE_TOKENS)
-    assert script["videos"] == recipe.VIDEOS
+    assert script["videos"] == recipe.VIDEOS and tuple(r["radius"]) == shapes.RADIUS
     # the VAE
     vae = r["vae"]
     assert dataclasses.replace(VAEConfig(), **{k: tuple(v) if isinstance(v, list) else v

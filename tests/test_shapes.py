@@ -1,5 +1,7 @@
 """The shapes dataset: determinism, the held-out split, captions, and what is drawn."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -44,3 +46,19 @@ def test_drawn_area_position_and_motion(shape, area):
     # the shape wraps around the right edge: frame 2 has its centre at x = 33 ≡ 1
     cols = alpha[2].sum(axis=0)
     assert cols[:8].sum() > cols[8:24].sum() == 0
+
+
+def test_radius_range_sets_the_drawn_size_and_is_checked():
+    """Every scene's half-extent lies in the dataset's `radius` range (the demo's: `RADIUS`), the rest of the
+    scene unchanged, so a smaller range draws the same clips with smaller objects; a range the frame cannot
+    hold is refused in one line."""
+    default, small = shapes.ShapesDataset(12, seed=1), shapes.ShapesDataset(12, seed=1, radius=(3.0, 4.0))
+    for i in range(12):
+        a, b = default.scene(i), small.scene(i)
+        assert shapes.RADIUS[0] <= a.radius <= shapes.RADIUS[1] and 3.0 <= b.radius <= 4.0
+        assert dataclasses.replace(a, radius=b.radius) == b
+    drawn = lambda ds: (ds[0][0] != np.asarray(ds.scene(0).background)).any(axis=-1).sum()  # noqa: E731
+    assert drawn(default) > 2 * drawn(small)  # object pixels over the 17 frames
+    for bad in ((4.0, 3.0), (0.5, 2.0), (8.0, 12.0)):
+        with pytest.raises(ValueError, match="radius range"):
+            shapes.ShapesDataset(4, radius=bad)

@@ -27,7 +27,9 @@ HELD_OUT = (("red", "circle", "down"), ("red", "triangle", "left"), ("green", "s
             ("yellow", "circle", "left"), ("yellow", "triangle", "right"))
 SPLITS = ("train", "eval")
 FRAMES, SIZE = 17, 32  # the demo's clip: 17 frames (5 latent frames) of 32×32
-RADIUS = (5.0, 7.0)  # half-extent of a shape in pixels
+# half-extent of a shape in pixels: 14–18 px across, 3.5–4.5 latents of the demo VAE (4× spatial). At 5–7 px the
+# VAE and the DiTs rounded squares and filled triangles, their corners a pixel or two on a 10-px object (README)
+RADIUS = (7.0, 9.0)
 SPEED = (1.0, 2.0)  # pixels per frame
 BACKGROUND = (20, 70)  # grey level of the background
 JITTER = 20  # ± per channel on colours, ± JITTER/2 on the background's tint
@@ -74,13 +76,15 @@ class Scene:
         return caption(self.colour, self.shape, self.direction)
 
 
-def random_scene(rng: np.random.Generator, colour: str, shape: str, direction: str, size: int = SIZE) -> Scene:
-    """A scene of the given combination with everything else drawn from rng."""
+def random_scene(rng: np.random.Generator, colour: str, shape: str, direction: str, size: int = SIZE,
+                 radius: tuple[float, float] = RADIUS) -> Scene:
+    """A scene of the given combination with everything else drawn from rng (the shape's half-extent
+    uniformly from the `radius` range)."""
     rgb = np.clip(np.asarray(COLOURS[colour]) + rng.integers(-JITTER, JITTER + 1, 3), 0, 255)
     grey = rng.integers(*BACKGROUND, endpoint=True)
     background = np.clip(grey + rng.integers(-JITTER // 2, JITTER // 2 + 1, 3), 0, 255)
     return Scene(colour, shape, direction, start=tuple(float(v) for v in rng.uniform(0, size, 2)),
-                 radius=float(rng.uniform(*RADIUS)), speed=float(rng.uniform(*SPEED)),
+                 radius=float(rng.uniform(*radius)), speed=float(rng.uniform(*SPEED)),
                  rgb=tuple(int(v) for v in rgb), background=tuple(int(v) for v in background))
 
 
@@ -118,13 +122,18 @@ class ShapesDataset:
 
     The combination of sample i cycles through the split's combinations (balanced classes); the rest of
     the scene comes from a generator seeded with (seed, split, i), so any sample is cheap to reproduce.
+    `radius` is the range of the shapes' half-extent in pixels (the demo's: `RADIUS`).
     """
 
-    def __init__(self, n: int, split: str = "train", seed: int = 0, frames: int = FRAMES, size: int = SIZE):
+    def __init__(self, n: int, split: str = "train", seed: int = 0, frames: int = FRAMES, size: int = SIZE,
+                 radius: tuple[float, float] = RADIUS):
         if n < 1 or frames < 1 or size < 8:
             raise ValueError(f"n {n}, frames {frames} and size {size} must be ≥ 1, ≥ 1 and ≥ 8")
+        if len(radius) != 2 or not 1 <= radius[0] <= radius[1] <= size / 3:
+            raise ValueError(f"radius range {tuple(radius)} must be (low, high) with 1 ≤ low ≤ high ≤ {size / 3:g} "
+                             f"px for size {size}")
         self.combos, self.split, self.n, self.seed = combinations(split), split, n, seed
-        self.frames, self.size = frames, size
+        self.frames, self.size, self.radius = frames, size, (float(radius[0]), float(radius[1]))
 
     def __len__(self) -> int:
         return self.n
@@ -133,7 +142,7 @@ class ShapesDataset:
         if not 0 <= i < self.n:
             raise IndexError(f"sample {i} is outside 0..{self.n - 1}")
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
-        return random_scene(rng, *self.combos[i % len(self.combos)], size=self.size)
+        return random_scene(rng, *self.combos[i % len(self.combos)], size=self.size, radius=self.radius)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
         scene = self.scene(i)

@@ -41,16 +41,18 @@ NOISE_SEEDS = {"dev": 0, "final": 1}
 CAPTION_SETS = {"held_out": "eval", "training": "train"}  # caption set -> the shapes dataset's split
 
 
-def split_clips(split: str, captions: str, per_combination: int) -> tuple[np.ndarray, list[str]]:
+def split_clips(split: str, captions: str, per_combination: int,
+                radius: tuple[float, float] = shapes.RADIUS) -> tuple[np.ndarray, list[str]]:
     """uint8 videos [N, F, H, W, 3] and captions of an evaluation split (`SPLITS`) for a caption set
-    (`CAPTION_SETS`: the 8 held-out combinations or the 40 training ones), `per_combination` of each."""
+    (`CAPTION_SETS`: the 8 held-out combinations or the 40 training ones), `per_combination` of each;
+    `radius`: the objects' half-extent range (another than the dataset's only to probe a model)."""
     if split not in SPLITS or captions not in CAPTION_SETS:
         raise ValueError(f"unknown split {split!r} or caption set {captions!r}; accepted: {sorted(SPLITS)}, "
                          f"{sorted(CAPTION_SETS)}")
     if per_combination < 1:
         raise ValueError(f"per_combination {per_combination} must be ≥ 1")
     kind = CAPTION_SETS[captions]
-    ds = shapes.ShapesDataset(per_combination * len(shapes.combinations(kind)), kind, seed=SPLITS[split])
+    ds = shapes.ShapesDataset(per_combination * len(shapes.combinations(kind)), kind, seed=SPLITS[split], radius=radius)
     items = [ds[i] for i in range(len(ds))]
     return np.stack([v for v, _ in items]), [c for _, c in items]
 
