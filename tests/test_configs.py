@@ -211,9 +211,9 @@ def test_demo_recipe_file_matches_the_recipe(monkeypatch):
     assert other.flow.sigma_sampling == "uniform"  # benchmarks/demo_dit.py --sigma-sampling reaches the loss
     other = built(lambda *a, **k: recipe.train_flow(*a, ema_decay=0.99, **k), recipe.I2V, None, 1, 0)
     assert other.ema_decay == 0.99  # tools/train_demo.py / benchmarks/demo_dit.py --ema-decay reach the training
-    assert script["teacher_lr"] == recipe.TEACHER_LR
-    for stage, steps, lr in (("t2i", script["t2i_steps"], recipe.T2I_LR),
-                             ("teacher", script["teacher_steps"], recipe.TEACHER_LR)):
+    assert (script["t2i_lr"], script["teacher_lr"]) == (recipe.T2I_LR, recipe.TEACHER_LR)
+    for stage, steps, lr in (("t2i", script["t2i_steps"], script["t2i_lr"]),
+                             ("teacher", script["teacher_steps"], script["teacher_lr"])):
         s = r[stage]
         assert s["steps"] == steps, stage
         assert built(lambda *a, **k: recipe.train_flow(*a, lr=lr, **k), recipe.I2V, None, 1, 0).optimizer == \

@@ -99,7 +99,7 @@ def train(root: Path, args, seconds: dict[str, float], vae=None) -> None:
     lap("latents")
 
     t2i = recipe.train_flow(recipe.T2V, demo_data.t2v_source(prepared, recipe.T2I_GUIDANCE, image=True),
-                            args.t2i_steps, n_image_tokens=0, lr=recipe.T2I_LR, seed=args.seed, desc="t2i",
+                            args.t2i_steps, n_image_tokens=0, lr=args.t2i_lr, seed=args.seed, desc="t2i",
                             progress=progress, ema_decay=args.ema_decay)
     checkpoint.save(root / "t2i", "dit", to_json_dict(recipe.T2V), t2i)
     lap("t2i")
@@ -133,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=recipe.EMA_DECAY,
                    help="the text-to-image DiT and the teacher are the EMA of their parameters at this decay (0: none)")
     p.add_argument("--t2i-steps", type=int, default=recipe.T2I_STEPS)
+    p.add_argument("--t2i-lr", type=float, default=recipe.T2I_LR, help="the text-to-image DiT's peak learning rate")
     p.add_argument("--teacher-steps", type=int, default=recipe.TEACHER_STEPS)
     p.add_argument("--teacher-lr", type=float, default=recipe.TEACHER_LR, help="the teacher's peak learning rate")
     p.add_argument("--distill-steps", type=int, default=recipe.DISTILL_STEPS)
