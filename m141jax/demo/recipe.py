@@ -84,8 +84,9 @@ STUDENT_LR = 1e-4  # peak learning rate of the student and its critic (cosine to
 T2I_STEPS = 16000  # flow-matching steps of the text-to-image DiT
 TEACHER_STEPS = 6000  # flow-matching steps of the image-to-video teacher
 # peak learning rates of the two flow-matching stages (warm-up, then cosine to a tenth). The teacher underfit
-# at 1e-3: twice the rate raised its shape on the development clips from 0.44 to 0.60 in the same steps. The
-# text-to-image images gained shape at 2e-3 too (0.57 -> 0.67), but the videos made from them did not (README)
+# at 1e-3: twice the rate raised its shape on the development clips from 0.44 to 0.60 in the same steps (on the
+# earlier 10–14 px shapes). The text-to-image DiT at 2e-3 draws the shape better (images 0.57 -> 0.62, clips from
+# text 0.54 -> 0.57) but one object in every frame less often (0.90 -> 0.88, under its target; README)
 T2I_LR = 1e-3
 TEACHER_LR = 2e-3
 T2I_GUIDANCE = 1.0  # the embedded guidance the T2V-form models are trained and run with
