@@ -7,8 +7,8 @@ Tuning a DiT this way skips the VAE stage, two thirds of the script's time.
 
 - `--stage t2i`: the text-to-image DiT (the T2V form at one latent frame) on the training clips' first
   frames; scored on its images for the split's captions (`quality.image_accuracies`: colour, shape,
-  exactly one object) with `m141jax generate --preset demo`'s text-to-image settings (`--guidance`: a CFG
-  scale against the empty prompt on top, 1 = none);
+  exactly one object) with `m141jax generate --preset demo`'s text-to-image settings, its CFG scale
+  against the empty prompt included (`--guidance`: another, 1 = none);
 - `--stage teacher`: the image-to-video teacher on the clips; scored on its clips from the split's true
   first frames, 50 Euler steps with CFG `--guidance` (default: the scale the student distils), by the
   demo's targets (`quality.metrics`) and the shape per latent frame (`quality.shape_by_latent_frame`),
@@ -48,7 +48,7 @@ from m141jax.demo import quality, recipe  # noqa: E402
 from m141jax.train.config import SIGMA_SAMPLINGS  # noqa: E402
 
 # stage: (model, steps, learning rate, CFG scale of the scoring, sampling steps of the scoring, folder)
-STAGES = {"t2i": (recipe.T2V, recipe.T2I_STEPS, recipe.T2I_LR, 1.0, None, "t2i"),
+STAGES = {"t2i": (recipe.T2V, recipe.T2I_STEPS, recipe.T2I_LR, demo.GENERATE["t2i_cfg"], None, "t2i"),
           "teacher": (recipe.I2V, recipe.TEACHER_STEPS, recipe.TEACHER_LR, recipe.GUIDANCE, 50, "teacher"),
           "student": (recipe.I2V, recipe.DISTILL_STEPS, recipe.STUDENT_LR, 1.0, 4, "dit")}
 
@@ -94,7 +94,8 @@ def main() -> int:
                    help="the density of the training σ's, shifted by the demo's shift (default: the recipe's)")
     p.add_argument("--ema-decay", type=float, default=recipe.EMA_DECAY,
                    help="score the EMA of the parameters at this decay (default: the recipe's; 0: the parameters)")
-    p.add_argument("--guidance", type=float, help="CFG scale of the scoring (default: t2i and student 1 = none, teacher 3)")
+    p.add_argument("--guidance", type=float,
+                   help="CFG scale of the scoring (default: t2i generate's t2i_cfg, teacher 3, student 1 = none)")
     p.add_argument("--per-combination", type=int, default=12, help="dev clips per held-out combination (8 of them)")
     p.add_argument("--training-per-combination", type=int, default=3,
                    help="dev clips per training combination (40 of them)")

@@ -14,7 +14,8 @@ scores the VAE's reconstructions of the true clips: the ceiling of any generator
 student's score minus each teacher's with a 95 % paired-bootstrap interval over the clips
 (`quality.paired_gap`): a gap is clear when it excludes 0.
 The text-to-image stage (`t2i/`, the first frame of the text-only path) is scored on its images for the
-same captions (`quality.image_accuracies`: colour, shape, exactly one object), next to the VAE's
+same captions (`quality.image_accuracies`: colour, shape, exactly one object) with generate's CFG against
+the empty prompt (`--t2i-cfg`, `--t2i-cfg-sigma`: another scale or interval), next to the VAE's
 reconstructions of the true first frames.
 
 The targets (`quality.metrics`), over all 48 captions — the held-out clips above and
@@ -30,7 +31,7 @@ from the object from the background colour, uint8 levels; `demo_dataset backgrou
 split kept for the verdict, never for tuning.
 
     python benchmarks/demo_quality.py [--checkpoints DIR] [--split dev|final] [--per-combination 12]
-                                      [--training-per-combination 3]
+                                      [--training-per-combination 3] [--t2i-cfg G] [--t2i-cfg-sigma S]
     RESULT demo_quality teacher50=… teacher4=… student4=… vae=… n=… total_s=…
     RESULT demo_quality_teacher50 colour=… shape=… direction=… consistent=… correct=…   (and so on)
     RESULT demo_quality_gap student4_vs_teacher4=… ci95=…..… student4_vs_teacher50=… ci95=…..…
@@ -76,6 +77,10 @@ def main() -> int:
     p.add_argument("--per-combination", type=int, default=12, help="clips per held-out combination (8 of them)")
     p.add_argument("--training-per-combination", type=int, default=3,
                    help="new clips per training combination (40 of them) for the target lines")
+    p.add_argument("--t2i-cfg", type=float, default=demo.GENERATE["t2i_cfg"],
+                   help="CFG scale of the text-to-image stage (default: generate --preset demo's; 1: none)")
+    p.add_argument("--t2i-cfg-sigma", type=float, default=demo.GENERATE["t2i_cfg_sigma"],
+                   help="the text-to-image stage's CFG only on the steps from σ ≥ this (default: the preset's)")
     args = p.parse_args()
     start = time.perf_counter()
     root, seed = Path(args.checkpoints), quality.NOISE_SEEDS[args.split]
@@ -104,7 +109,8 @@ def main() -> int:
     gaps = {f"student4_vs_{t}": quality.paired_gap(per_clip["student4"], per_clip[t]) for t in ("teacher4", "teacher50")}
     print("RESULT demo_quality_gap "
           + " ".join(f"{k}={g:+.3f} ci95={lo:+.3f}..{hi:+.3f}" for k, (g, lo, hi) in gaps.items()))
-    images = {"t2i": quality.text_to_image(models.t2i.cfg, models.t2i.params, vae, prepared, seed=seed),
+    images = {"t2i": quality.text_to_image(models.t2i.cfg, models.t2i.params, vae, prepared, seed=seed,
+                                         guidance=args.t2i_cfg, guidance_min_sigma=args.t2i_cfg_sigma),
               "t2i_vae": np.asarray(pipeline.decode_frames(vae, prepared.ref_latents))[:, 0]}
     for name, frames in images.items():
         acc = quality.image_accuracies(frames, captions)
@@ -115,7 +121,9 @@ def main() -> int:
     train_prepared = demo_data.prepare(vae, enc, train_videos, train_captions, progress=False)
     sets = {"held_out": (captions, videos), "training": (train_captions, train_videos)}
     made = {
-        "demo_text_to_video": {k: quality.text_to_video(models, labels, seed=seed) for k, (labels, _) in sets.items()},
+        "demo_text_to_video": {k: quality.text_to_video(models, labels, seed=seed, t2i_cfg=args.t2i_cfg,
+                                                         t2i_cfg_sigma=args.t2i_cfg_sigma)
+                               for k, (labels, _) in sets.items()},
         "demo_image_to_video": {"held_out": results["student4"],
                                 "training": quality.generate(student.cfg, student.params, vae, train_prepared, 4,
                                                              seed=seed)},

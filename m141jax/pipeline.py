@@ -60,6 +60,10 @@ class Settings:
     t2i_steps: int = 50  # text-to-image stage (HunyuanVideo's sampling defaults)
     t2i_shift: float = 7.0
     t2i_guidance: float = 6.0  # embedded guidance scale
+    # CFG scale of the text-to-image stage against the empty prompt (> 1 runs that branch too): for a T2I DiT
+    # trained with CFG dropout; the release's is guidance-distilled (t2i_guidance) and needs none
+    t2i_cfg: float = 1.0
+    t2i_cfg_sigma: float = 0.0  # CFG only on the steps from σ ≥ this (a guidance interval; 0: every step)
     t2i_template: str = "video"  # HunyuanVideo prompt template of the text-to-image stage: video | image
 
     def __post_init__(self):
@@ -71,9 +75,11 @@ class Settings:
             raise ValueError(f"clips of {self.clip_frames} frame cannot chain: a sliding window needs clips of >= 5")
         if isinstance(self.fps, bool) or not isinstance(self.fps, int) or self.fps < 1:
             raise ValueError(f"fps {self.fps} must be a positive whole number")
-        for name in ("shift", "guidance", "t2i_shift", "t2i_guidance"):
+        for name in ("shift", "guidance", "t2i_shift", "t2i_guidance", "t2i_cfg"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name.replace('_', ' ')} {getattr(self, name)} must be a finite number")
+        if not 0.0 <= self.t2i_cfg_sigma <= 1.0:
+            raise ValueError(f"t2i cfg sigma {self.t2i_cfg_sigma} must be in [0, 1]")
         if self.steps < 1 or self.t2i_steps < 1:
             raise ValueError(f"steps {self.steps} and T2I steps {self.t2i_steps} must be positive")
         if self.size is not None:
@@ -186,11 +192,17 @@ def decode_frames(vae: Component, latents) -> jax.Array:
 def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], keys, settings: Settings,
                   timings: Timings) -> np.ndarray:
     """First frames uint8 [B, H, W, 3] from the prompts: the T2V DiT at one latent frame, conditioned on
-    the prompt tokens (in `settings.t2i_template`) and CLIP vector alone (no image tokens)."""
+    the prompt tokens (in `settings.t2i_template`) and CLIP vector alone (no image tokens); with
+    `settings.t2i_cfg` > 1, CFG against the empty prompt in the same template on the steps from σ ≥
+    `settings.t2i_cfg_sigma` (CFG at low σ sharpens noise into specks)."""
     if models.t2i is None:
         raise ValueError("no image given and no text-to-image DiT loaded: pass --image or provide a t2i/ checkpoint")
-    text = timings.run("encoders", lambda: encoders.text_conditioning(on_device(models, "encoders"), prompts,
-                                                                      settings.t2i_template))
+    def encode():
+        enc = on_device(models, "encoders")
+        text = encoders.text_conditioning(enc, prompts, settings.t2i_template)
+        cfg = sampling.uses_cfg(settings.t2i_cfg)
+        return text, encoders.text_conditioning(enc, [""] * len(prompts), settings.t2i_template) if cfg else None
+    text, empty = timings.run("encoders", encode)
     ratio = models.vae.cfg.spatial_compression_ratio
     shape = (1, size[0] // ratio, size[1] // ratio, models.t2i.cfg.out_channels)
 
@@ -198,7 +210,8 @@ def text_to_image(models: Models, prompts: list[str], size: tuple[int, int], key
     def run_t2i():
         t2i = on_device(models, "t2i")
         return sampling.sample(t2i.params, t2i.cfg, noise(keys, _T2I, 0, shape), text,
-                               sigmas=sampling.schedule(settings.t2i_steps, settings.t2i_shift),
+                               sigmas=sampling.schedule(settings.t2i_steps, settings.t2i_shift), neg_text=empty,
+                               guidance_scale=settings.t2i_cfg, guidance_min_sigma=settings.t2i_cfg_sigma,
                                embedded_guidance=settings.t2i_guidance, mesh=t2i.mesh)
     z = timings.run("t2i", run_t2i)
     return np.asarray(timings.run("decode", lambda: decode_frames(on_device(models, "vae"), z)))[:, 0]

@@ -20,7 +20,8 @@ GENERATE_KEYS: dict[str, tuple[type, ...]] = {
     "preset": (str,), "checkpoints": (str,),
     "frames": (int,), "clip_frames": (int,), "fps": (int,), "size": (str,),
     "steps": (int,), "shift": (int, float), "guidance": (int, float), "seed": (int,), "reference_mean": (bool,),
-    "t2i_steps": (int,), "t2i_shift": (int, float), "t2i_guidance": (int, float), "t2i_template": (str,),
+    "t2i_steps": (int,), "t2i_shift": (int, float), "t2i_guidance": (int, float), "t2i_cfg": (int, float),
+    "t2i_cfg_sigma": (int, float), "t2i_template": (str,),
     "dtype": (str,), "text_length": (int,), "quantize": (str,), "low_memory": (bool,),
     "mesh": (str,), "sequence_parallel": (str,),
 }

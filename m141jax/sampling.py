@@ -159,16 +159,25 @@ def _as_text(text, name: str) -> Conditioning:
 
 
 def sample(params, cfg: DiTConfig, noise, text, *, sigmas, ref_latents=None, neg_text=None,
-           guidance_scale: float = 1.0, embedded_guidance: float | None = None, mesh=None) -> jax.Array:
+           guidance_scale: float = 1.0, guidance_min_sigma: float = 0.0, embedded_guidance: float | None = None,
+           mesh=None) -> jax.Array:
     """Denoise `noise` [B, F, H, W, C] (channels-last) along `sigmas` (from `schedule`); float32 latents.
 
     text / neg_text: `Conditioning`s (text_states [B, L, D], text_mask [B, L], text_states_2 [B, D2]); neg_text
     is the unconditional branch, needed when guidance_scale > 1 (the release's CFG) and ignored otherwise.
+    guidance_min_sigma: CFG only on the steps that start from σ ≥ it, the rest unguided (a guidance interval;
+    at low σ CFG sharpens noise); 0: every step.
     ref_latents [B, 1, H, W, C]: the scaled reference latent of the image-to-video model.
     embedded_guidance: the scale fed (× 1000) to models with a guidance embedding (required there).
     mesh: the device mesh `params` are placed on (`parallel.dit_on_mesh`); the inputs are split over
     its batch axes, the loop runs under its rules, and the latents come back whole on one device.
     """
+    guided = int((np.asarray(sigmas)[:-1] >= guidance_min_sigma).sum())
+    if uses_cfg(guidance_scale) and guided < len(sigmas) - 1:  # the guided steps, then the others without CFG
+        common = dict(ref_latents=ref_latents, embedded_guidance=embedded_guidance, mesh=mesh)
+        x = noise if not guided else sample(params, cfg, noise, text, sigmas=sigmas[:guided + 1], neg_text=neg_text,
+                                            guidance_scale=guidance_scale, **common)
+        return sample(params, cfg, x, text, sigmas=sigmas[guided:], **common)
     text = _as_text(text, "text")
     b = noise.shape[0]
     if text.text_states.shape[0] != b:

@@ -122,6 +122,42 @@ def test_text_to_image_then_video_batch(ckpt, tmp_path, monkeypatch):
     assert not np.array_equal(spy.clips[0][2][0], spy.clips[0][2][1])  # two prompts, two seeds: two videos
 
 
+def test_text_to_image_cfg_against_the_empty_prompt(models, monkeypatch):
+    """--t2i-cfg G: CFG of the text-to-image stage against the empty prompt. After one Euler step the latent
+    is x + Δσ·(v_empty + G·(v_prompt − v_empty)), affine in G; the empty prompt's own latent is the same for
+    every G (its two branches agree), a real prompt's moves with G."""
+    monkeypatch.setattr(pipeline, "decode_frames", lambda vae, z: z)  # the sampled latents themselves
+    keys = pipeline.prompt_keys(0, 2)
+    z = {g: np.asarray(pipeline.text_to_image(models, ["a cat walks on the grass", ""], SIZE, keys,
+                                              pipeline.Settings(t2i_steps=1, t2i_cfg=g), pipeline.Timings()))
+         for g in (1.0, 2.0, 4.0)}
+    step = z[2.0] - z[1.0]
+    assert np.abs(step[0]).max() > 1e-3
+    np.testing.assert_allclose(z[4.0] - z[1.0], 3 * step, atol=1e-4)
+    np.testing.assert_allclose(z[4.0][1], z[1.0][1], atol=1e-5)
+
+
+def test_text_to_image_cfg_interval(models, monkeypatch):
+    """--t2i-cfg-sigma τ (`sampling.sample(guidance_min_sigma=τ)`): the steps that start from σ ≥ τ run with
+    CFG, the rest without, one path from the noise; at τ = 0 every step is guided."""
+    calls, denoise = [], pipeline.sampling.denoise
+
+    def spy(params, cfg, noise, sigmas, ref, text, neg_text, scale, g):
+        out = denoise(params, cfg, noise, sigmas, ref, text, neg_text, scale, g)
+        calls.append((np.asarray(sigmas).round(4).tolist(), neg_text is not None, noise, out))
+        return out
+    monkeypatch.setattr(pipeline.sampling, "denoise", spy)
+    keys = pipeline.prompt_keys(0, 1)
+    for tau in (0.5, 0.0):
+        settings = pipeline.Settings(t2i_steps=4, t2i_shift=1.0, t2i_cfg=3.0, t2i_cfg_sigma=tau)
+        pipeline.text_to_image(models, ["a cat"], SIZE, keys, settings, pipeline.Timings())
+    assert [c[:2] for c in calls] == [([1.0, 0.75, 0.5, 0.25], True), ([0.25, 0.0], False),
+                                      ([1.0, 0.75, 0.5, 0.25, 0.0], True)]
+    np.testing.assert_array_equal(calls[1][2], calls[0][3])  # the unguided steps go on from the guided ones
+    with pytest.raises(ValueError, match=r"t2i cfg sigma 1.5 must be in \[0, 1\]"):
+        pipeline.Settings(t2i_cfg_sigma=1.5)
+
+
 def test_failure_keeps_finished_clips(ckpt, image, tmp_path, monkeypatch, capsys):
     Spy(monkeypatch, fail_at=2)
     out = tmp_path / "partial.mp4"

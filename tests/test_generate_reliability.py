@@ -67,6 +67,8 @@ def test_out_refused_up_front(capsys, tmp_path, monkeypatch, out, match):
     (["--seconds", "-2"], "seconds must be positive"),
     (["--shift", "nan"], "shift nan must be a finite number"),
     (["--guidance", "inf"], "guidance inf must be a finite number"),
+    (["--t2i-cfg", "nan"], "t2i cfg nan must be a finite number"),
+    (["--t2i-cfg-sigma", "1.5"], "t2i cfg sigma 1.5 must be in [0, 1]"),
 ])
 def test_numbers_refused_up_front(capsys, tmp_path, monkeypatch, argv, match):
     _no_reading(monkeypatch)

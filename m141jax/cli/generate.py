@@ -22,7 +22,8 @@ from m141jax.prompts import MAX_LENGTH
 # package (tiny models trained on the shapes dataset by tools/train_demo.py)
 PRESETS = {
     "release": dict(checkpoints="checkpoints", frames=81, clip_frames=81, fps=24, size=None, steps=4, shift=5.0,
-                    t2i_steps=50, t2i_shift=7.0, t2i_guidance=6.0, dtype="bf16", text_length=MAX_LENGTH),
+                    t2i_steps=50, t2i_shift=7.0, t2i_guidance=6.0, t2i_cfg=1.0, t2i_cfg_sigma=0.0,
+                    dtype="bf16", text_length=MAX_LENGTH),
     "demo": dict(checkpoints=str(demo.CHECKPOINTS), **demo.GENERATE),
 }
 
@@ -58,7 +59,8 @@ def settings_from(args) -> pipeline.Settings:
         frames=frames, clip_frames=args.clip_frames, steps=args.steps, shift=args.shift, guidance=args.guidance,
         seed=args.seed, size=media.parse_size(args.size) if args.size else None, fps=args.fps,
         reference_mean=args.reference_mean, t2i_steps=args.t2i_steps, t2i_shift=args.t2i_shift,
-        t2i_guidance=args.t2i_guidance, t2i_template=args.t2i_template)
+        t2i_guidance=args.t2i_guidance, t2i_cfg=args.t2i_cfg, t2i_cfg_sigma=args.t2i_cfg_sigma,
+        t2i_template=args.t2i_template)
 
 
 def apply_preset(args) -> None:
@@ -204,6 +206,12 @@ def add_parser(sub) -> None:
     p.add_argument("--t2i-shift", type=float, help="time shift of the text-to-image stage [preset: release 7.0]")
     p.add_argument("--t2i-guidance", type=float,
                    help="embedded guidance scale of the text-to-image stage [preset: release 6.0]")
+    p.add_argument("--t2i-cfg", type=float,
+                   help="CFG scale of the text-to-image stage against the empty prompt (> 1 runs that branch; for "
+                        "a T2I DiT trained with CFG dropout) [preset: release 1.0 (none: guidance-distilled), demo 4.0]")
+    p.add_argument("--t2i-cfg-sigma", type=float,
+                   help="--t2i-cfg only on the steps from σ ≥ this, in [0, 1] (a guidance interval: CFG at low σ "
+                        "sharpens noise) [preset: release 0.0 = every step]")
     p.add_argument("--t2i-template", choices=("video", "image"), default="video",
                    help="HunyuanVideo prompt template of the text-to-image stage: 'video' (as the video stage) or "
                         "'image' (what HunyuanVideo uses for one frame)")

@@ -63,9 +63,10 @@ def eval_clips(per_combination: int) -> tuple[np.ndarray, list[str]]:
 
 
 def generate(model, params, vae: Component, prepared: Prepared, steps: int, guidance: float = 1.0,
-             seed: int = 0, batch: int = 16) -> np.ndarray:
+             seed: int = 0, batch: int = 16, guidance_min_sigma: float = 0.0) -> np.ndarray:
     """uint8 clips [N, F, H, W, 3] of a DiT for the prepared conditioning: image-to-video (`model` takes
-    the reference) or text-to-video (prompt only, embedded guidance recipe.T2I_GUIDANCE)."""
+    the reference) or text-to-video (prompt only, embedded guidance recipe.T2I_GUIDANCE); CFG `guidance`
+    on the steps from σ ≥ `guidance_min_sigma`."""
     n = len(prepared.latents)
     if model.image_conditioned:
         cond, n_image = {"latents": prepared.latents, "ref_latents": prepared.ref_latents, **prepared.image_text}, \
@@ -76,17 +77,20 @@ def generate(model, params, vae: Component, prepared: Prepared, steps: int, guid
     out = []
     for i in range(0, n, batch):
         part = {k: v[i:i + batch] for k, v in cond.items()}
-        z = recipe.sample(model, params, part, prepared.null, steps, n_image, guidance, seed + i)
+        z = recipe.sample(model, params, part, prepared.null, steps, n_image, guidance, seed + i, guidance_min_sigma)
         out.append(np.asarray(pipeline.decode_frames(vae, z)))
     return np.concatenate(out)
 
 
-def text_to_image(model, params, vae: Component, prepared: Prepared, seed: int = 0, guidance: float = 1.0) -> np.ndarray:
+def text_to_image(model, params, vae: Component, prepared: Prepared, seed: int = 0,
+                  guidance: float = demo.GENERATE["t2i_cfg"],
+                  guidance_min_sigma: float = demo.GENERATE["t2i_cfg_sigma"]) -> np.ndarray:
     """uint8 images [N, H, W, 3] of the text-to-image DiT for the prepared captions, with the text-to-image
-    settings of `m141jax generate --preset demo` (steps, shift, embedded guidance); `guidance`: a CFG scale
-    against the empty prompt on top (1: none, as generate runs it)."""
+    settings of `m141jax generate --preset demo` (steps, shift, embedded guidance, CFG against the empty
+    prompt on the steps from σ ≥ `guidance_min_sigma`); `guidance`: the CFG scale (1: none)."""
     one_frame = dataclasses.replace(prepared, latents=prepared.ref_latents)
-    return generate(model, params, vae, one_frame, demo.GENERATE["t2i_steps"], guidance, seed)[:, 0]
+    return generate(model, params, vae, one_frame, demo.GENERATE["t2i_steps"], guidance, seed,
+                    guidance_min_sigma=guidance_min_sigma)[:, 0]
 
 
 def image_accuracies(images: np.ndarray, captions: list[str]) -> dict[str, float]:
@@ -104,12 +108,15 @@ def image_accuracies(images: np.ndarray, captions: list[str]) -> dict[str, float
     return {k: float(np.mean(v)) for k, v in hits.items()}
 
 
-def generate_settings(seed: int = 0) -> pipeline.Settings:
-    """The generation settings of `m141jax generate --preset demo --seed SEED` (`demo.GENERATE`)."""
+def generate_settings(seed: int = 0, **changes) -> pipeline.Settings:
+    """The generation settings of `m141jax generate --preset demo --seed SEED` (`demo.GENERATE`), with
+    `changes` to `pipeline.Settings` fields (e.g. t2i_cfg=1.0)."""
     g = demo.GENERATE
-    return pipeline.Settings(frames=g["frames"], clip_frames=g["clip_frames"], steps=g["steps"], shift=g["shift"],
-                             seed=seed, size=media.parse_size(g["size"]), fps=g["fps"], t2i_steps=g["t2i_steps"],
-                             t2i_shift=g["t2i_shift"], t2i_guidance=g["t2i_guidance"])
+    settings = pipeline.Settings(
+        frames=g["frames"], clip_frames=g["clip_frames"], steps=g["steps"], shift=g["shift"], seed=seed,
+        size=media.parse_size(g["size"]), fps=g["fps"], t2i_steps=g["t2i_steps"], t2i_shift=g["t2i_shift"],
+        t2i_guidance=g["t2i_guidance"], t2i_cfg=g["t2i_cfg"], t2i_cfg_sigma=g["t2i_cfg_sigma"])
+    return dataclasses.replace(settings, **changes)
 
 
 def load_models(root=demo.CHECKPOINTS) -> components.Models:
@@ -118,13 +125,14 @@ def load_models(root=demo.CHECKPOINTS) -> components.Models:
                                   max_length=demo.GENERATE["text_length"])
 
 
-def text_to_video(models: components.Models, captions: list[str], seed: int = 0, batch: int = 16) -> np.ndarray:
+def text_to_video(models: components.Models, captions: list[str], seed: int = 0, batch: int = 16,
+                  **changes) -> np.ndarray:
     """uint8 clips [N, F, H, W, 3] from the captions alone, by `m141jax generate --preset demo`'s stages
-    and settings (`pipeline.text_to_image`, then `pipeline.image_to_video` from its first frame); caption i
-    gets the key of prompt i (`pipeline.prompt_keys(seed, N)`), as in a prompts file of these captions.
-    The frames are the decoded ones, before MP4 encoding. Batches of `batch` (the last one padded, so one
-    program shape is compiled)."""
-    settings = generate_settings(seed)
+    and settings (`changes`: as `generate_settings`'s): `pipeline.text_to_image`, then
+    `pipeline.image_to_video` from its first frame; caption i gets the key of prompt i
+    (`pipeline.prompt_keys(seed, N)`), as in a prompts file of these captions. The frames are the decoded
+    ones, before MP4 encoding. Batches of `batch` (the last one padded, so one program shape is compiled)."""
+    settings = generate_settings(seed, **changes)
     if len(settings.clips()) != 1:
         raise ValueError(f"the demo's settings make {len(settings.clips())} clips; this path runs one")
     n = len(captions)

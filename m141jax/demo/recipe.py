@@ -186,10 +186,10 @@ def distill(model: DiTConfig, teacher: dict, source, steps: int, n_image_tokens:
 
 
 def sample(model: DiTConfig, params, cond: dict, null: dict, steps: int, n_image_tokens: int,
-           guidance: float = 1.0, seed: int = 0) -> jax.Array:
+           guidance: float = 1.0, seed: int = 0, guidance_min_sigma: float = 0.0) -> jax.Array:
     """Latents [B, F, h, w, C] from noise by `steps` Euler steps at shift SHIFT for a batch of conditioning
     (`latents` gives the shape; `ref_latents`, `guidance` when the model takes them), with CFG scale
-    `guidance` against the empty prompt `null`."""
+    `guidance` against the empty prompt `null` (on the steps from σ ≥ `guidance_min_sigma`)."""
     cond = {k: jnp.asarray(v) for k, v in cond.items()}
     text = Conditioning.from_batch(cond)
     b = text.text_states.shape[0]
@@ -199,4 +199,4 @@ def sample(model: DiTConfig, params, cond: dict, null: dict, steps: int, n_image
     embedded = float(cond["guidance"][0]) / 1000.0 if model.guidance_embed else None
     return sampling.sample(params, model, noise, text, sigmas=sampling.schedule(steps, SHIFT),
                            ref_latents=cond.get("ref_latents"), neg_text=uncond, guidance_scale=guidance,
-                           embedded_guidance=embedded)
+                           guidance_min_sigma=guidance_min_sigma, embedded_guidance=embedded)
