@@ -82,7 +82,9 @@ VIDEOS = 1200  # training clips of tools/train_demo.py
 DISTILL_STEPS = 900  # DMD2 steps of the 4-step student
 STUDENT_LR = 1e-4  # peak learning rate of the student and its critic (cosine to a tenth)
 T2I_STEPS = 16000  # flow-matching steps of the text-to-image DiT
-TEACHER_STEPS = 6000  # flow-matching steps of the image-to-video teacher
+# flow-matching steps of the image-to-video teacher: 12000 instead of 6000 raised its shape on the development
+# clips from 0.69 to 0.74 and on its own training clips from 0.74 to 0.82 (README)
+TEACHER_STEPS = 12000
 # peak learning rates of the two flow-matching stages (warm-up, then cosine to a tenth). The teacher underfit
 # at 1e-3: twice the rate raised its shape on the development clips from 0.44 to 0.60 in the same steps (on the
 # earlier 10–14 px shapes). The text-to-image DiT at 2e-3 draws the shape better (images 0.57 -> 0.62, clips from
