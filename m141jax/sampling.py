@@ -172,7 +172,7 @@ def sample(params, cfg: DiTConfig, noise, text, *, sigmas, ref_latents=None, neg
     mesh: the device mesh `params` are placed on (`parallel.dit_on_mesh`); the inputs are split over
     its batch axes, the loop runs under its rules, and the latents come back whole on one device.
     """
-    guided = int((np.asarray(sigmas)[:-1] >= guidance_min_sigma).sum())
+    guided = int((np.asarray(sigmas)[:-1] >= guidance_min_sigma).sum()) if guidance_min_sigma > 0 else len(sigmas) - 1
     if uses_cfg(guidance_scale) and guided < len(sigmas) - 1:  # the guided steps, then the others without CFG
         common = dict(ref_latents=ref_latents, embedded_guidance=embedded_guidance, mesh=mesh)
         x = noise if not guided else sample(params, cfg, noise, text, sigmas=sigmas[:guided + 1], neg_text=neg_text,

@@ -112,11 +112,10 @@ def generate_settings(seed: int = 0, **changes) -> pipeline.Settings:
     """The generation settings of `m141jax generate --preset demo --seed SEED` (`demo.GENERATE`), with
     `changes` to `pipeline.Settings` fields (e.g. t2i_cfg=1.0)."""
     g = demo.GENERATE
-    settings = pipeline.Settings(
-        frames=g["frames"], clip_frames=g["clip_frames"], steps=g["steps"], shift=g["shift"], seed=seed,
-        size=media.parse_size(g["size"]), fps=g["fps"], t2i_steps=g["t2i_steps"], t2i_shift=g["t2i_shift"],
-        t2i_guidance=g["t2i_guidance"], t2i_cfg=g["t2i_cfg"], t2i_cfg_sigma=g["t2i_cfg_sigma"])
-    return dataclasses.replace(settings, **changes)
+    return pipeline.Settings(**{
+        "frames": g["frames"], "clip_frames": g["clip_frames"], "steps": g["steps"], "shift": g["shift"], "seed": seed,
+        "size": media.parse_size(g["size"]), "fps": g["fps"], "t2i_steps": g["t2i_steps"], "t2i_shift": g["t2i_shift"],
+        "t2i_guidance": g["t2i_guidance"], "t2i_cfg": g["t2i_cfg"], "t2i_cfg_sigma": g["t2i_cfg_sigma"], **changes})
 
 
 def load_models(root=demo.CHECKPOINTS) -> components.Models:
