@@ -352,9 +352,10 @@ def test_demo_dit_trains_and_scores_a_stage(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_train_demo_reuses_an_earlier_vae(tmp_path, monkeypatch, capsys):
+def test_train_demo_reuses_an_earlier_vae_and_teacher(tmp_path, monkeypatch, capsys):
     """`tools/train_demo.py --vae-from DIR`: the later stages train (a few steps here) on DIR's VAE, which
-    lands in the new folder unchanged, as do the deterministic encoders; a folder without a VAE is refused
+    lands in the new folder unchanged, as do the deterministic encoders; with `--teacher-from DIR` the
+    teacher does too and the student is distilled from it; a folder without a VAE or teacher is refused
     in one line before anything is written."""
     root = Path(__file__).parents[1] / "tools"
     tool, compare = load_script(root / "train_demo.py"), load_script(root / "compare_checkpoints.py")
@@ -371,6 +372,10 @@ def test_train_demo_reuses_an_earlier_vae(tmp_path, monkeypatch, capsys):
     components.load_models(out, with_t2i=True)  # a complete folder
     assert compare.main([str(demo.CHECKPOINTS), str(out), "vae", "vlm", "clip", "tokenizer", "clip_tokenizer"]) == 0
     assert compare.main([str(demo.CHECKPOINTS), str(out), "teacher"]) == 1
-    with pytest.raises(SystemExit, match=f"--vae-from {tmp_path}: .* is not an m141jax checkpoint"):
-        run("--vae-from", str(tmp_path), "--out", str(tmp_path / "other"))
-    assert not (tmp_path / "other").exists()
+    assert run("--vae-from", str(demo.CHECKPOINTS), "--teacher-from", str(demo.CHECKPOINTS)) == 0
+    assert compare.main([str(demo.CHECKPOINTS), str(out), "vae", "teacher"]) == 0
+    assert compare.main([str(demo.CHECKPOINTS), str(out), "dit"]) == 1  # a student of 2 steps, not the shipped one
+    for flag in ("--vae-from", "--teacher-from"):
+        with pytest.raises(SystemExit, match=f"{flag} {tmp_path}: .* is not an m141jax checkpoint"):
+            run(flag, str(tmp_path), "--out", str(tmp_path / "other"))
+        assert not (tmp_path / "other").exists()

@@ -17,8 +17,10 @@ The folder is written under a temporary name and renamed when complete (each che
 written atomically). Prints the seconds of each stage and the folder's size. `--vae-from DIR` takes
 the VAE stage's result from an earlier run's folder (DIR may be --out: it is replaced only at the end),
 for work on the later stages: the VAE stage is two thirds of the time and gives the same VAE on every run of the same code.
+`--teacher-from DIR` takes the teacher likewise (its stage is most of the rest), for work on the text-to-image
+stage or the student.
 
-    python tools/train_demo.py [--out DIR] [--vae-from DIR]
+    python tools/train_demo.py [--out DIR] [--vae-from DIR] [--teacher-from DIR]
     RESULT train_demo encoders_s=… data_s=… vae_s=… latents_s=… t2i_s=… teacher_s=… student_s=… total_s=… mb=…
 """
 
@@ -48,21 +50,37 @@ def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
 
 
+def _reused(folder: Path, name: str, kind: str, flag: str):
+    """(config, params) of checkpoint `name` of an earlier run's folder, or a one-line exit naming `flag`."""
+    try:
+        _, cfg, params = checkpoint.load(folder / name, (kind,), "fp32")
+    except (checkpoint.CheckpointError, OSError) as e:
+        raise SystemExit(f"{flag} {folder}: {e}") from None
+    return cfg, params
+
+
 def reused_vae(folder: Path):
     """(config, params) of the VAE of an earlier run's checkpoint folder, which must have the recipe's
     architecture (its latent statistics come with it)."""
-    try:
-        _, cfg, params = checkpoint.load(folder / "vae", ("vae",), "fp32")
-    except (checkpoint.CheckpointError, OSError) as e:
-        raise SystemExit(f"--vae-from {folder}: {e}") from None
+    cfg, params = _reused(folder, "vae", "vae", "--vae-from")
     statistics = {k: getattr(recipe.VAE, k) for k in ("latents_mean", "latents_std")}
     if dataclasses.replace(cfg, **statistics) != recipe.VAE:
         raise SystemExit(f"{folder}/vae is not the recipe's VAE (another architecture); train it instead")
     return cfg, params
 
 
-def train(root: Path, args, seconds: dict[str, float], vae=None) -> None:
-    """Every stage, writing into root (a fresh folder); `vae`: (config, params) to use instead of the VAE stage."""
+def reused_teacher(folder: Path) -> dict:
+    """The params of the image-to-video teacher of an earlier run's checkpoint folder, which must have the
+    recipe's architecture."""
+    cfg, params = _reused(folder, "teacher", "dit", "--teacher-from")
+    if cfg != recipe.I2V:
+        raise SystemExit(f"{folder}/teacher is not the recipe's teacher (another architecture); train it instead")
+    return params
+
+
+def train(root: Path, args, seconds: dict[str, float], vae=None, teacher=None) -> None:
+    """Every stage, writing into root (a fresh folder); `vae`: (config, params) to use instead of the VAE stage,
+    `teacher`: params to use instead of the teacher stage."""
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -105,8 +123,9 @@ def train(root: Path, args, seconds: dict[str, float], vae=None) -> None:
     lap("t2i")
 
     source = demo_data.i2v_source(prepared)
-    teacher = recipe.train_flow(recipe.I2V, source, args.teacher_steps, recipe.N_IMAGE_TOKENS, lr=args.teacher_lr,
-                                seed=args.seed, desc="teacher", progress=progress, ema_decay=args.ema_decay)
+    if teacher is None:
+        teacher = recipe.train_flow(recipe.I2V, source, args.teacher_steps, recipe.N_IMAGE_TOKENS, lr=args.teacher_lr,
+                                    seed=args.seed, desc="teacher", progress=progress, ema_decay=args.ema_decay)
     checkpoint.save(root / "teacher", "dit", to_json_dict(recipe.I2V), teacher)
     lap("teacher")
 
@@ -126,6 +145,10 @@ def parser() -> argparse.ArgumentParser:
                    help="reuse the VAE of an earlier run's checkpoint folder instead of the VAE stage (which is "
                         "deterministic: a rerun of the same code gives the same VAE bit for bit; --vae-steps, "
                         "--vae-lr, --latent-noise and --foreground-margin are then unused); the other stages run as usual")
+    p.add_argument("--teacher-from", metavar="DIR",
+                   help="reuse the teacher of an earlier run's checkpoint folder instead of the teacher stage "
+                        "(deterministic too; --teacher-steps and --teacher-lr are then unused), e.g. for work on the "
+                        "text-to-image stage or the student; the student is distilled from it")
     p.add_argument("--latent-noise", type=float, default=recipe.LATENT_NOISE,
                    help="α of the VAE decoder's latent noise (m141jax.train.vae.noised_latents; 0: none)")
     p.add_argument("--foreground-margin", type=int, default=recipe.FOREGROUND_MARGIN,
@@ -146,8 +169,10 @@ def main() -> int:
     args = parser().parse_args()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    vae = reused_vae(Path(args.vae_from)) if args.vae_from else None  # read before anything is replaced
-    out = checkpoint.atomic_dir(args.out, lambda root: train(root, args, seconds, vae), overwrite=True)
+    # read before anything is replaced
+    vae = reused_vae(Path(args.vae_from)) if args.vae_from else None
+    teacher = reused_teacher(Path(args.teacher_from)) if args.teacher_from else None
+    out = checkpoint.atomic_dir(args.out, lambda root: train(root, args, seconds, vae, teacher), overwrite=True)
     seconds["total"] = time.perf_counter() - start
     print("RESULT train_demo " + " ".join(f"{k}_s={v:.1f}" for k, v in seconds.items()) + f" mb={folder_mb(out):.2f}")
     return 0

@@ -81,7 +81,9 @@ GUIDANCE = 3.0  # the teacher's CFG scale, distilled into the student
 VIDEOS = 1200  # training clips of tools/train_demo.py
 DISTILL_STEPS = 900  # DMD2 steps of the 4-step student
 STUDENT_LR = 1e-4  # peak learning rate of the student and its critic (cosine to a tenth)
-T2I_STEPS = 16000  # flow-matching steps of the text-to-image DiT
+# flow-matching steps of the text-to-image DiT: 32000 instead of 16000 raised its images' shape on the development
+# captions from 0.66 to 0.86 (README)
+T2I_STEPS = 32000
 # flow-matching steps of the image-to-video teacher: 12000 instead of 6000 raised its shape on the development
 # clips from 0.69 to 0.74 and on its own training clips from 0.74 to 0.82 (README)
 TEACHER_STEPS = 12000
