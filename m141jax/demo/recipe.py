@@ -89,7 +89,7 @@ T2I_STEPS = 32000
 TEACHER_STEPS = 12000
 # peak learning rates of the two flow-matching stages (warm-up, then cosine to a tenth). The teacher underfit
 # at 1e-3: twice the rate raised its shape on the development clips from 0.44 to 0.60 in the same steps (on the
-# earlier 10–14 px shapes); 3e-3 instead of 2e-3 raised the student's from the true first frames from 0.80 to 0.86.
+# earlier 10–14 px shapes); 3e-3 instead of 2e-3 raised the student's shape from the true first frames from 0.80 to 0.86.
 # The text-to-image DiT at 2e-3 draws the shape better (images 0.57 -> 0.62, clips from
 # text 0.54 -> 0.57) but one object in every frame less often (0.90 -> 0.88, under its target; README)
 T2I_LR = 1e-3
