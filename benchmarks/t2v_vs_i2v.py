@@ -13,7 +13,7 @@ With the demo's VAE and encoders (from the shipped checkpoints), on the same tra
    consistency accuracies).
 The curves go to docs/t2v_vs_i2v.png (needs the `bench` extra: matplotlib).
 
-    python benchmarks/t2v_vs_i2v.py [--distill-steps 400] [--every 50]   (the defaults: 28 min on 2 CPU cores)
+    python benchmarks/t2v_vs_i2v.py [--distill-steps 400] [--every 50]   (the defaults: 28–29 min on 2 CPU cores)
     RESULT t2v_vs_i2v step=… i2v=… t2v=…            (one line per evaluation)
     RESULT t2v_vs_i2v_teachers i2v50=… t2v50=… i2v4=… t2v4=… total_s=…
 """
